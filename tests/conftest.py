@@ -1,0 +1,26 @@
+import os
+
+import pytest
+import torch
+
+# Tests never touch a hub: everything is built locally or comes from the embedded default model.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("WANDB_MODE", "disabled")
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture
+def tiny_model_and_tokenizer():
+    from trl_entropy.testing import make_tiny_model_and_tokenizer
+
+    return make_tiny_model_and_tokenizer(seed=0)
+
+
+@pytest.fixture(scope="session")
+def default_model_path():
+    """Folder of the converted embedded SmolLM2 model (converted once per machine)."""
+    from trl_entropy.models import default_model_path
+
+    return str(default_model_path())

@@ -1,0 +1,622 @@
+"""Pure tensor maths of trl-entropy: token entropy, confidence scores, token masks, sequence reductions and
+calibrated thresholds.
+
+Every function here is stateless and free of trainer code, so it can be tested on its own against a float64
+brute-force reference. Trainers, callbacks and logits processors call into this module and stay thin.
+
+Conventions:
+    * entropies are in nats unless a ``base`` argument says otherwise;
+    * a ``mask`` is 1/True on valid (completion) tokens and 0/False on padding;
+    * reductions over an empty set return NaN, never 0, so an empty completion can not pass for a confident one.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal, NamedTuple
+
+import torch
+
+__all__ = [
+    "token_entropy",
+    "entropy_from_topk_logprobs",
+    "self_certainty",
+    "high_entropy_mask",
+    "selected_token_count",
+    "masked_sequence_reduce",
+    "entropy_gradient",
+    "cohens_d",
+    "threshold_mean",
+    "threshold_info",
+    "threshold_bayes",
+    "threshold_universal",
+]
+
+# Rows of the [N, V] logits processed at once: bounds the float32 working copy to about 64 MiB.
+_DEFAULT_CHUNK_ELEMENTS = 1 << 24
+
+
+def _rows_per_chunk(vocab_size: int, chunk_elements: int | None) -> int:
+    return max(1, (chunk_elements or _DEFAULT_CHUNK_ELEMENTS) // max(1, vocab_size))
+
+
+def _check_temperature(temperature: float) -> None:
+    if not (temperature > 0 and math.isfinite(temperature)):
+        raise ValueError(f"`temperature` must be a finite number > 0, got {temperature}.")
+
+
+def _entropy_chunk(scaled: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Entropy and logsumexp of float32 rows ``scaled`` (already divided by the temperature).
+
+    Entries at ``-inf`` carry zero probability and contribute nothing. A row with ``+inf`` entries is a point mass
+    spread uniformly over those entries (entropy ``log(count)``), which is the limit of the softmax.
+    """
+    pos_inf = torch.isposinf(scaled)
+    has_pos_inf = pos_inf.any(dim=-1)
+    if has_pos_inf.any():
+        # Replace the limit case by its exact value and keep the remaining rows finite for the general formula.
+        scaled = torch.where(has_pos_inf.unsqueeze(-1), torch.where(pos_inf, 0.0, float("-inf")), scaled)
+    # Shift by the row maximum first: log p = (z - max) - logsumexp(z - max) keeps full float32 precision for
+    # logits of magnitude 1e4, where z - logsumexp(z) would lose the low digits.
+    row_max = scaled.amax(dim=-1, keepdim=True)
+    row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
+    shifted = scaled - row_max
+    shifted_lse = torch.logsumexp(shifted, dim=-1, keepdim=True)
+    log_p = shifted - shifted_lse
+    p = log_p.exp()
+    # p log p is 0 where p == 0 (masked vocabulary), never 0 * -inf; a NaN logit still propagates to its row.
+    plogp = torch.where(p == 0, torch.zeros_like(p), p * log_p)
+    entropy = -plogp.sum(dim=-1)
+    return entropy.clamp_min(0.0), (shifted_lse + row_max).squeeze(-1)
+
+
+class _TokenEntropyFunction(torch.autograd.Function):
+    """Chunked entropy with the closed-form gradient dH/dz_i = -p_i (log p_i + H) / T.
+
+    Saves only the input and one float per row, so neither the forward nor the backward holds a second full
+    float32 ``[N, V]`` tensor.
+    """
+
+    @staticmethod
+    def forward(ctx, logits2d: torch.Tensor, temperature: float, rows: int) -> torch.Tensor:
+        entropy = torch.empty(logits2d.size(0), dtype=torch.float32, device=logits2d.device)
+        lse = torch.empty_like(entropy)
+        for start in range(0, logits2d.size(0), rows):
+            chunk = logits2d[start : start + rows].float() / temperature
+            entropy[start : start + rows], lse[start : start + rows] = _entropy_chunk(chunk)
+        ctx.save_for_backward(logits2d, entropy, lse)
+        ctx.temperature = temperature
+        ctx.rows = rows
+        return entropy
+
+    @staticmethod
+    def backward(ctx, grad_entropy: torch.Tensor):
+        logits2d, entropy, lse = ctx.saved_tensors
+        grad = torch.empty_like(logits2d)
+        for start in range(0, logits2d.size(0), ctx.rows):
+            stop = start + ctx.rows
+            scaled = logits2d[start:stop].float() / ctx.temperature
+            grad[start:stop] = (
+                entropy_gradient(scaled, entropy[start:stop], lse[start:stop])
+                * (grad_entropy[start:stop] / ctx.temperature).unsqueeze(-1)
+            ).to(grad.dtype)
+        return grad, None, None
+
+
+def entropy_gradient(
+    scaled_logits: torch.Tensor, entropy: torch.Tensor, lse: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Closed-form gradient of the softmax entropy with respect to the (temperature-scaled) logits.
+
+    ``dH/dz_i = -p_i (log p_i + H)``; entries with ``p_i = 0`` (``-inf`` logits) get a zero gradient.
+
+    Args:
+        scaled_logits: float32 logits ``[..., V]`` already divided by the temperature.
+        entropy: their entropy ``[...]`` in nats.
+        lse: their logsumexp ``[...]``; recomputed when omitted.
+
+    Returns:
+        The gradient, same shape as ``scaled_logits``.
+    """
+    if lse is None:
+        lse = torch.logsumexp(scaled_logits, dim=-1)
+    log_p = scaled_logits - lse.unsqueeze(-1)
+    p = log_p.exp()
+    return torch.where(p == 0, torch.zeros_like(p), -p * (log_p + entropy.unsqueeze(-1)))
+
+
+def token_entropy(
+    logits: torch.Tensor, temperature: float = 1.0, chunk_elements: int | None = None
+) -> torch.Tensor:
+    """Entropy of ``softmax(logits / temperature)`` over the last dimension, in nats.
+
+    ``H = logsumexp(z') - sum_i p_i z'_i`` with ``z' = z / T`` (Agarwal et al., 2025, Eq. 1). Accumulates in
+    float32 whatever the input dtype and streams over chunks of rows, so the extra memory is bounded by
+    ``chunk_elements`` float32 values instead of a full ``[B, T, V]`` copy. Differentiable, with the closed-form
+    gradient ``dH/dz_i = -p_i (log p_i + H) / T``.
+
+    Args:
+        logits: ``[..., V]`` logits of any floating dtype. ``-inf`` entries (a masked vocabulary) get zero
+            probability; a row whose maximum is ``+inf`` is the uniform point mass over its ``+inf`` entries; a row
+            containing NaN gives NaN.
+        temperature: sampling temperature ``T > 0``.
+        chunk_elements: float32 elements processed at once (default ``2**24``, about 64 MiB).
+
+    Returns:
+        float32 tensor of shape ``logits.shape[:-1]``.
+    """
+    _check_temperature(temperature)
+    if not logits.is_floating_point():
+        raise TypeError(f"`logits` must be a floating-point tensor, got {logits.dtype}.")
+    vocab_size = logits.size(-1)
+    logits2d = logits.reshape(-1, vocab_size)
+    entropy = _TokenEntropyFunction.apply(logits2d, float(temperature), _rows_per_chunk(vocab_size, chunk_elements))
+    return entropy.view(logits.shape[:-1])
+
+
+def entropy_from_topk_logprobs(logprobs: torch.Tensor, base: float = 2.0) -> torch.Tensor:
+    """Think-Just-Enough token entropy from the top-k log-probabilities (Sharma & Chopra, 2025).
+
+    The k log-probs are renormalised to a distribution over those k tokens, ``p_i = exp(l_i) / sum_j exp(l_j)``,
+    and ``H = -sum_i p_i log_base p_i``. ``-inf`` entries (fewer than k alternatives returned) are ignored.
+
+    Args:
+        logprobs: ``[..., k]`` log-probabilities of the k most likely tokens.
+        base: logarithm base, 2 in the paper (bits); ``math.e`` gives nats.
+
+    Returns:
+        float32 tensor of shape ``logprobs.shape[:-1]``.
+    """
+    if not (base > 0 and base != 1):
+        raise ValueError(f"`base` must be > 0 and != 1, got {base}.")
+    logp = torch.log_softmax(logprobs.float(), dim=-1)
+    p = logp.exp()
+    plogp = torch.where(p > 0, p * logp, torch.zeros_like(p))
+    return (-plogp.sum(dim=-1) / math.log(base)).clamp_min(0.0)
+
+
+def self_certainty(logits: torch.Tensor, temperature: float = 1.0, chunk_elements: int | None = None) -> torch.Tensor:
+    """Intuitor self-certainty: ``KL(U || p) = -log V - (1/V) sum_j log p_j`` (Zhao et al., 2025).
+
+    Zero for a uniform distribution and growing as the model concentrates its mass. ``-inf`` entries are outside
+    the support and are excluded (``V`` counts the finite entries only), since ``KL(U || p)`` would otherwise be
+    infinite for any masked vocabulary.
+
+    Args:
+        logits: ``[..., V]`` logits.
+        temperature: sampling temperature ``T > 0``.
+        chunk_elements: float32 elements processed at once.
+
+    Returns:
+        float32 tensor of shape ``logits.shape[:-1]``.
+    """
+    _check_temperature(temperature)
+    vocab_size = logits.size(-1)
+    logits2d = logits.reshape(-1, vocab_size)
+    rows = _rows_per_chunk(vocab_size, chunk_elements)
+    out = []
+    for start in range(0, logits2d.size(0), rows):
+        scaled = logits2d[start : start + rows].float() / temperature
+        finite = torch.isfinite(scaled)
+        n_finite = finite.sum(dim=-1).clamp_min(1)
+        lse = torch.logsumexp(scaled, dim=-1)
+        mean_logit = torch.where(finite, scaled, torch.zeros_like(scaled)).sum(dim=-1) / n_finite
+        out.append(lse - mean_logit - torch.log(n_finite.float()))
+    return torch.cat(out).view(logits.shape[:-1])
+
+
+def selected_token_count(n_valid: int, ratio: float) -> int:
+    """Number of tokens the forking-token mask keeps: ``ceil(ratio * n_valid)``, at least 1 if any is valid.
+
+    Rounded to 9 decimals first so that, e.g., ``0.7 * 10`` gives 7 and not 8 through float error.
+    """
+    if n_valid <= 0:
+        return 0
+    return max(1, math.ceil(round(ratio * n_valid, 9)))
+
+
+def _check_ratio(ratio: float, name: str = "ratio") -> None:
+    if not (0.0 < ratio <= 1.0):
+        raise ValueError(f"`{name}` must be in (0, 1], got {ratio}.")
+
+
+def high_entropy_mask(
+    entropies: torch.Tensor,
+    mask: torch.Tensor,
+    ratio: float,
+    mode: Literal["top", "bottom"] = "top",
+) -> torch.Tensor:
+    """Exact forking-token mask of Wang et al. (2025): the top ``ceil(ratio * n_valid)`` valid tokens by entropy.
+
+    Selection is over all valid tokens of the tensor at once (one micro-batch), not per row. Ties are broken
+    deterministically in favour of the earlier token in row-major order. Padding is never selected, nor are tokens
+    whose entropy is NaN (they count as invalid).
+
+    Args:
+        entropies: ``[B, T]`` per-token entropies.
+        mask: ``[B, T]`` 1 on valid tokens, 0 on padding.
+        ratio: fraction ``rho`` in ``(0, 1]`` of valid tokens to keep; the paper uses 0.2.
+        mode: ``"top"`` keeps the highest-entropy tokens; ``"bottom"`` keeps the complement among valid tokens (the
+            paper's ablation, e.g. the lowest 80% for ``ratio=0.2``).
+
+    Returns:
+        Boolean tensor shaped like ``entropies``.
+    """
+    _check_ratio(ratio)
+    if mode not in ("top", "bottom"):
+        raise ValueError(f"`mode` must be 'top' or 'bottom', got {mode!r}.")
+    if entropies.shape != mask.shape:
+        raise ValueError(f"`entropies` {tuple(entropies.shape)} and `mask` {tuple(mask.shape)} must have one shape.")
+    valid = mask.bool() & ~torch.isnan(entropies)
+    flat_valid = valid.reshape(-1)
+    k = selected_token_count(int(flat_valid.sum()), ratio)
+    selected = torch.zeros_like(flat_valid)
+    if k > 0:
+        # Invalid tokens sort last; a stable sort keeps row-major order among equal entropies.
+        keys = torch.where(flat_valid, entropies.reshape(-1).float(), torch.tensor(float("-inf"), device=mask.device))
+        order = torch.sort(keys, descending=True, stable=True).indices
+        selected[order[:k]] = True
+    if mode == "bottom":
+        selected = flat_valid & ~selected
+    return selected.view(entropies.shape)
+
+
+def masked_sequence_reduce(
+    values: torch.Tensor,
+    mask: torch.Tensor,
+    reduction: Literal["mean", "sum", "min_window_mean"] = "mean",
+    window: int | None = None,
+) -> torch.Tensor:
+    """Reduce per-token values ``[B, T]`` to one value per sequence over the valid tokens.
+
+    Args:
+        values: ``[B, T]`` per-token values (entropy, log-prob, confidence).
+        mask: ``[B, T]`` 1 on valid tokens.
+        reduction: ``"mean"``; ``"sum"``; or ``"min_window_mean"``, the lowest mean over any ``window`` consecutive
+            valid tokens (DeepConf's lowest group confidence, Fu et al., 2025). A sequence shorter than the window
+            uses the mean of all its tokens.
+        window: window length for ``"min_window_mean"`` (DeepConf uses 2048).
+
+    Returns:
+        float32 ``[B]``. Sequences with no valid token give NaN for ``"mean"`` and ``"min_window_mean"`` (there
+        is nothing to average) and 0 for ``"sum"``.
+    """
+    if values.shape != mask.shape:
+        raise ValueError(f"`values` {tuple(values.shape)} and `mask` {tuple(mask.shape)} must have one shape.")
+    valid = mask.bool()
+    vals = torch.where(valid, values.float(), torch.zeros((), device=values.device))
+    count = valid.sum(dim=-1)
+    total = vals.sum(dim=-1)
+    if reduction == "sum":
+        return total
+    mean = torch.where(count > 0, total / count.clamp_min(1), torch.full_like(total, float("nan")))
+    if reduction == "mean":
+        return mean
+    if reduction != "min_window_mean":
+        raise ValueError(f"`reduction` must be 'mean', 'sum' or 'min_window_mean', got {reduction!r}.")
+    if window is None or window < 1:
+        raise ValueError(f"`window` must be an integer >= 1 for 'min_window_mean', got {window}.")
+    # Compact each row's valid tokens to the left, then take window sums from a cumulative sum.
+    order = torch.sort((~valid).int(), dim=-1, stable=True).indices
+    compact = vals.gather(-1, order)
+    cums = torch.nn.functional.pad(compact.cumsum(dim=-1), (1, 0))
+    length = values.size(-1)
+    if window > length:
+        return mean
+    window_sums = cums[:, window:] - cums[:, : length - window + 1]
+    starts = torch.arange(length - window + 1, device=values.device)
+    fits = (starts.unsqueeze(0) + window) <= count.unsqueeze(-1)
+    window_means = torch.where(fits, window_sums / window, torch.full_like(window_sums, float("inf")))
+    lowest = window_means.min(dim=-1).values
+    return torch.where(count >= window, lowest, mean)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Calibrated confidence thresholds (Sharma & Chopra, 2025, "Think Just Enough").
+# mu_c, sigma_c: mean and standard deviation of the sequence entropy of correct answers; mu_i, sigma_i: of incorrect.
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def cohens_d(mu_c: float, sigma_c: float, n_c: int, mu_i: float, sigma_i: float, n_i: int) -> float:
+    """Cohen's d ``(mu_c - mu_i) / s_pooled`` with the pooled standard deviation of two groups.
+
+    ``s_pooled = sqrt(((n_c - 1) sigma_c^2 + (n_i - 1) sigma_i^2) / (n_c + n_i - 2))``, with sample (ddof=1)
+    standard deviations. Negative when correct answers have the lower entropy, as expected.
+    """
+    if n_c + n_i <= 2:
+        raise ValueError("Cohen's d needs at least 3 examples in total.")
+    pooled = math.sqrt(((n_c - 1) * sigma_c**2 + (n_i - 1) * sigma_i**2) / (n_c + n_i - 2))
+    if pooled == 0:
+        raise ValueError("Cohen's d is undefined: both groups have zero variance.")
+    return (mu_c - mu_i) / pooled
+
+
+def threshold_mean(mu_c: float) -> float:
+    """``tau_mean = mu_c``: stop when the entropy is no higher than a typical correct answer's."""
+    return mu_c
+
+
+def threshold_info(mu_c: float, sigma_c: float, d: float) -> float:
+    """``tau_info = mu_c + sigma_c * ln(1 + |d|)``: loosen the mean threshold as the groups separate more."""
+    return mu_c + sigma_c * math.log1p(abs(d))
+
+
+def threshold_bayes(mu_c: float, sigma_c: float, mu_i: float, sigma_i: float) -> float:
+    """Equal-prior Gaussian decision boundary between the correct and incorrect groups.
+
+    The root between ``mu_c`` and ``mu_i`` of ``a tau^2 + b tau + c = 0`` with ``a = 1/sigma_c^2 - 1/sigma_i^2``,
+    ``b = 2 (mu_i/sigma_i^2 - mu_c/sigma_c^2)``, ``c = mu_c^2/sigma_c^2 - mu_i^2/sigma_i^2 - 2 ln(sigma_i/sigma_c)``;
+    ``(mu_c + mu_i) / 2`` when the variances are equal. If no root lies between the means (heavily unequal
+    variances), the root nearest their midpoint is returned.
+    """
+    if sigma_c <= 0 or sigma_i <= 0:
+        raise ValueError(f"`sigma_c` and `sigma_i` must be > 0, got {sigma_c} and {sigma_i}.")
+    a = 1.0 / sigma_c**2 - 1.0 / sigma_i**2
+    b = 2.0 * (mu_i / sigma_i**2 - mu_c / sigma_c**2)
+    c = mu_c**2 / sigma_c**2 - mu_i**2 / sigma_i**2 - 2.0 * math.log(sigma_i / sigma_c)
+    midpoint = 0.5 * (mu_c + mu_i)
+    if abs(a) < 1e-12 * max(1.0 / sigma_c**2, 1.0 / sigma_i**2):
+        return midpoint if b == 0 else -c / b
+    disc = b * b - 4 * a * c
+    if disc < 0:
+        return midpoint
+    roots = [(-b + s * math.sqrt(disc)) / (2 * a) for s in (1.0, -1.0)]
+    low, high = min(mu_c, mu_i), max(mu_c, mu_i)
+    between = [r for r in roots if low <= r <= high]
+    candidates = between or roots
+    return min(candidates, key=lambda r: abs(r - midpoint))
+
+
+def threshold_universal(mu_c: float, sigma_c: float, mu_i: float, d: float) -> float:
+    """``tau_universal = mu_c + |d|/(1+|d|) * (mu_i - mu_c) * max(0, 1 - sigma_c/mu_c)``."""
+    if mu_c == 0:
+        return mu_c
+    return mu_c + abs(d) / (1 + abs(d)) * (mu_i - mu_c) * max(0.0, 1.0 - sigma_c / mu_c)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# EM-INF: inference-time entropy minimisation of the next-token logits (Agarwal et al., 2025, Sec. 3.3), and the
+# paper's adaptive-temperature baseline. Pure functions over [..., V] logits; the logits processors and the vLLM
+# adapter in trl_entropy/inference.py are thin wrappers around them.
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+class EMInfResult(NamedTuple):
+    """Output of :func:`em_inf_logits`.
+
+    Attributes:
+        logits: the optimised logits, same shape and dtype as the input.
+        entropy_before: ``[...]`` float32 entropy (nats) of the input logits.
+        entropy_after: ``[...]`` float32 entropy (nats) of the returned logits (computed in float32 on them).
+        steps_taken: ``[...]`` int64 number of optimiser steps applied to each row.
+    """
+
+    logits: torch.Tensor
+    entropy_before: torch.Tensor
+    entropy_after: torch.Tensor
+    steps_taken: torch.Tensor
+
+
+def _check_em_inf_args(threshold: float, steps: int, lr: float, kl_weight: float, optimizer: str, betas, eps) -> None:
+    if not (threshold >= 0 and math.isfinite(threshold)):
+        raise ValueError(f"`threshold` must be a finite number >= 0 (nats), got {threshold}.")
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+        raise ValueError(f"`steps` must be an integer >= 0, got {steps!r}.")
+    if not (lr > 0 and math.isfinite(lr)):
+        raise ValueError(f"`lr` must be a finite number > 0, got {lr}.")
+    if not (kl_weight >= 0 and math.isfinite(kl_weight)):
+        raise ValueError(f"`kl_weight` must be a finite number >= 0, got {kl_weight}.")
+    if optimizer not in ("adam", "sgd"):
+        raise ValueError(f"`optimizer` must be 'adam' or 'sgd', got {optimizer!r}.")
+    if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
+        raise ValueError(f"`betas` must be two numbers in [0, 1), got {betas}.")
+    if not eps > 0:
+        raise ValueError(f"`eps` must be > 0, got {eps}.")
+
+
+def _softmax_terms(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(log p, p, H)`` of float32 rows ``z`` whose maximum is finite; ``log p`` is clamped to the most negative
+    float so that ``p * log p`` is 0, not NaN, on ``-inf`` entries."""
+    log_p = torch.log_softmax(z, dim=-1).clamp_min_(torch.finfo(z.dtype).min)
+    p = log_p.exp()
+    entropy = -(p * log_p).sum(dim=-1)
+    return log_p, p, entropy.clamp_min_(0.0)
+
+
+def _em_inf_gradient_from_terms(
+    log_p: torch.Tensor, p: torch.Tensor, entropy: torch.Tensor, kl_weight: float, reference_probs: torch.Tensor | None
+) -> torch.Tensor:
+    # d/dz [H(softmax z) + w KL(p0 || softmax z)] = -p (log p + H) + w (p - p0).
+    grad = (log_p + entropy.unsqueeze(-1)).mul_(p).neg_()
+    if kl_weight > 0 and reference_probs is not None:
+        grad.add_(p - reference_probs, alpha=kl_weight)
+    return grad
+
+
+def em_inf_gradient(
+    logits: torch.Tensor, reference_probs: torch.Tensor | None = None, kl_weight: float = 0.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Closed-form gradient of the EM-INF objective ``H(softmax(z)) + kl_weight * KL(p0 || softmax(z))``.
+
+    ``dH/dz_i = -p_i (log p_i + H)`` and ``dKL(p0 || softmax(z))/dz_i = p_i - p0_i`` (the softmax Jacobian applied to
+    ``-p0 / p``), so no autograd graph is needed. Entries at ``-inf`` get a zero gradient.
+
+    Args:
+        logits: ``[..., V]`` logits ``z`` with a finite maximum per row; computed in float32 unless float64.
+        reference_probs: ``[..., V]`` the original distribution ``p0`` (needed when ``kl_weight > 0``).
+        kl_weight: weight of the KL term, ``>= 0``.
+
+    Returns:
+        ``(gradient, entropy)``: the gradient shaped like ``logits`` and the entropy ``H(softmax(z))`` in nats.
+    """
+    if kl_weight > 0 and reference_probs is None:
+        raise ValueError("`reference_probs` is required when `kl_weight` > 0.")
+    z = logits if logits.dtype == torch.float64 else logits.float()
+    log_p, p, entropy = _softmax_terms(z)
+    ref = None if reference_probs is None else reference_probs.to(z.dtype)
+    return _em_inf_gradient_from_terms(log_p, p, entropy, kl_weight, ref), entropy
+
+
+@torch.no_grad()
+def em_inf_logits(
+    logits: torch.Tensor,
+    threshold: float = 0.3,
+    steps: int = 3,
+    lr: float = 0.1,
+    kl_weight: float = 0.05,
+    optimizer: Literal["adam", "sgd"] = "adam",
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-8,
+) -> EMInfResult:
+    """EM-INF: sharpen each row of next-token logits by a few optimiser steps on its own entropy.
+
+    For every row ``z`` independently, in float32: while ``H(softmax(z)) >= threshold`` and fewer than ``steps``
+    steps were taken, take one Adam (or SGD) step on ``H(softmax(z)) + kl_weight * KL(p0 || softmax(z))`` with
+    ``p0 = softmax(z_input)``. A row stops for good the first time its entropy is below ``threshold`` (per-row
+    freezing), so a row's result never depends on the other rows. Settings of the released script: ``threshold=0.3,
+    kl_weight=0.05, lr=0.1, steps=3`` (then sampling at temperature 0.1); the paper finds ``0.1 < threshold < 0.5`` and
+    5-15 steps work best. Unlike the released script, the KL term is per row (not averaged over the batch) and the
+    stopping test is per row (not on the batch's summed entropy).
+
+    Guarantees:
+        * the entropy of a returned row never exceeds that of the input row: a row whose final entropy (computed
+          after the cast back to the input dtype) is higher than at the start is returned unchanged;
+        * ``-inf`` entries (a masked vocabulary, top-k/top-p filtering) stay ``-inf`` and keep zero probability;
+        * rows whose maximum is not finite (NaN anywhere, ``+inf``, or all ``-inf``) are returned unchanged;
+        * the token with the largest logit only ever gains logit relative to the others under SGD, and under Adam
+          in all but near-ties: Adam scales each coordinate separately, so a runner-up whose logit is within about
+          ``lr * steps`` of the top can overtake it (see ``tests/test_inference.py``). Greedy decoding after EM-INF
+          therefore usually, but not always, picks the same token as without it.
+
+    Args:
+        logits: ``[..., V]`` logits of any floating dtype.
+        threshold: entropy (nats) below which a row is left alone / stops being optimised, ``>= 0``.
+        steps: maximum optimiser steps per row, ``>= 0``.
+        lr: optimiser learning rate, ``> 0``.
+        kl_weight: weight of ``KL(p0 || softmax(z))`` that keeps the result near the original distribution, ``>= 0``.
+        optimizer: ``"adam"`` (the paper's) or ``"sgd"``.
+        betas: Adam's moment decay rates, each in ``[0, 1)``.
+        eps: Adam's denominator term, ``> 0``.
+
+    Returns:
+        An :class:`EMInfResult`.
+    """
+    _check_em_inf_args(threshold, steps, lr, kl_weight, optimizer, betas, eps)
+    if not logits.is_floating_point():
+        raise TypeError(f"`logits` must be a floating-point tensor, got {logits.dtype}.")
+    shape, in_dtype = logits.shape, logits.dtype
+    z_in = logits.reshape(-1, shape[-1])
+    z = z_in.to(torch.float32, copy=True)
+    # Rows with a non-finite maximum (NaN, +inf, all -inf) have no well-defined entropy gradient: never touch them.
+    valid = torch.isfinite(z.amax(dim=-1)) if z.size(-1) > 0 else torch.zeros(z.size(0), dtype=torch.bool)
+    z = torch.where(valid.unsqueeze(-1), z, torch.zeros((), dtype=z.dtype, device=z.device))
+    log_p, p, entropy = _softmax_terms(z)
+    entropy_before = torch.where(valid, entropy, torch.full_like(entropy, float("nan")))
+    reference = p if kl_weight > 0 else None
+    active = valid & (entropy >= threshold)
+    steps_taken = torch.zeros(z.size(0), dtype=torch.int64, device=z.device)
+    beta1, beta2 = betas
+    exp_avg = exp_avg_sq = None
+    for step in range(steps):
+        if not bool(active.any()):
+            break
+        grad = _em_inf_gradient_from_terms(log_p, p, entropy, kl_weight, reference)
+        if optimizer == "adam":
+            if exp_avg is None:
+                exp_avg, exp_avg_sq = torch.zeros_like(z), torch.zeros_like(z)
+            exp_avg.mul_(beta1).add_(grad, alpha=1 - beta1)
+            exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+            # Every active row has been active since step 0 (freezing is final), so all share one bias correction.
+            t = step + 1
+            denom = (exp_avg_sq / (1 - beta2**t)).sqrt_().add_(eps)
+            update = (exp_avg / denom).mul_(lr / (1 - beta1**t))
+        else:
+            update = grad.mul_(lr)
+        # Frozen rows get a zero update; the update is finite everywhere (0 on -inf entries), so 0 * update == 0.
+        z.sub_(update.mul_(active.unsqueeze(-1)))
+        steps_taken += active
+        log_p, p, entropy = _softmax_terms(z)
+        active &= entropy >= threshold
+
+    out = z.to(in_dtype)
+    if in_dtype != torch.float32:
+        # Rounding back to a half-precision dtype can undo part of a small step: judge the row on what is returned.
+        entropy = _softmax_terms(torch.where(valid.unsqueeze(-1), out.float(), 0.0))[2]
+    worse = valid & (entropy > entropy_before)
+    keep_input = ~valid | worse
+    out = torch.where(keep_input.unsqueeze(-1), z_in, out)
+    entropy_after = torch.where(worse, entropy_before, torch.where(valid, entropy, entropy_before))
+    steps_taken = torch.where(keep_input, torch.zeros_like(steps_taken), steps_taken)
+    lead = shape[:-1]
+    return EMInfResult(out.view(shape), entropy_before.view(lead), entropy_after.view(lead), steps_taken.view(lead))
+
+
+def _check_adaptive_temperature_args(threshold, alpha, t_min, t_max, tol, max_iter) -> None:
+    if not (threshold >= 0 and math.isfinite(threshold)):
+        raise ValueError(f"`threshold` must be a finite number >= 0 (nats), got {threshold}.")
+    if not (0.0 < alpha <= 1.0):
+        raise ValueError(f"`alpha` must be in (0, 1], got {alpha}.")
+    if not (0.0 < t_min < t_max and math.isfinite(t_max)):
+        raise ValueError(f"`t_min` and `t_max` must satisfy 0 < t_min < t_max < inf, got {t_min} and {t_max}.")
+    if not tol > 0:
+        raise ValueError(f"`tol` must be > 0, got {tol}.")
+    if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1:
+        raise ValueError(f"`max_iter` must be an integer >= 1, got {max_iter!r}.")
+
+
+@torch.no_grad()
+def adaptive_temperature(
+    logits: torch.Tensor,
+    threshold: float = 0.3,
+    alpha: float = 0.5,
+    t_min: float = 0.01,
+    t_max: float = 1.0,
+    tol: float = 0.1,
+    max_iter: int = 30,
+) -> torch.Tensor:
+    """Per-row temperature of the adaptive-temperature baseline of Agarwal et al. (2025), by vectorised bisection.
+
+    With ``H_0`` the entropy of ``softmax(z)`` and target ``H* = max(threshold, alpha * H_0)``: rows with
+    ``H_0 <= H*`` get ``T = 1``; the others bisect ``T`` in ``[t_min, t_max]`` until
+    ``|H(softmax(z / T)) - H*| < tol`` (``H`` grows monotonically with ``T``: ``dH/dT = Var_p(z) / T^3``) or
+    ``max_iter`` halvings are spent, in which case the last midpoint is returned (close to ``t_min`` when even
+    ``t_min`` cannot bring the entropy down to ``H*``, e.g. two tied top tokens). Paper: ``alpha`` in 0.4-0.6,
+    ``tol = 0.1``.
+
+    Args:
+        logits: ``[..., V]`` logits. Rows whose maximum is not finite get ``T = 1``.
+        threshold: entropy floor ``delta`` of the target (nats), ``>= 0``.
+        alpha: target fraction of the initial entropy, in ``(0, 1]``.
+        t_min: lowest temperature searched, ``> 0``.
+        t_max: highest temperature searched, ``> t_min``.
+        tol: accepted distance (nats) between the reached entropy and the target, ``> 0``.
+        max_iter: maximum bisection steps, ``>= 1``.
+
+    Returns:
+        float32 temperatures of shape ``logits.shape[:-1]``; divide the logits by ``T.unsqueeze(-1)``.
+    """
+    _check_adaptive_temperature_args(threshold, alpha, t_min, t_max, tol, max_iter)
+    lead = logits.shape[:-1]
+    z = logits.reshape(-1, logits.size(-1)).float()
+    valid = torch.isfinite(z.amax(dim=-1))
+    z = torch.where(valid.unsqueeze(-1), z, torch.zeros((), dtype=z.dtype, device=z.device))
+    entropy0 = _softmax_terms(z)[2]
+    target = torch.clamp_min(alpha * entropy0, threshold)
+    searching = valid & (entropy0 > target)
+    temperature = torch.ones_like(entropy0)
+    low = torch.full_like(entropy0, t_min)
+    high = torch.full_like(entropy0, t_max)
+    for _ in range(max_iter):
+        if not bool(searching.any()):
+            break
+        mid = (low + high) / 2
+        temperature = torch.where(searching, mid, temperature)
+        entropy = _softmax_terms(z / temperature.unsqueeze(-1))[2]
+        searching &= (entropy - target).abs() >= tol
+        too_sharp = entropy < target
+        low = torch.where(searching & too_sharp, mid, low)
+        high = torch.where(searching & ~too_sharp, mid, high)
+    return temperature.view(lead)
+
+
+__all__ += ["EMInfResult", "em_inf_gradient", "em_inf_logits", "adaptive_temperature"]

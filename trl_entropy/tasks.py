@@ -1,0 +1,145 @@
+"""Reasoning tasks: a built-in synthetic arithmetic task that needs no network, real datasets through
+``datasets.load_dataset`` when a network is there, and answer grading with ``math-verify``."""
+
+from __future__ import annotations
+
+import random
+import re
+from dataclasses import dataclass
+
+from datasets import Dataset
+
+__all__ = ["ArithmeticTask", "extract_answer", "grade", "accuracy_reward", "load_task"]
+
+SYSTEM_PROMPT = "Answer with the final number only."
+
+
+@dataclass
+class ArithmeticTask:
+    """Synthetic "What is a + b?" problems with ``low <= a, b <= high``.
+
+    Train and held-out splits come from disjoint seeds, so a held-out problem is never a training prompt by
+    construction of the draw (the same pair may still occur by chance in both, as in any i.i.d. split).
+
+    Args:
+        low: smallest operand (>= 0).
+        high: largest operand (>= low).
+        operations: operators to draw from, among ``"+"``, ``"-"``, ``"*"``.
+        conversational: emit chat-format prompts (a list of messages) instead of plain text.
+    """
+
+    low: int = 1
+    high: int = 20
+    operations: tuple[str, ...] = ("+",)
+    conversational: bool = True
+
+    def __post_init__(self):
+        if self.low < 0 or self.high < self.low:
+            raise ValueError(f"`low` must be >= 0 and `high` >= `low`, got low={self.low}, high={self.high}.")
+        bad = set(self.operations) - {"+", "-", "*"}
+        if not self.operations or bad:
+            raise ValueError(f"`operations` must be a non-empty subset of ('+', '-', '*'), got {self.operations}.")
+
+    def _problem(self, rng: random.Random) -> dict:
+        a, b = rng.randint(self.low, self.high), rng.randint(self.low, self.high)
+        op = rng.choice(self.operations)
+        answer = {"+": a + b, "-": a - b, "*": a * b}[op]
+        question = f"What is {a} {op} {b}?"
+        prompt = (
+            [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": question}]
+            if self.conversational
+            else f"{question} {SYSTEM_PROMPT}\n"
+        )
+        return {"prompt": prompt, "question": question, "answer": str(answer)}
+
+    def dataset(self, n: int, split: str = "train", seed: int = 0) -> Dataset:
+        """``n`` problems with columns ``prompt``, ``question`` and ``answer`` (the label, never used by the
+        label-free trainers, only by evaluation)."""
+        if n < 1:
+            raise ValueError(f"`n` must be >= 1, got {n}.")
+        offset = {"train": 0, "test": 1_000_003}.get(split)
+        if offset is None:
+            raise ValueError(f"`split` must be 'train' or 'test', got {split!r}.")
+        rng = random.Random(seed + offset)
+        return Dataset.from_list([self._problem(rng) for _ in range(n)])
+
+
+_NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
+
+
+def extract_answer(completion: str | list[dict]) -> str | None:
+    """The final answer of a completion: the content of the last ``\\boxed{}`` if any, else the last number."""
+    text = completion[-1]["content"] if isinstance(completion, list) else completion
+    boxed = re.findall(r"\\boxed\{([^{}]*)\}", text)
+    if boxed:
+        return boxed[-1].strip()
+    numbers = _NUMBER.findall(text.replace(",", ""))
+    return numbers[-1] if numbers else None
+
+
+def grade(completion: str | list[dict], answer: str) -> bool:
+    """Whether ``completion``'s final answer equals ``answer``.
+
+    Uses ``math-verify`` (symbolic equivalence: ``1/2 == 0.5``, LaTeX) when installed, else exact numeric
+    comparison of the extracted answer.
+    """
+    predicted = extract_answer(completion)
+    if predicted is None:
+        return False
+    try:
+        from math_verify import parse, verify
+    except ImportError:
+        try:
+            return abs(float(predicted) - float(answer)) < 1e-9
+        except ValueError:
+            return predicted.strip() == answer.strip()
+    gold = parse(f"${answer}$")
+    return bool(gold) and bool(verify(gold, parse(f"${predicted}$")))
+
+
+def accuracy_reward(completions: list, answer: list[str], **kwargs) -> list[float]:
+    """A TRL reward function: 1.0 for a correct final answer, else 0.0 (reads the dataset's ``answer`` column)."""
+    return [float(grade(c, a)) for c, a in zip(completions, answer)]
+
+
+_HUB_TASKS = {
+    # name: (dataset id, config, split, question column, answer column)
+    "gsm8k": ("openai/gsm8k", "main", "test", "question", "answer"),
+    "math500": ("HuggingFaceH4/MATH-500", None, "test", "problem", "answer"),
+}
+
+
+def load_task(name: str, n: int | None = None, split: str = "test", seed: int = 0) -> Dataset:
+    """A task as a dataset with ``prompt``/``question``/``answer`` columns.
+
+    Args:
+        name: ``"arithmetic"`` (built in, offline), or ``"gsm8k"`` / ``"math500"`` through ``datasets.load_dataset``
+            (needs a network or a populated HF cache).
+        n: number of problems (all of the hub split when None; required for ``"arithmetic"``).
+        split: ``"train"`` or ``"test"`` for ``"arithmetic"``; the hub split otherwise.
+        seed: seed of the synthetic draw.
+    """
+    if name == "arithmetic":
+        return ArithmeticTask().dataset(n or 64, split=split, seed=seed)
+    if name not in _HUB_TASKS:
+        raise ValueError(f"`name` must be 'arithmetic' or one of {sorted(_HUB_TASKS)}, got {name!r}.")
+    from datasets import load_dataset
+
+    repo, config, default_split, question_col, answer_col = _HUB_TASKS[name]
+    data = load_dataset(repo, config, split=split if split != "test" else default_split)
+    if n is not None:
+        data = data.select(range(min(n, len(data))))
+
+    def to_row(example):
+        answer = str(example[answer_col])
+        if name == "gsm8k":  # GSM8K answers end with "#### <number>"
+            answer = answer.split("####")[-1].strip().replace(",", "")
+        question = example[question_col]
+        return {
+            "prompt": [{"role": "system", "content": "Put the final answer in \\boxed{}."},
+                       {"role": "user", "content": question}],
+            "question": question,
+            "answer": answer,
+        }
+
+    return data.map(to_row, remove_columns=data.column_names)

@@ -1,0 +1,14 @@
+"""Trainers: EntropyGRPOTrainer, EntropyRLOOTrainer (EM-RL and forking tokens) and EMFTTrainer (EM-FT)."""
+
+from ._entropy import EntropyMethodsArguments, EntropyReward
+from .grpo import EntropyGRPOConfig, EntropyGRPOTrainer
+from .rloo import EntropyRLOOConfig, EntropyRLOOTrainer
+
+__all__ = [
+    "EntropyMethodsArguments",
+    "EntropyReward",
+    "EntropyGRPOConfig",
+    "EntropyGRPOTrainer",
+    "EntropyRLOOConfig",
+    "EntropyRLOOTrainer",
+]

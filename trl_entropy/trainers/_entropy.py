@@ -1,0 +1,455 @@
+"""What EntropyGRPOTrainer and EntropyRLOOTrainer share: the config fields, the entropy reward and the forking-token
+mask. The maths lives in :mod:`trl_entropy.ops`; this module only wires it into TRL's hooks."""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ..ops import high_entropy_mask, masked_sequence_reduce, self_certainty, token_entropy
+
+ENTROPY_REWARDS = ("none", "token", "trajectory", "self_certainty")
+FORKING_MODES = ("top", "bottom")
+FORKING_SCOPES = ("global", "local")
+FORKING_NORMALIZATIONS = ("selected", "all")
+
+
+@dataclass
+class EntropyMethodsArguments:
+    """Entropy fields shared by :class:`EntropyGRPOConfig` and :class:`EntropyRLOOConfig`.
+
+    Parameters:
+        entropy_reward (`str`, *optional*, defaults to `"none"`):
+            Label-free reward computed from the policy's own distribution at the sampling temperature, over completion
+            tokens only (Agarwal et al., 2025, "The Unreasonable Effectiveness of Entropy Minimization in LLM
+            Reasoning"). One of:
+
+            - `"none"`: no entropy reward;
+            - `"token"`: EM-RL-token, minus the mean token entropy `-(1/|y|) sum_t H_t`;
+            - `"trajectory"`: EM-RL-sequence, the mean log-probability of the sampled tokens `(1/|y|) sum_t log
+              pi(y_t | y_<t)` (length-normalised as in the official code);
+            - `"self_certainty"`: Intuitor's mean `KL(U || pi)` per token (Zhao et al., 2025), for comparison.
+
+            An empty completion has no tokens to score: its reward is `None` (NaN), which TRL treats as unscorable,
+            rather than the best possible value.
+        entropy_reward_weight (`float`, *optional*, defaults to `1.0`):
+            Weight of the entropy reward next to the user's reward functions, through TRL's own reward weighting
+            (appended to `reward_weights`). Any finite value; 0 logs the reward without training on it.
+        forking_token_ratio (`float`, *optional*, defaults to `1.0`):
+            Fraction `rho` in `(0, 1]` of completion tokens that receive the policy gradient: the `ceil(rho * n)`
+            highest-entropy "forking" tokens (Wang et al., 2025, "Beyond the 80/20 Rule"). 1.0 disables the mask;
+            the paper uses 0.2 and finds 0.1 and 0.5 worse on 14B/32B models.
+        forking_token_mode (`str`, *optional*, defaults to `"top"`):
+            `"top"` trains on the highest-entropy tokens; `"bottom"` on the complement (the paper's ablation: the
+            lowest `1 - rho`, which degrades performance). Needs `forking_token_ratio < 1`.
+        forking_token_scope (`str`, *optional*, defaults to `"global"`):
+            `"global"`: one exact top-k over the tokens of the micro-batch on all ranks together (what a single-GPU
+            run would select); `"local"`: per rank, as the paper's code.
+        forking_token_normalization (`str`, *optional*, defaults to `"selected"`):
+            `"selected"`: the token-mean loss is divided by the number of selected tokens (paper Eq. 6), so the
+            gradient keeps its scale; `"all"`: divided by all completion tokens, like TRL's `top_entropy_quantile`
+            (the gradient shrinks by about `rho`).
+    """
+
+    entropy_reward: str = field(
+        default="none",
+        metadata={
+            "help": "Label-free entropy reward: 'none', 'token' (EM-RL), 'trajectory' (EM-RL-seq) or "
+            "'self_certainty' (Intuitor).",
+            "choices": list(ENTROPY_REWARDS),
+        },
+    )
+    entropy_reward_weight: float = field(
+        default=1.0, metadata={"help": "Weight of the entropy reward next to the user's reward functions (finite)."}
+    )
+    forking_token_ratio: float = field(
+        default=1.0,
+        metadata={
+            "help": "Fraction in (0, 1] of highest-entropy completion tokens that get the policy gradient "
+            "(80/20 paper: 0.2). 1.0 disables the mask."
+        },
+    )
+    forking_token_mode: str = field(
+        default="top",
+        metadata={
+            "help": "'top' (forking tokens) or 'bottom' (the complement, an ablation).",
+            "choices": list(FORKING_MODES),
+        },
+    )
+    forking_token_scope: str = field(
+        default="global",
+        metadata={
+            "help": "'global': one threshold over all ranks' tokens; 'local': per rank.",
+            "choices": list(FORKING_SCOPES),
+        },
+    )
+    forking_token_normalization: str = field(
+        default="selected",
+        metadata={
+            "help": "'selected': divide the loss by the selected-token count (paper Eq. 6); 'all': by all "
+            "completion tokens (TRL's top_entropy_quantile).",
+            "choices": list(FORKING_NORMALIZATIONS),
+        },
+    )
+
+    def _validate_entropy_fields(self) -> None:
+        def one_of(name: str, allowed: tuple[str, ...]) -> None:
+            value = getattr(self, name)
+            if value not in allowed:
+                raise ValueError(f"`{name}` must be one of {list(allowed)}, got {value!r}.")
+
+        one_of("entropy_reward", ENTROPY_REWARDS)
+        one_of("forking_token_mode", FORKING_MODES)
+        one_of("forking_token_scope", FORKING_SCOPES)
+        one_of("forking_token_normalization", FORKING_NORMALIZATIONS)
+        if not math.isfinite(self.entropy_reward_weight):
+            raise ValueError(f"`entropy_reward_weight` must be a finite number, got {self.entropy_reward_weight}.")
+        if not (0.0 < self.forking_token_ratio <= 1.0):
+            raise ValueError(f"`forking_token_ratio` must be in (0, 1], got {self.forking_token_ratio}.")
+        if self.forking_token_mode == "bottom" and self.forking_token_ratio == 1.0:
+            raise ValueError(
+                "`forking_token_mode='bottom'` trains on the tokens outside the top `forking_token_ratio`, so it "
+                "needs "
+                "`forking_token_ratio` in (0, 1); with 1.0 it would select nothing."
+            )
+        if self.forking_token_ratio < 1.0 and getattr(self, "top_entropy_quantile", 1.0) < 1.0:
+            raise ValueError(
+                "Set either TRL's `top_entropy_quantile` or `forking_token_ratio`, not both: they are two versions of "
+                "the same high-entropy token mask (use `forking_token_ratio`, exact top-k with a choice of scope and "
+                "normalisation)."
+            )
+
+    @property
+    def forking_tokens_enabled(self) -> bool:
+        return self.forking_token_ratio < 1.0
+
+
+class EntropyReward:
+    """A TRL reward function that returns the entropy reward the trainer computed for the current batch.
+
+    Reward functions never see the policy's logits, so the trainer computes per-completion values from data it
+    already has (generation, or the old-log-probs pass) and this object hands them to TRL, which weights, logs
+    (`rewards/<name>/mean`) and tabulates them like any other reward.
+    """
+
+    def __init__(self, variant: str):
+        self.variant = variant
+        self.__name__ = f"entropy_{variant}" if variant != "self_certainty" else "self_certainty"
+        self.values: list[float | None] | None = None
+
+    def __call__(self, completions: list, **kwargs) -> list[float | None]:
+        if self.values is None or len(self.values) != len(completions):
+            got = None if self.values is None else len(self.values)
+            raise RuntimeError(
+                f"The {self.__name__} reward has {got} values for {len(completions)} completions: it must be used by "
+                "an entropy trainer, which computes the values during generation."
+            )
+        values, self.values = self.values, None
+        return values
+
+
+def sequence_rewards(variant: str, per_token: torch.Tensor, mask: torch.Tensor) -> list[float | None]:
+    """Per-completion reward from per-token values: ``-mean H`` ("token"), ``mean log p`` ("trajectory") or
+    ``mean KL(U||p)`` ("self_certainty"). Empty completions (no valid token) give ``None``."""
+    means = masked_sequence_reduce(per_token, mask, "mean")
+    if variant == "token":
+        means = -means
+    return [None if math.isnan(v) else v for v in means.tolist()]
+
+
+class GenerationEntropyRecorder:
+    """Records, during ``model.generate``, what the entropy reward needs from each decoding step's raw logits.
+
+    A forward hook on the causal LM sees each step's logits ``[B, 1, V]``; the entropy (or self-certainty) of
+    ``softmax(logits / T)`` is reduced to ``[B]`` at once, so memory stays ``O(B * steps)`` plus one ``[B, V]`` row
+    of log-probs for the "trajectory" variant: the token sampled at step ``s`` is fed back as the input of step
+    ``s + 1``, where its log-prob is read.
+    """
+
+    def __init__(self, module: torch.nn.Module, temperature: float, variant: str):
+        self.module, self.temperature, self.variant = module, temperature, variant
+        self.steps: list[torch.Tensor] = []
+        self._previous_logprobs: torch.Tensor | None = None
+        self._handle = None
+
+    def __enter__(self) -> GenerationEntropyRecorder:
+        self._handle = self.module.register_forward_hook(self._hook, with_kwargs=True)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._handle.remove()
+
+    def _hook(self, module, args, kwargs, output) -> None:
+        logits = getattr(output, "logits", None)
+        if logits is None:  # not a generation step (e.g. a fused-head scoring call)
+            return
+        scaled = logits[:, -1, :].float() / self.temperature
+        if self.variant == "token":
+            self.steps.append(token_entropy(scaled))
+        elif self.variant == "self_certainty":
+            self.steps.append(self_certainty(scaled))
+        else:
+            fed = kwargs.get("input_ids", args[0] if args else None)
+            if self._previous_logprobs is not None:
+                self.steps.append(self._previous_logprobs.gather(-1, fed[:, -1:].to(scaled.device)).squeeze(-1))
+            self._previous_logprobs = torch.log_softmax(scaled, dim=-1)
+
+    def per_token(self, completion_ids: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(values [B, L], mask [B, L])`` aligned with the (EOS-trimmed) completions."""
+        steps = list(self.steps)
+        if self.variant == "trajectory" and self._previous_logprobs is not None:
+            # The last sampled token is never fed back: read its log-prob from the completions.
+            last = torch.tensor([ids[len(steps)] if len(ids) > len(steps) else 0 for ids in completion_ids])
+            steps.append(
+                self._previous_logprobs.gather(-1, last.unsqueeze(-1).to(self._previous_logprobs.device)).squeeze(-1)
+            )
+        width = max([len(ids) for ids in completion_ids] + [0])
+        values = torch.zeros(len(completion_ids), width)
+        if steps:
+            stacked = torch.stack(steps, dim=1).cpu()[:, :width]
+            values[:, : stacked.size(1)] = stacked
+        lengths = torch.tensor([len(ids) for ids in completion_ids])
+        mask = torch.arange(width).unsqueeze(0) < lengths.unsqueeze(1)
+        return values, mask
+
+
+class EntropyTrainerMixin:
+    """Adds the entropy reward and the forking-token mask to a TRL online trainer (GRPO or RLOO).
+
+    Subclasses set ``_config_class`` and implement nothing else for the reward. The mixin overrides only:
+    ``__init__`` (registers the reward), ``_generate_single_turn`` (records the reward during generation),
+    ``_generate`` (falls back to one forward pass when generation gave no logits, e.g. vLLM),
+    ``_get_per_token_logps_and_entropies`` (reuses TRL's old-log-probs pass when there is one) and
+    ``_generate_and_score_completions`` (marks the start of a batch).
+    """
+
+    _config_class: type = None  # set by subclasses
+    _trl_name: str = ""
+
+    def __init__(self, model, reward_funcs=None, args=None, *pos_args, **kwargs):
+        if args is None:
+            model_name = model if isinstance(model, str) else model.config._name_or_path
+            args = self._config_class(f"{str(model_name).split('/')[-1]}-{self._trl_name}")
+        if not isinstance(args, EntropyMethodsArguments):
+            raise TypeError(
+                f"`args` must be an {self._config_class.__name__} (got {type(args).__name__}): it carries the entropy "
+                "fields this trainer reads."
+            )
+        user_funcs = reward_funcs_of(reward_funcs)
+        self.entropy_reward_func: EntropyReward | None = None
+        if args.entropy_reward != "none":
+            self.entropy_reward_func = EntropyReward(args.entropy_reward)
+            # A shallow copy, so the caller's config object is not changed by appending the entropy weight.
+            args = copy.copy(args)
+            weights = args.reward_weights if args.reward_weights is not None else [1.0] * len(user_funcs)
+            if len(weights) != len(user_funcs):
+                raise ValueError(
+                    f"`reward_weights` has {len(weights)} entries for {len(user_funcs)} reward functions; the entropy "
+                    "reward's weight is `entropy_reward_weight`, do not list it in `reward_weights`."
+                )
+            args.reward_weights = [*weights, args.entropy_reward_weight]
+            user_funcs = [*user_funcs, self.entropy_reward_func]
+        elif not user_funcs:
+            raise ValueError(
+                "No reward: pass `reward_funcs`, or set `entropy_reward` to 'token', 'trajectory' or 'self_certainty' "
+                "for label-free training."
+            )
+        self._capture_old_logps_pass = False
+        super().__init__(model, user_funcs, args, *pos_args, **kwargs)
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Where the entropy reward comes from
+    # ------------------------------------------------------------------------------------------------------------
+
+    def _makes_old_logps_pass(self) -> bool:
+        """Whether TRL runs the policy over the completions before the rewards (the "old log-probs" pass)."""
+        raise NotImplementedError
+
+    def _entropy_source(self) -> str | None:
+        """``"old_logps"``, ``"generation"``, ``"forward"``, or None when there is no entropy reward."""
+        if self.entropy_reward_func is None:
+            return None
+        variant = self.args.entropy_reward
+        if variant in ("token", "trajectory") and self._makes_old_logps_pass():
+            return "old_logps"  # TRL's own pass over the completions: exact and free
+        plain_generate = not (
+            self.use_vllm
+            or getattr(self, "use_transformers_continuous_batching", False)
+            or getattr(self, "rollout_func", None) is not None
+            or getattr(self, "tools", None)
+        )
+        return "generation" if plain_generate else "forward"
+
+    def _causal_lm(self) -> torch.nn.Module:
+        unwrapped = self.accelerator.unwrap_model(self.model)
+        return unwrapped.get_base_model() if hasattr(unwrapped, "get_base_model") else unwrapped
+
+    def _generate_single_turn(self, *args, **kwargs):
+        if self._entropy_source() != "generation":
+            return super()._generate_single_turn(*args, **kwargs)
+        with GenerationEntropyRecorder(self._causal_lm(), self.temperature, self.args.entropy_reward) as recorder:
+            result = super()._generate_single_turn(*args, **kwargs)
+        completion_ids = result[0] if isinstance(result, tuple) else result
+        values, mask = recorder.per_token(completion_ids)
+        self.entropy_reward_func.values = sequence_rewards(self.args.entropy_reward, values, mask)
+        return result
+
+    def _generate(self, prompts: list):
+        result = super()._generate(prompts)
+        if self._entropy_source() == "forward":
+            prompt_ids, completion_ids = result[0], result[1]
+            values, mask = self._entropy_by_forward(prompt_ids, completion_ids)
+            self.entropy_reward_func.values = sequence_rewards(self.args.entropy_reward, values, mask)
+        return result
+
+    @torch.no_grad()
+    def _entropy_by_forward(
+        self, prompt_ids: list[list[int]], completion_ids: list[list[int]]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One batched, chunked policy forward over prompt + completion, for generators that return no logits."""
+        device = self.accelerator.device
+        pad_id = self.processing_class.pad_token_id if hasattr(self.processing_class, "pad_token_id") else 0
+        pad_id = 0 if pad_id is None else pad_id
+        width = max([len(c) for c in completion_ids] + [1])
+        rows, masks = [], []
+        prompt_width = max(len(p) for p in prompt_ids)
+        for p, c in zip(prompt_ids, completion_ids):
+            # Left-pad prompts, right-pad completions: the completion block is then the last `width` positions.
+            rows.append([pad_id] * (prompt_width - len(p)) + list(p) + list(c) + [pad_id] * (width - len(c)))
+            masks.append([0] * (prompt_width - len(p)) + [1] * (len(p) + len(c)) + [0] * (width - len(c)))
+        input_ids = torch.tensor(rows, device=device)
+        attention_mask = torch.tensor(masks, device=device)
+        completion_mask = attention_mask[:, -width:]
+        variant = self.args.entropy_reward
+        batch_size = self.args.per_device_train_batch_size
+        if variant == "self_certainty":
+            # The fused head returns no full distribution: take the logits of the completion block, chunk by chunk.
+            out = []
+            for start in range(0, input_ids.size(0), batch_size):
+                logits = self.model(
+                    input_ids=input_ids[start : start + batch_size],
+                    attention_mask=attention_mask[start : start + batch_size],
+                    logits_to_keep=width + 1,
+                ).logits[:, :-1]
+                out.append(self_certainty(logits, self.temperature))
+            values = torch.cat(out)
+        else:
+            logps, entropies, _ = self._get_per_token_logps_and_entropies(
+                self.model,
+                input_ids,
+                attention_mask,
+                width,
+                batch_size=batch_size,
+                compute_entropy=variant == "token",
+            )
+            values = entropies if variant == "token" else logps
+        return values.float().cpu(), completion_mask.bool().cpu()
+
+    def _generate_and_score_completions(self, inputs):
+        self._capture_old_logps_pass = self._entropy_source() == "old_logps" or self._needs_old_per_token_logps()
+        try:
+            output = super()._generate_and_score_completions(inputs)
+        finally:
+            self._capture_old_logps_pass = False
+        return self._add_to_scored_batch(output)
+
+    def _needs_old_per_token_logps(self) -> bool:
+        """Whether the loss needs TRL's per-token old log-probs kept in the batch (RLOO's token-level loss)."""
+        return False
+
+    def _add_to_scored_batch(self, output: dict) -> dict:
+        return output
+
+    def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, *args, **kwargs):
+        capture = self._capture_old_logps_pass and model is self.model and not torch.is_grad_enabled()
+        if not capture:
+            return super()._get_per_token_logps_and_entropies(
+                model, input_ids, attention_mask, logits_to_keep, *args, **kwargs
+            )
+        self._capture_old_logps_pass = False  # only the first pass of the batch: later ones score the reference
+        wanted_entropy = kwargs.get("compute_entropy", False)
+        kwargs["compute_entropy"] = True
+        logps, entropies, aux = super()._get_per_token_logps_and_entropies(
+            model, input_ids, attention_mask, logits_to_keep, *args, **kwargs
+        )
+        self._on_old_logps_pass(logps, entropies, attention_mask[:, -logits_to_keep:])
+        return logps, entropies if wanted_entropy else None, aux
+
+    def _on_old_logps_pass(self, logps: torch.Tensor, entropies: torch.Tensor, completion_mask: torch.Tensor) -> None:
+        if self._entropy_source() == "old_logps":
+            values = entropies if self.args.entropy_reward == "token" else logps
+            self.entropy_reward_func.values = sequence_rewards(
+                self.args.entropy_reward, values.float(), completion_mask.bool()
+            )
+
+    # ------------------------------------------------------------------------------------------------------------
+    # The forking-token mask
+    # ------------------------------------------------------------------------------------------------------------
+
+    def forking_token_weights(self, entropies: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Float weights ``[B, T]`` that restrict the token loss to the forking tokens of this micro-batch.
+
+        Selected tokens get ``n_valid / n_selected`` under ``forking_token_normalization="selected"`` (so a loss
+        normalised by all valid tokens becomes a mean over the selected ones, paper Eq. 6) and 1 under ``"all"``;
+        the others get 0. Counts are global over ranks for ``forking_token_scope="global"``.
+        """
+        args = self.args
+        valid = mask.bool()
+        if args.forking_token_scope == "local" or self.accelerator.num_processes == 1:
+            selected = high_entropy_mask(entropies.detach(), valid, args.forking_token_ratio, args.forking_token_mode)
+            n_valid, n_selected = int(valid.sum()), int(selected.sum())
+        else:
+            selected, n_valid, n_selected = self._global_forking_mask(entropies.detach(), valid)
+        weights = selected.to(entropies.dtype)
+        if args.forking_token_normalization == "selected" and n_selected > 0:
+            weights = weights * (n_valid / n_selected)
+        mode = "train" if self.model.training else "eval"
+        self._metrics[mode]["forking/selected_fraction"].append(n_selected / max(n_valid, 1))
+        if n_selected > 0:
+            chosen = entropies.detach()[selected]
+            self._metrics[mode]["forking/min_selected_entropy"].append(self._reduce_min(chosen))
+        return weights
+
+    def _reduce_min(self, values: torch.Tensor) -> float:
+        local = values.min() if values.numel() else torch.tensor(float("inf"), device=values.device)
+        return self.accelerator.gather(local.reshape(1).float()).min().item()
+
+    def _global_forking_mask(self, entropies: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, int, int]:
+        """Exact top-k over all ranks' valid tokens: every rank gathers all valid entropies (padded), selects on the
+        whole set with the same deterministic tie-breaking, and keeps its own slice."""
+        local = entropies[valid].float()
+        count = torch.tensor([local.numel()], device=entropies.device)
+        counts = self.accelerator.gather(count)
+        padded = self.accelerator.pad_across_processes(local, dim=0, pad_index=0.0)
+        gathered = self.accelerator.gather(padded).view(self.accelerator.num_processes, -1)
+        width = gathered.size(1)
+        gathered_mask = torch.arange(width, device=gathered.device).unsqueeze(0) < counts.unsqueeze(1)
+        args = self.args
+        if int(counts.sum()) == 0:
+            return torch.zeros_like(valid), 0, 0
+        selected_all = high_entropy_mask(gathered, gathered_mask, args.forking_token_ratio, args.forking_token_mode)
+        mine = selected_all[self.accelerator.process_index, : local.numel()]
+        selected = torch.zeros_like(valid)
+        selected[valid] = mine
+        return selected, int(counts.sum()), int(selected_all.sum())
+
+
+def reward_funcs_of(reward_funcs: Any) -> list[Callable]:
+    """Normalise TRL's ``reward_funcs`` argument (None, one callable or a list) to a list."""
+    if reward_funcs is None:
+        return []
+    return list(reward_funcs) if isinstance(reward_funcs, list) else [reward_funcs]
+
+
+__all__ = [
+    "EntropyMethodsArguments",
+    "EntropyReward",
+    "EntropyTrainerMixin",
+    "GenerationEntropyRecorder",
+    "sequence_rewards",
+]

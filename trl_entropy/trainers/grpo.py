@@ -1,0 +1,61 @@
+"""EntropyGRPOTrainer: TRL's GRPOTrainer with EM-RL entropy rewards and forking-token masks."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from trl import GRPOConfig, GRPOTrainer
+
+from ._entropy import EntropyMethodsArguments, EntropyTrainerMixin
+
+
+@dataclass
+class EntropyGRPOConfig(EntropyMethodsArguments, GRPOConfig):
+    """[`~trl.GRPOConfig`] plus the entropy fields of :class:`~trl_entropy.trainers.EntropyMethodsArguments`.
+
+    Every GRPO option keeps its meaning. Label-free EM-RL as in Agarwal et al. (2025):
+    ``EntropyGRPOConfig(entropy_reward="token", temperature=1.0, beta=0.001, ...)`` with no reward functions;
+    forking tokens as in Wang et al. (2025): ``forking_token_ratio=0.2``. TRL's ``top_entropy_quantile`` is the
+    older form of the same mask and can not be combined with ``forking_token_ratio``.
+    """
+
+    def __post_init__(self):
+        self._validate_entropy_fields()
+        super().__post_init__()
+
+
+class EntropyGRPOTrainer(EntropyTrainerMixin, GRPOTrainer):
+    """Drop-in replacement for [`~trl.GRPOTrainer`] with entropy rewards and forking-token masks.
+
+    The constructor is GRPOTrainer's, except that ``reward_funcs`` may be omitted when ``args.entropy_reward`` is set
+    (label-free training). The algorithm, step by step:
+
+    1. generate completions as GRPO does, recording each step's entropy (or log-prob) from the logits generation
+       already produces, or reusing GRPO's old-log-probs pass when it makes one (vLLM falls back to one chunked
+       forward);
+    2. turn it into a per-completion reward (``entropy_reward``) weighted next to the user's rewards by TRL;
+    3. compute GRPO advantages and loss; if ``forking_token_ratio < 1`` the token loss is restricted to the exact
+       top-``ceil(rho * n)`` entropy tokens of the micro-batch (through GRPO's ``get_high_entropy_mask`` hook).
+
+    With every entropy option off it runs GRPOTrainer's code unchanged.
+    """
+
+    _config_class = EntropyGRPOConfig
+    _trl_name = "GRPO"
+
+    def __init__(self, model, reward_funcs=None, args: EntropyGRPOConfig | None = None, *pos_args, **kwargs):
+        super().__init__(model, reward_funcs, args, *pos_args, **kwargs)
+        if self.args.forking_tokens_enabled:
+            # GRPO calls `get_high_entropy_mask` only when this is < 1; the exact selection is ours (below).
+            self.top_entropy_quantile = self.args.forking_token_ratio
+
+    def _makes_old_logps_pass(self) -> bool:
+        generate_every = self.args.steps_per_generation * self.num_iterations
+        misaligned = self.args.gradient_accumulation_steps % generate_every != 0
+        return misaligned or bool(self.use_vllm and self.vllm_importance_sampling_correction)
+
+    def get_high_entropy_mask(self, entropies: torch.Tensor, mask: torch.Tensor, threshold: float) -> torch.Tensor:
+        if not self.args.forking_tokens_enabled:  # the user chose TRL's own `top_entropy_quantile`
+            return super().get_high_entropy_mask(entropies, mask, threshold)
+        return self.forking_token_weights(entropies, mask)
