@@ -1,0 +1,133 @@
+"""EntropyRLOOTrainer on the tiny model: rewards vs brute force, the token-level masked loss, drop-in identity."""
+
+import pytest
+import torch
+from trainer_utils import TINY_KWARGS, RecordingReward, brute_force_rewards, tiny_setup
+from trl import RLOOConfig, RLOOTrainer
+
+from trl_entropy.ops import high_entropy_mask, selected_token_count
+from trl_entropy.trainers import EntropyRLOOConfig, EntropyRLOOTrainer
+
+# RLOO's default KL (beta=0.05) loads a reference model by name; most tests use none.
+TINY_KWARGS = {**TINY_KWARGS, "beta": 0.0}
+
+
+class ForwardSourceRLOOTrainer(EntropyRLOOTrainer):
+    def _entropy_source(self):
+        return "forward" if self.entropy_reward_func is not None else None
+
+
+@pytest.mark.parametrize(
+    "variant,trainer_class,source",
+    [
+        ("token", EntropyRLOOTrainer, "old_logps"),
+        ("trajectory", EntropyRLOOTrainer, "old_logps"),
+        ("self_certainty", EntropyRLOOTrainer, "generation"),
+        ("self_certainty", ForwardSourceRLOOTrainer, "forward"),
+    ],
+)
+def test_entropy_reward_matches_brute_force(tmp_path, variant, trainer_class, source):
+    model, tokenizer, dataset = tiny_setup()
+    recorder = RecordingReward()
+    args = EntropyRLOOConfig(
+        output_dir=str(tmp_path),
+        entropy_reward=variant,
+        reward_weights=[0.0],
+        learning_rate=0.0,
+        temperature=0.8,
+        **TINY_KWARGS,
+    )
+    trainer = trainer_class(model, reward_funcs=recorder, args=args, train_dataset=dataset, processing_class=tokenizer)
+    assert trainer._entropy_source() == source
+    if kwargs["beta"]:  # make the policy differ from the reference, so reading the wrong pass would show
+        with torch.no_grad():
+            trainer.model.lm_head.weight.mul_(3.0)
+    trainer.train()
+    got = list(trainer._logs["rewards"][trainer.entropy_reward_func.__name__])
+    expected = brute_force_rewards(trainer.model, tokenizer, recorder.prompts, recorder.completion_ids, 0.8, variant)
+    assert len(got) == 4
+    for g, e in zip(got, expected):
+        assert g == pytest.approx(e, abs=1e-4)
+
+
+class KeepLogpsRLOOTrainer(EntropyRLOOTrainer):
+    def _get_per_token_logps_and_entropies(self, *args, **kwargs):
+        logps, entropies, aux = super()._get_per_token_logps_and_entropies(*args, **kwargs)
+        if torch.is_grad_enabled() and logps.requires_grad:
+            logps.retain_grad()
+            self.kept = (logps, entropies)
+        return logps, entropies, aux
+
+
+@pytest.mark.parametrize("ratio", [0.2, 0.6])
+@pytest.mark.parametrize("normalization", ["selected", "all"])
+def test_masked_token_level_loss(tmp_path, ratio, normalization):
+    model, tokenizer, dataset = tiny_setup()
+    args = EntropyRLOOConfig(
+        output_dir=str(tmp_path),
+        entropy_reward="token",
+        forking_token_ratio=ratio,
+        forking_token_normalization=normalization,
+        **TINY_KWARGS,
+    )
+    trainer = KeepLogpsRLOOTrainer(model, args=args, train_dataset=dataset, processing_class=tokenizer)
+    rows = [dataset[0]] * trainer.num_generations
+    trainer.model.train()
+    batch = trainer._generate_and_score_completions(rows)
+    assert batch["old_per_token_logps"].shape == batch["completion_ids"].shape
+    loss = trainer.compute_loss(trainer.model, batch)
+    loss.backward()
+    logps, entropies = trainer.kept
+    mask = batch["completion_mask"].bool()
+    n_valid = int(mask.sum())
+    selected = high_entropy_mask(entropies.detach(), mask, ratio)
+    assert int(selected.sum()) == selected_token_count(n_valid, ratio)
+    advantages = batch["advantages"].unsqueeze(1).expand_as(mask)
+    assert torch.equal(logps.grad != 0, selected & (advantages != 0))
+    # On-policy the ratio is 1, so l_t = -A: the loss is -sum_selected A / (n_selected or n_valid).
+    expected = -(advantages * selected).sum().item() / (
+        int(selected.sum()) if normalization == "selected" else n_valid
+    )
+    assert loss.item() == pytest.approx(expected, rel=1e-5, abs=1e-7)
+
+
+def test_drop_in_identity_with_entropy_options_off(tmp_path):
+    def rule_reward(completions, **kwargs):
+        return [float(len(c)) / 10 for c in completions]
+
+    runs = []
+    for config_class, trainer_class in ((RLOOConfig, RLOOTrainer), (EntropyRLOOConfig, EntropyRLOOTrainer)):
+        model, tokenizer, dataset = tiny_setup()
+        args = config_class(
+            output_dir=str(tmp_path / trainer_class.__name__), **{**TINY_KWARGS, "max_steps": 3, "learning_rate": 1e-2}
+        )
+        trainer = trainer_class(
+            model, reward_funcs=rule_reward, args=args, train_dataset=dataset, processing_class=tokenizer
+        )
+        trainer.train()
+        runs.append(trainer.state.log_history)
+    for key in ("loss", "reward", "entropy", "grad_norm"):
+        plain = [h[key] for h in runs[0] if key in h]
+        assert plain == [h[key] for h in runs[1] if key in h], key
+        assert len(plain) == 3 or key not in ("loss",)
+
+
+def test_label_free_rloo_without_reward_funcs(tmp_path):
+    model, tokenizer, dataset = tiny_setup()
+    args = EntropyRLOOConfig(
+        output_dir=str(tmp_path), entropy_reward="token", forking_token_ratio=0.2, **{**TINY_KWARGS, "max_steps": 2}
+    )
+    before = [p.detach().clone() for p in model.parameters()]
+    trainer = EntropyRLOOTrainer(model, args=args, train_dataset=dataset, processing_class=tokenizer)
+    trainer.train()
+    first = trainer.state.log_history[0]
+    assert first["rewards/entropy_token/mean"] == pytest.approx(-first["entropy"], rel=0.05)
+    assert 0 < first["forking/selected_fraction"] <= 0.3
+    assert any(not torch.equal(a, b) for a, b in zip(before, trainer.model.parameters()))
+
+
+def test_rloo_config_errors(tmp_path):
+    with pytest.raises(ValueError, match=r"`forking_token_ratio` must be in \(0, 1\]"):
+        EntropyRLOOConfig(output_dir=str(tmp_path), forking_token_ratio=2.0)
+    with pytest.raises(ValueError, match="`entropy_reward` must be one of"):
+        EntropyRLOOConfig(output_dir=str(tmp_path), entropy_reward="seq")

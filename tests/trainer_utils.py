@@ -1,0 +1,66 @@
+"""Shared pieces of the trainer tests: configs for the tiny model, a recording reward and float64 references."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import torch
+from datasets import Dataset
+
+from trl_entropy.testing import make_tiny_model_and_tokenizer, tiny_prompts
+
+TINY_KWARGS = dict(
+    per_device_train_batch_size=4,
+    num_generations=4,
+    max_completion_length=6,
+    max_steps=1,
+    logging_steps=1,
+    report_to=[],
+    use_cpu=True,
+    save_strategy="no",
+    seed=0,
+    data_seed=0,
+)
+
+
+def tiny_setup(n_prompts: int = 8):
+    model, tokenizer = make_tiny_model_and_tokenizer(seed=0)
+    dataset = Dataset.from_dict({"prompt": tiny_prompts(n_prompts)})
+    return model, tokenizer, dataset
+
+
+class RecordingReward:
+    """A real TRL reward function (weight 0 in tests) that keeps what TRL passed it, in call order."""
+
+    __name__ = "recorder"
+
+    def __init__(self):
+        self.prompts: list[str] = []
+        self.completion_ids: list[list[int]] = []
+
+    def __call__(self, prompts, completions, completion_ids, **kwargs):
+        self.prompts.extend(prompts)
+        self.completion_ids.extend(completion_ids)
+        return [0.0] * len(prompts)
+
+
+@torch.no_grad()
+def brute_force_rewards(model, tokenizer, prompts, completion_ids, temperature: float, variant: str) -> list[float]:
+    """Per-completion entropy rewards recomputed in float64 from full logits, one sequence at a time."""
+    reference = copy.deepcopy(model).double().eval()
+    out = []
+    for prompt, completion in zip(prompts, completion_ids):
+        prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        ids = torch.tensor([prompt_ids + list(completion)])
+        logits = reference(ids).logits[0, len(prompt_ids) - 1 : len(prompt_ids) - 1 + len(completion)]
+        log_p = torch.log_softmax(logits / temperature, dim=-1)
+        if not completion:
+            out.append(math.nan)
+        elif variant == "token":
+            out.append(-(-(log_p.exp() * log_p).sum(-1)).mean().item())
+        elif variant == "trajectory":
+            out.append(log_p.gather(-1, torch.tensor(completion).unsqueeze(-1)).mean().item())
+        else:  # self-certainty: KL(U || p) = -log V - mean_j log p_j
+            out.append((-math.log(log_p.size(-1)) - log_p.mean(-1)).mean().item())
+    return out
