@@ -24,10 +24,15 @@ class ForwardSourceRLOOTrainer(EntropyRLOOTrainer):
         ("trajectory", EntropyRLOOTrainer, "old_logps"),
         ("self_certainty", EntropyRLOOTrainer, "generation"),
         ("self_certainty", ForwardSourceRLOOTrainer, "forward"),
+        ("token", EntropyRLOOTrainer, "old_logps+kl"),
     ],
 )
 def test_entropy_reward_matches_brute_force(tmp_path, variant, trainer_class, source):
     model, tokenizer, dataset = tiny_setup()
+    kwargs = dict(TINY_KWARGS)
+    if source.endswith("+kl"):  # the reference pass comes after the policy's: the reward must be the policy's
+        model.save_pretrained(tmp_path / "tiny")
+        model, kwargs["beta"], source = str(tmp_path / "tiny"), 0.05, "old_logps"
     recorder = RecordingReward()
     args = EntropyRLOOConfig(
         output_dir=str(tmp_path),
@@ -35,7 +40,7 @@ def test_entropy_reward_matches_brute_force(tmp_path, variant, trainer_class, so
         reward_weights=[0.0],
         learning_rate=0.0,
         temperature=0.8,
-        **TINY_KWARGS,
+        **kwargs,
     )
     trainer = trainer_class(model, reward_funcs=recorder, args=args, train_dataset=dataset, processing_class=tokenizer)
     assert trainer._entropy_source() == source
