@@ -24,15 +24,19 @@ class ForwardSourceRLOOTrainer(EntropyRLOOTrainer):
         ("trajectory", EntropyRLOOTrainer, "old_logps"),
         ("self_certainty", EntropyRLOOTrainer, "generation"),
         ("self_certainty", ForwardSourceRLOOTrainer, "forward"),
-        ("token", EntropyRLOOTrainer, "old_logps+kl"),
+        ("token", EntropyRLOOTrainer, "old_logps+lora-kl"),
     ],
 )
 def test_entropy_reward_matches_brute_force(tmp_path, variant, trainer_class, source):
     model, tokenizer, dataset = tiny_setup()
-    kwargs = dict(TINY_KWARGS)
-    if source.endswith("+kl"):  # the reference pass comes after the policy's: the reward must be the policy's
-        model.save_pretrained(tmp_path / "tiny")
-        model, kwargs["beta"], source = str(tmp_path / "tiny"), 0.05, "old_logps"
+    kwargs, trainer_kwargs = dict(TINY_KWARGS), {}
+    if source.endswith("+lora-kl"):
+        # With LoRA the KL reference is the same model with adapters off, scored right after the policy's pass:
+        # the reward must come from the policy's. Random adapter weights make the two differ.
+        from peft import LoraConfig
+
+        trainer_kwargs["peft_config"] = LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+        kwargs["beta"], source = 0.05, "old_logps"
     recorder = RecordingReward()
     args = EntropyRLOOConfig(
         output_dir=str(tmp_path),
@@ -42,11 +46,10 @@ def test_entropy_reward_matches_brute_force(tmp_path, variant, trainer_class, so
         temperature=0.8,
         **kwargs,
     )
-    trainer = trainer_class(model, reward_funcs=recorder, args=args, train_dataset=dataset, processing_class=tokenizer)
+    trainer = trainer_class(
+        model, reward_funcs=recorder, args=args, train_dataset=dataset, processing_class=tokenizer, **trainer_kwargs
+    )
     assert trainer._entropy_source() == source
-    if kwargs["beta"]:  # make the policy differ from the reference, so reading the wrong pass would show
-        with torch.no_grad():
-            trainer.model.lm_head.weight.mul_(3.0)
     trainer.train()
     got = list(trainer._logs["rewards"][trainer.entropy_reward_func.__name__])
     expected = brute_force_rewards(trainer.model, tokenizer, recorder.prompts, recorder.completion_ids, 0.8, variant)
