@@ -12,8 +12,19 @@ RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 
 def peak_rss_mib() -> float:
-    """Peak resident set size of this process so far, in MiB (Linux reports KiB)."""
+    """Peak resident set size of this process since the last :func:`reset_peak_rss` (Linux VmHWM), in MiB."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def reset_peak_rss() -> None:
+    """Reset the kernel's peak-RSS mark to the current RSS (writing 5 to /proc/self/clear_refs), so a later
+    :func:`peak_rss_mib` measures only what follows."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
 
 
 def current_rss_mib() -> float:
@@ -40,6 +51,7 @@ def write_results(name: str, payload: dict) -> Path:
 
 def print_table(rows: list[dict], columns: list[str]) -> None:
     """A fixed-width table of ``rows`` restricted to ``columns``."""
+
     def fmt(v):
         return f"{v:.4g}" if isinstance(v, float) else str(v)
 

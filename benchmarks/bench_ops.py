@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import current_rss_mib, median, peak_rss_mib, print_table, write_results  # noqa: E402
+from _common import current_rss_mib, median, peak_rss_mib, print_table, reset_peak_rss, write_results  # noqa: E402
 
 
 def naive_entropy(logits):
@@ -34,6 +34,7 @@ def child(variant: str, dtype_name: str, shape: list[int]) -> None:
 
     torch.manual_seed(0)
     logits = (torch.randn(*shape) * 3).to(getattr(torch, dtype_name))
+    reset_peak_rss()  # the temporaries of building the input are not the variant's
     base = current_rss_mib()
     fn = token_entropy if variant == "token_entropy" else naive_entropy
     start = time.perf_counter()
@@ -56,22 +57,44 @@ def main() -> None:
     for dtype_name in ("float32", "bfloat16"):
         for _ in range(args.repeats):
             for variant in ("naive", "token_entropy"):  # interleaved
-                out = subprocess.run(
-                    [sys.executable, __file__, "--child", variant, dtype_name, "--shape", *map(str, args.shape)],
-                    check=True, capture_output=True, text=True,
-                ).stdout.strip().splitlines()[-1]
+                out = (
+                    subprocess.run(
+                        [sys.executable, __file__, "--child", variant, dtype_name, "--shape", *map(str, args.shape)],
+                        check=True,
+                        capture_output=True,
+                        text=True,
+                    )
+                    .stdout.strip()
+                    .splitlines()[-1]
+                )
                 runs.setdefault((dtype_name, variant), []).append(json.loads(out))
         naive, ours = runs[(dtype_name, "naive")], runs[(dtype_name, "token_entropy")]
         t_naive, t_ours = median([r["seconds"] for r in naive]), median([r["seconds"] for r in ours])
         m_naive, m_ours = median([r["extra_mib"] for r in naive]), median([r["extra_mib"] for r in ours])
-        rows.append({
-            "dtype": dtype_name,
-            "naive_s": t_naive, "token_entropy_s": t_ours, "time_ratio": t_ours / t_naive,
-            "naive_extra_mib": m_naive, "token_entropy_extra_mib": m_ours, "memory_ratio": m_ours / max(m_naive, 1e-9),
-            "max_abs_mean_diff": abs(naive[0]["mean"] - ours[0]["mean"]),
-        })
-    print_table(rows, ["dtype", "naive_s", "token_entropy_s", "time_ratio", "naive_extra_mib",
-                       "token_entropy_extra_mib", "memory_ratio"])
+        rows.append(
+            {
+                "dtype": dtype_name,
+                "naive_s": t_naive,
+                "token_entropy_s": t_ours,
+                "time_ratio": t_ours / t_naive,
+                "naive_extra_mib": m_naive,
+                "token_entropy_extra_mib": m_ours,
+                "memory_ratio": m_ours / max(m_naive, 1e-9),
+                "max_abs_mean_diff": abs(naive[0]["mean"] - ours[0]["mean"]),
+            }
+        )
+    print_table(
+        rows,
+        [
+            "dtype",
+            "naive_s",
+            "token_entropy_s",
+            "time_ratio",
+            "naive_extra_mib",
+            "token_entropy_extra_mib",
+            "memory_ratio",
+        ],
+    )
     write_results("bench_ops", {"shape": args.shape, "repeats": args.repeats, "results": rows})
 
 

@@ -1,4 +1,10 @@
-"""trl-entropy: entropy-based, label-free methods for Hugging Face TRL."""
+"""trl-entropy: entropy-based, label-free methods for Hugging Face TRL.
+
+The maths (:mod:`trl_entropy.ops`) and model loading are imported eagerly; the trainers, callback, logits processors
+and calibration load on first access, so ``import trl_entropy`` stays light and does not import TRL until needed.
+"""
+
+from importlib import import_module
 
 from .models import DEFAULT_MODEL, load_default_model, load_model
 from .ops import (
@@ -18,6 +24,31 @@ from .ops import (
 
 __version__ = "0.1.0"
 
+# Public name -> submodule that defines it, loaded on first attribute access.
+_LAZY = {
+    "EntropyGRPOConfig": "trainers",
+    "EntropyGRPOTrainer": "trainers",
+    "EntropyRLOOConfig": "trainers",
+    "EntropyRLOOTrainer": "trainers",
+    "EMFTConfig": "trainers",
+    "EMFTTrainer": "trainers",
+    "EntropyStatsCallback": "callbacks",
+    "EMInfLogitsProcessor": "inference",
+    "AdaptiveTemperatureLogitsProcessor": "inference",
+    "EntropyThresholdCalibrator": "confidence",
+    "EntropyEarlyStopping": "confidence",
+    "ArithmeticTask": "tasks",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        value = getattr(import_module(f".{_LAZY[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 __all__ = [
     "DEFAULT_MODEL",
     "load_default_model",
@@ -34,4 +65,5 @@ __all__ = [
     "threshold_mean",
     "threshold_universal",
     "token_entropy",
+    *_LAZY,
 ]

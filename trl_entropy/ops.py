@@ -32,8 +32,10 @@ __all__ = [
     "threshold_universal",
 ]
 
-# Rows of the [N, V] logits processed at once: bounds the float32 working copy to about 64 MiB.
-_DEFAULT_CHUNK_ELEMENTS = 1 << 24
+# Float32 elements processed at once: about 4 MiB, small enough for the few passes of the entropy to stay in cache,
+# which makes the chunked loop faster than one pass over the whole tensor, not only lighter.
+_DEFAULT_CHUNK_ELEMENTS = 1 << 20
+_FLOAT32_MIN = torch.finfo(torch.float32).min
 
 
 def _rows_per_chunk(vocab_size: int, chunk_elements: int | None) -> int:
@@ -45,29 +47,33 @@ def _check_temperature(temperature: float) -> None:
         raise ValueError(f"`temperature` must be a finite number > 0, got {temperature}.")
 
 
-def _entropy_chunk(scaled: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Entropy and logsumexp of float32 rows ``scaled`` (already divided by the temperature).
+def _scaled_float(chunk: torch.Tensor, temperature: float) -> torch.Tensor:
+    chunk = chunk.float()
+    return chunk if temperature == 1.0 else chunk / temperature
+
+
+def _entropy_chunk(scaled: torch.Tensor) -> torch.Tensor:
+    """Entropy of float32 rows ``scaled`` (already divided by the temperature).
 
     Entries at ``-inf`` carry zero probability and contribute nothing. A row with ``+inf`` entries is a point mass
-    spread uniformly over those entries (entropy ``log(count)``), which is the limit of the softmax.
+    spread uniformly over those entries (entropy ``log(count)``), the limit of the softmax. A row with a NaN is NaN.
     """
-    pos_inf = torch.isposinf(scaled)
-    has_pos_inf = pos_inf.any(dim=-1)
-    if has_pos_inf.any():
-        # Replace the limit case by its exact value and keep the remaining rows finite for the general formula.
-        scaled = torch.where(has_pos_inf.unsqueeze(-1), torch.where(pos_inf, 0.0, float("-inf")), scaled)
-    # Shift by the row maximum first: log p = (z - max) - logsumexp(z - max) keeps full float32 precision for
-    # logits of magnitude 1e4, where z - logsumexp(z) would lose the low digits.
-    row_max = scaled.amax(dim=-1, keepdim=True)
-    row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
-    shifted = scaled - row_max
-    shifted_lse = torch.logsumexp(shifted, dim=-1, keepdim=True)
-    log_p = shifted - shifted_lse
+    log_p = torch.log_softmax(scaled, dim=-1)
     p = log_p.exp()
-    # p log p is 0 where p == 0 (masked vocabulary), never 0 * -inf; a NaN logit still propagates to its row.
-    plogp = torch.where(p == 0, torch.zeros_like(p), p * log_p)
-    entropy = -plogp.sum(dim=-1)
-    return entropy.clamp_min(0.0), (shifted_lse + row_max).squeeze(-1)
+    # -inf log-probs (p == 0) become the most negative float, so p * log p is -0 instead of 0 * -inf = NaN.
+    entropy = -torch.linalg.vecdot(p, log_p.clamp_(min=_FLOAT32_MIN))
+    undefined = torch.isnan(entropy)
+    if undefined.any():
+        rows = scaled[undefined]
+        pos_inf = torch.isposinf(rows)
+        count = pos_inf.sum(dim=-1)
+        # Rows without +inf stay NaN (a NaN logit, or no finite logit at all).
+        limit = torch.where(
+            count > 0, torch.log(count.float()), torch.full_like(count, float("nan"), dtype=torch.float32)
+        )
+        nan_logit = torch.isnan(rows).any(dim=-1)
+        entropy[undefined] = torch.where(nan_logit, torch.full_like(limit, float("nan")), limit)
+    return entropy.clamp_min_(0.0)
 
 
 class _TokenEntropyFunction(torch.autograd.Function):
@@ -80,32 +86,28 @@ class _TokenEntropyFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits2d: torch.Tensor, temperature: float, rows: int) -> torch.Tensor:
         entropy = torch.empty(logits2d.size(0), dtype=torch.float32, device=logits2d.device)
-        lse = torch.empty_like(entropy)
         for start in range(0, logits2d.size(0), rows):
-            chunk = logits2d[start : start + rows].float() / temperature
-            entropy[start : start + rows], lse[start : start + rows] = _entropy_chunk(chunk)
-        ctx.save_for_backward(logits2d, entropy, lse)
+            entropy[start : start + rows] = _entropy_chunk(_scaled_float(logits2d[start : start + rows], temperature))
+        ctx.save_for_backward(logits2d, entropy)
         ctx.temperature = temperature
         ctx.rows = rows
         return entropy
 
     @staticmethod
     def backward(ctx, grad_entropy: torch.Tensor):
-        logits2d, entropy, lse = ctx.saved_tensors
+        logits2d, entropy = ctx.saved_tensors
         grad = torch.empty_like(logits2d)
         for start in range(0, logits2d.size(0), ctx.rows):
             stop = start + ctx.rows
-            scaled = logits2d[start:stop].float() / ctx.temperature
+            scaled = _scaled_float(logits2d[start:stop], ctx.temperature)
             grad[start:stop] = (
-                entropy_gradient(scaled, entropy[start:stop], lse[start:stop])
+                entropy_gradient(scaled, entropy[start:stop])
                 * (grad_entropy[start:stop] / ctx.temperature).unsqueeze(-1)
             ).to(grad.dtype)
         return grad, None, None
 
 
-def entropy_gradient(
-    scaled_logits: torch.Tensor, entropy: torch.Tensor, lse: torch.Tensor | None = None
-) -> torch.Tensor:
+def entropy_gradient(scaled_logits: torch.Tensor, entropy: torch.Tensor) -> torch.Tensor:
     """Closed-form gradient of the softmax entropy with respect to the (temperature-scaled) logits.
 
     ``dH/dz_i = -p_i (log p_i + H)``; entries with ``p_i = 0`` (``-inf`` logits) get a zero gradient.
@@ -113,21 +115,16 @@ def entropy_gradient(
     Args:
         scaled_logits: float32 logits ``[..., V]`` already divided by the temperature.
         entropy: their entropy ``[...]`` in nats.
-        lse: their logsumexp ``[...]``; recomputed when omitted.
 
     Returns:
         The gradient, same shape as ``scaled_logits``.
     """
-    if lse is None:
-        lse = torch.logsumexp(scaled_logits, dim=-1)
-    log_p = scaled_logits - lse.unsqueeze(-1)
+    log_p = torch.log_softmax(scaled_logits, dim=-1)
     p = log_p.exp()
     return torch.where(p == 0, torch.zeros_like(p), -p * (log_p + entropy.unsqueeze(-1)))
 
 
-def token_entropy(
-    logits: torch.Tensor, temperature: float = 1.0, chunk_elements: int | None = None
-) -> torch.Tensor:
+def token_entropy(logits: torch.Tensor, temperature: float = 1.0, chunk_elements: int | None = None) -> torch.Tensor:
     """Entropy of ``softmax(logits / temperature)`` over the last dimension, in nats.
 
     ``H = logsumexp(z') - sum_i p_i z'_i`` with ``z' = z / T`` (Agarwal et al., 2025, Eq. 1). Accumulates in
@@ -140,7 +137,7 @@ def token_entropy(
             probability; a row whose maximum is ``+inf`` is the uniform point mass over its ``+inf`` entries; a row
             containing NaN gives NaN.
         temperature: sampling temperature ``T > 0``.
-        chunk_elements: float32 elements processed at once (default ``2**24``, about 64 MiB).
+        chunk_elements: float32 elements processed at once (default ``2**20``, about 4 MiB).
 
     Returns:
         float32 tensor of shape ``logits.shape[:-1]``.
@@ -165,14 +162,18 @@ def entropy_from_topk_logprobs(logprobs: torch.Tensor, base: float = 2.0) -> tor
         base: logarithm base, 2 in the paper (bits); ``math.e`` gives nats.
 
     Returns:
-        float32 tensor of shape ``logprobs.shape[:-1]``.
+        float32 tensor of shape ``logprobs.shape[:-1]``; NaN for a row that holds a NaN or only ``-inf`` entries
+        (undefined, not "fully confident").
     """
     if not (base > 0 and base != 1):
         raise ValueError(f"`base` must be > 0 and != 1, got {base}.")
     logp = torch.log_softmax(logprobs.float(), dim=-1)
     p = logp.exp()
     plogp = torch.where(p > 0, p * logp, torch.zeros_like(p))
-    return (-plogp.sum(dim=-1) / math.log(base)).clamp_min(0.0)
+    entropy = (-plogp.sum(dim=-1) / math.log(base)).clamp_min(0.0)
+    # `p > 0` is False for NaN, which would turn a NaN row into entropy 0, the most confident value.
+    undefined = torch.isnan(logprobs).any(dim=-1) | torch.isneginf(logprobs).all(dim=-1)
+    return entropy.masked_fill(undefined, float("nan"))
 
 
 def self_certainty(logits: torch.Tensor, temperature: float = 1.0, chunk_elements: int | None = None) -> torch.Tensor:
@@ -415,22 +416,45 @@ def _check_em_inf_args(threshold: float, steps: int, lr: float, kl_weight: float
 
 
 def _softmax_terms(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(log p, p, H)`` of float32 rows ``z`` whose maximum is finite; ``log p`` is clamped to the most negative
-    float so that ``p * log p`` is 0, not NaN, on ``-inf`` entries."""
-    log_p = torch.log_softmax(z, dim=-1).clamp_min_(torch.finfo(z.dtype).min)
-    p = log_p.exp()
+    """``(log p, p, H)`` of rows ``z`` that are finite everywhere (masked entries hold the most negative float, whose
+    probability underflows to exactly 0, so ``p * log p`` is 0 there and never ``0 * -inf = NaN``)."""
+    log_p = torch.log_softmax(z, dim=-1)
+    # softmax rather than log_p.exp(): the vectorised exp of very negative inputs (masked or improbable tokens) takes
+    # a slow underflow path on CPU, about ten times slower than the softmax kernel.
+    p = torch.softmax(z, dim=-1)
     entropy = -(p * log_p).sum(dim=-1)
     return log_p, p, entropy.clamp_min_(0.0)
 
 
 def _em_inf_gradient_from_terms(
-    log_p: torch.Tensor, p: torch.Tensor, entropy: torch.Tensor, kl_weight: float, reference_probs: torch.Tensor | None
+    log_p: torch.Tensor,
+    p: torch.Tensor,
+    entropy: torch.Tensor,
+    kl_weight: float,
+    scaled_reference: torch.Tensor | None,
 ) -> torch.Tensor:
-    # d/dz [H(softmax z) + w KL(p0 || softmax z)] = -p (log p + H) + w (p - p0).
-    grad = (log_p + entropy.unsqueeze(-1)).mul_(p).neg_()
-    if kl_weight > 0 and reference_probs is not None:
-        grad.add_(p - reference_probs, alpha=kl_weight)
-    return grad
+    # d/dz [H(softmax z) + w KL(p0 || softmax z)] = -p (log p + H) + w (p - p0) = -p (log p + H - w) - w p0,
+    # with ``scaled_reference = w * p0``: two passes over [N, V].
+    shift = (entropy - kl_weight if scaled_reference is not None else entropy).unsqueeze(-1)
+    if scaled_reference is None:
+        return (log_p + shift).mul_(p).neg_()
+    return torch.addcmul(scaled_reference, p, log_p + shift).neg_()
+
+
+def _finite_working_copy(logits2d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """float32 copy of ``logits2d`` with ``-inf`` replaced by the most negative float and rows whose maximum is not
+    finite (NaN, ``+inf``, all ``-inf``) replaced by zeros; also returns the ``-inf`` mask and the valid-row mask."""
+    if logits2d.size(-1) == 0:  # an empty vocabulary has no distribution: nothing to optimise
+        valid = torch.zeros(logits2d.size(0), dtype=torch.bool, device=logits2d.device)
+    else:
+        valid = torch.isfinite(logits2d.amax(dim=-1))
+    neg_inf = torch.isneginf(logits2d)
+    z = logits2d.to(torch.float32, copy=True)
+    if bool(neg_inf.any()):
+        z.masked_fill_(neg_inf, torch.finfo(torch.float32).min)
+    if not bool(valid.all()):
+        z.masked_fill_(~valid.unsqueeze(-1), 0.0)
+    return z, neg_inf, valid
 
 
 def em_inf_gradient(
@@ -451,10 +475,11 @@ def em_inf_gradient(
     """
     if kl_weight > 0 and reference_probs is None:
         raise ValueError("`reference_probs` is required when `kl_weight` > 0.")
-    z = logits if logits.dtype == torch.float64 else logits.float()
+    dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    z = logits.to(dtype).masked_fill(torch.isneginf(logits), torch.finfo(dtype).min)
     log_p, p, entropy = _softmax_terms(z)
-    ref = None if reference_probs is None else reference_probs.to(z.dtype)
-    return _em_inf_gradient_from_terms(log_p, p, entropy, kl_weight, ref), entropy
+    scaled_reference = None if kl_weight == 0 else reference_probs.to(dtype) * kl_weight
+    return _em_inf_gradient_from_terms(log_p, p, entropy, kl_weight, scaled_reference), entropy
 
 
 @torch.no_grad()
@@ -483,10 +508,13 @@ def em_inf_logits(
           after the cast back to the input dtype) is higher than at the start is returned unchanged;
         * ``-inf`` entries (a masked vocabulary, top-k/top-p filtering) stay ``-inf`` and keep zero probability;
         * rows whose maximum is not finite (NaN anywhere, ``+inf``, or all ``-inf``) are returned unchanged;
-        * the token with the largest logit only ever gains logit relative to the others under SGD, and under Adam
-          in all but near-ties: Adam scales each coordinate separately, so a runner-up whose logit is within about
-          ``lr * steps`` of the top can overtake it (see ``tests/test_inference.py``). Greedy decoding after EM-INF
-          therefore usually, but not always, picks the same token as without it.
+        * argmax: with ``kl_weight = 0`` the top token's gradient ``-p (log p + H)`` is never positive (its
+          log-probability is at least ``-H``), so its logit never decreases while it is the top, and plain SGD keeps
+          it on top (no other token's gradient is more negative). Adam, however, scales each coordinate by its own
+          gradient history, so a near-tied token can overtake it; the overtaking token must start within Adam's
+          largest possible travel, about ``lr * steps`` (in practice only ties closer than ~1e-3 flip; see
+          ``tests/test_inference.py``). The KL term pulls towards the original ordering. Greedy decoding after
+          EM-INF therefore picks the same token as without it except, occasionally, among near-tied tokens.
 
     Args:
         logits: ``[..., V]`` logits of any floating dtype.
@@ -505,48 +533,51 @@ def em_inf_logits(
     if not logits.is_floating_point():
         raise TypeError(f"`logits` must be a floating-point tensor, got {logits.dtype}.")
     shape, in_dtype = logits.shape, logits.dtype
-    z_in = logits.reshape(-1, shape[-1])
-    z = z_in.to(torch.float32, copy=True)
-    # Rows with a non-finite maximum (NaN, +inf, all -inf) have no well-defined entropy gradient: never touch them.
-    valid = torch.isfinite(z.amax(dim=-1)) if z.size(-1) > 0 else torch.zeros(z.size(0), dtype=torch.bool)
-    z = torch.where(valid.unsqueeze(-1), z, torch.zeros((), dtype=z.dtype, device=z.device))
+    z_in = logits.reshape(math.prod(shape[:-1]), shape[-1])
+    z, neg_inf, valid = _finite_working_copy(z_in)
     log_p, p, entropy = _softmax_terms(z)
-    entropy_before = torch.where(valid, entropy, torch.full_like(entropy, float("nan")))
-    reference = p if kl_weight > 0 else None
+    entropy_before = entropy.masked_fill(~valid, float("nan"))
+    scaled_reference = p * kl_weight if kl_weight > 0 else None
     active = valid & (entropy >= threshold)
     steps_taken = torch.zeros(z.size(0), dtype=torch.int64, device=z.device)
     beta1, beta2 = betas
     exp_avg = exp_avg_sq = None
     for step in range(steps):
-        if not bool(active.any()):
+        n_active = int(active.sum())
+        if n_active == 0:
             break
-        grad = _em_inf_gradient_from_terms(log_p, p, entropy, kl_weight, reference)
+        grad = _em_inf_gradient_from_terms(log_p, p, entropy, kl_weight, scaled_reference)
+        frozen = None if n_active == z.size(0) else ~active.unsqueeze(-1)
         if optimizer == "adam":
             if exp_avg is None:
                 exp_avg, exp_avg_sq = torch.zeros_like(z), torch.zeros_like(z)
-            exp_avg.mul_(beta1).add_(grad, alpha=1 - beta1)
+            exp_avg.lerp_(grad, 1 - beta1)
             exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-            # Every active row has been active since step 0 (freezing is final), so all share one bias correction.
-            t = step + 1
-            denom = (exp_avg_sq / (1 - beta2**t)).sqrt_().add_(eps)
-            update = (exp_avg / denom).mul_(lr / (1 - beta1**t))
+            # Every active row has been active since step 0 (freezing is final), so all share one bias correction;
+            # lr * m_hat / (sqrt(v_hat) + eps) == step_size * m / (sqrt(v) + eps * sqrt(bc2)).
+            bias_correction2_sqrt = math.sqrt(1 - beta2 ** (step + 1))
+            step_size = lr * bias_correction2_sqrt / (1 - beta1 ** (step + 1))
+            denom = exp_avg_sq.sqrt().add_(eps * bias_correction2_sqrt)
+            if frozen is not None:
+                denom.masked_fill_(frozen, float("inf"))  # m / inf == 0: frozen rows do not move
+            z.addcdiv_(exp_avg, denom, value=-step_size)
         else:
-            update = grad.mul_(lr)
-        # Frozen rows get a zero update; the update is finite everywhere (0 on -inf entries), so 0 * update == 0.
-        z.sub_(update.mul_(active.unsqueeze(-1)))
+            if frozen is not None:
+                grad.masked_fill_(frozen, 0.0)
+            z.add_(grad, alpha=-lr)
         steps_taken += active
         log_p, p, entropy = _softmax_terms(z)
         active &= entropy >= threshold
 
+    untouched = ~valid | (steps_taken == 0)
     out = z.to(in_dtype)
-    if in_dtype != torch.float32:
-        # Rounding back to a half-precision dtype can undo part of a small step: judge the row on what is returned.
-        entropy = _softmax_terms(torch.where(valid.unsqueeze(-1), out.float(), 0.0))[2]
-    worse = valid & (entropy > entropy_before)
-    keep_input = ~valid | worse
-    out = torch.where(keep_input.unsqueeze(-1), z_in, out)
-    entropy_after = torch.where(worse, entropy_before, torch.where(valid, entropy, entropy_before))
-    steps_taken = torch.where(keep_input, torch.zeros_like(steps_taken), steps_taken)
+    if in_dtype != torch.float32 and not bool(untouched.all()):
+        # Rounding to a half-precision dtype can undo part of a small step: judge the row on what is returned.
+        entropy = _softmax_terms(out.float().masked_fill_(neg_inf | ~valid.unsqueeze(-1), torch.finfo().min))[2]
+    keep_input = untouched | (entropy > entropy_before)
+    out = torch.where(keep_input.unsqueeze(-1) | neg_inf, z_in, out)
+    entropy_after = torch.where(keep_input, entropy_before, entropy)
+    steps_taken.masked_fill_(keep_input, 0)
     lead = shape[:-1]
     return EMInfResult(out.view(shape), entropy_before.view(lead), entropy_after.view(lead), steps_taken.view(lead))
 
@@ -597,9 +628,8 @@ def adaptive_temperature(
     """
     _check_adaptive_temperature_args(threshold, alpha, t_min, t_max, tol, max_iter)
     lead = logits.shape[:-1]
-    z = logits.reshape(-1, logits.size(-1)).float()
-    valid = torch.isfinite(z.amax(dim=-1))
-    z = torch.where(valid.unsqueeze(-1), z, torch.zeros((), dtype=z.dtype, device=z.device))
+    z, _, valid = _finite_working_copy(logits.reshape(math.prod(lead), logits.size(-1)))
+    lowest = torch.finfo(z.dtype).min
     entropy0 = _softmax_terms(z)[2]
     target = torch.clamp_min(alpha * entropy0, threshold)
     searching = valid & (entropy0 > target)
@@ -611,7 +641,8 @@ def adaptive_temperature(
             break
         mid = (low + high) / 2
         temperature = torch.where(searching, mid, temperature)
-        entropy = _softmax_terms(z / temperature.unsqueeze(-1))[2]
+        # Masked entries (the most negative float) overflow to -inf when divided by T < 1: clamp them back.
+        entropy = _softmax_terms((z / temperature.unsqueeze(-1)).clamp_min_(lowest))[2]
         searching &= (entropy - target).abs() >= tol
         too_sharp = entropy < target
         low = torch.where(searching & too_sharp, mid, low)

@@ -4,6 +4,8 @@ mask. The maths lives in :mod:`trl_entropy.ops`; this module only wires it into 
 from __future__ import annotations
 
 import copy
+import importlib.util
+import logging
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -17,6 +19,8 @@ ENTROPY_REWARDS = ("none", "token", "trajectory", "self_certainty")
 FORKING_MODES = ("top", "bottom")
 FORKING_SCOPES = ("global", "local")
 FORKING_NORMALIZATIONS = ("selected", "all")
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -35,8 +39,10 @@ class EntropyMethodsArguments:
               pi(y_t | y_<t)` (length-normalised as in the official code);
             - `"self_certainty"`: Intuitor's mean `KL(U || pi)` per token (Zhao et al., 2025), for comparison.
 
-            An empty completion has no tokens to score: its reward is `None` (NaN), which TRL treats as unscorable,
-            rather than the best possible value.
+            An empty completion has no tokens to score, and a completion whose logits hold NaN or inf has no finite
+            entropy: its reward is `None` (NaN) and the whole completion is unscorable (every reward column set to
+            NaN, with a warning), so TRL gives it advantage 0 and leaves it out of the logged reward means rather
+            than counting the missing entropy reward as 0, the best possible value.
         entropy_reward_weight (`float`, *optional*, defaults to `1.0`):
             Weight of the entropy reward next to the user's reward functions, through TRL's own reward weighting
             (appended to `reward_weights`). Any finite value; 0 logs the reward without training on it.
@@ -117,6 +123,11 @@ class EntropyMethodsArguments:
                 "needs "
                 "`forking_token_ratio` in (0, 1); with 1.0 it would select nothing."
             )
+        if getattr(self, "deepspeed", None) and importlib.util.find_spec("deepspeed") is None:
+            # transformers would fail later with an unrelated-looking TypeError.
+            raise ImportError(
+                "`deepspeed` is set but DeepSpeed is not installed: `pip install 'trl-entropy[deepspeed]'`."
+            )
         if self.forking_token_ratio < 1.0 and getattr(self, "top_entropy_quantile", 1.0) < 1.0:
             raise ValueError(
                 "Set either TRL's `top_entropy_quantile` or `forking_token_ratio`, not both: they are two versions of "
@@ -155,11 +166,12 @@ class EntropyReward:
 
 def sequence_rewards(variant: str, per_token: torch.Tensor, mask: torch.Tensor) -> list[float | None]:
     """Per-completion reward from per-token values: ``-mean H`` ("token"), ``mean log p`` ("trajectory") or
-    ``mean KL(U||p)`` ("self_certainty"). Empty completions (no valid token) give ``None``."""
+    ``mean KL(U||p)`` ("self_certainty"). Empty completions (no valid token) and non-finite values (NaN or infinite
+    logits) give ``None``: they can not be scored, and an infinite reward would poison the group's advantages."""
     means = masked_sequence_reduce(per_token, mask, "mean")
     if variant == "token":
         means = -means
-    return [None if math.isnan(v) else v for v in means.tolist()]
+    return [v if math.isfinite(v) else None for v in means.tolist()]
 
 
 class GenerationEntropyRecorder:
@@ -358,6 +370,27 @@ class EntropyTrainerMixin:
             self._capture_old_logps_pass = False
         return self._add_to_scored_batch(output)
 
+    def _calculate_rewards(self, *args, **kwargs):
+        rewards_per_func = super()._calculate_rewards(*args, **kwargs)  # [N, funcs], gathered over all ranks
+        if self.entropy_reward_func is None:
+            return rewards_per_func
+        column = next(i for i, f in enumerate(self.reward_funcs) if f is self.entropy_reward_func)
+        unscorable = torch.isnan(rewards_per_func[:, column])
+        if unscorable.any():
+            # TRL sums rewards with nansum, so a None entropy reward would count as 0, the best possible value,
+            # whenever another reward function scored the completion. Mark the whole row unscorable instead: TRL
+            # then gives it advantage 0 and leaves it out of the baseline and the logged reward means.
+            rewards_per_func[unscorable] = torch.nan
+            if self.accelerator.is_main_process:
+                logger.warning(
+                    "%d of %d completions have no finite %s reward (empty, or NaN/inf logits): they are left out of "
+                    "this batch's update and of the logged reward means.",
+                    int(unscorable.sum()),
+                    unscorable.numel(),
+                    self.entropy_reward_func.__name__,
+                )
+        return rewards_per_func
+
     def _needs_old_per_token_logps(self) -> bool:
         """Whether the loss needs TRL's per-token old log-probs kept in the batch (RLOO's token-level loss)."""
         return False
@@ -410,14 +443,13 @@ class EntropyTrainerMixin:
             weights = weights * (n_valid / n_selected)
         mode = "train" if self.model.training else "eval"
         self._metrics[mode]["forking/selected_fraction"].append(n_selected / max(n_valid, 1))
-        if n_selected > 0:
-            chosen = entropies.detach()[selected]
-            self._metrics[mode]["forking/min_selected_entropy"].append(self._reduce_min(chosen))
+        # Every rank joins the gather, also one with nothing selected (it sends +inf), so none waits forever.
+        chosen = entropies.detach()[selected]
+        local_min = chosen.min() if chosen.numel() else torch.tensor(float("inf"), device=entropies.device)
+        threshold = self.accelerator.gather(local_min.reshape(1).float()).min().item()
+        if math.isfinite(threshold):
+            self._metrics[mode]["forking/min_selected_entropy"].append(threshold)
         return weights
-
-    def _reduce_min(self, values: torch.Tensor) -> float:
-        local = values.min() if values.numel() else torch.tensor(float("inf"), device=values.device)
-        return self.accelerator.gather(local.reshape(1).float()).min().item()
 
     def _global_forking_mask(self, entropies: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, int, int]:
         """Exact top-k over all ranks' valid tokens: every rank gathers all valid entropies (padded), selects on the
