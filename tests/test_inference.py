@@ -142,6 +142,21 @@ def test_em_inf_entropy_never_increases_and_stops_at_threshold_or_step_budget(op
     assert (after <= torch.clamp_min(before, threshold) + 1e-6).all()
 
 
+def test_em_inf_safeguard_returns_the_input_when_the_optimiser_would_raise_the_entropy():
+    # A KL weight of 5 with Adam at lr 1 oscillates around the original distribution and can end above it.
+    logits = lm_like_logits(40, 50, seed=16, scale=3.0)
+    settings = dict(threshold=0.0, steps=5, lr=1.0, kl_weight=5.0, optimizer="adam")
+    result = ops.em_inf_logits(logits, **settings)
+    reverted = result.steps_taken == 0
+    assert reverted.any() and (~reverted).any()
+    assert torch.equal(result.logits[reverted], logits[reverted])
+    assert (brute_entropy(result.logits) <= brute_entropy(logits) + 1e-6).all()
+    for i in range(logits.size(0)):  # the reference loop, with the same rule, agrees row by row
+        expected, taken = reference_em_inf_row(logits[i], **settings)
+        assert int(result.steps_taken[i]) == taken
+        torch.testing.assert_close(result.logits[i].double(), expected, atol=1e-4, rtol=1e-4)
+
+
 def test_em_inf_lowers_entropy_below_threshold_given_enough_steps():
     logits = lm_like_logits(32, 200, seed=4, scale=2.0)
     result = ops.em_inf_logits(logits, threshold=0.3, steps=200, lr=0.1, kl_weight=0.0)
@@ -171,6 +186,19 @@ def test_em_inf_rows_are_independent_of_the_batch():
     perm = torch.randperm(logits.size(0), generator=torch.Generator().manual_seed(0))
     permuted = ops.em_inf_logits(logits[perm], **settings)
     torch.testing.assert_close(permuted.logits, batched.logits[perm], atol=1e-6, rtol=1e-6, equal_nan=True)
+
+
+def test_em_inf_chunking_does_not_change_the_result_and_restores_the_denormal_mode():
+    logits = lm_like_logits(9, 64, seed=17, scale=6.0)  # improbable tokens: Adam's second moment goes denormal
+    settings = dict(threshold=0.3, steps=5, lr=0.1, kl_weight=0.05)
+    whole = ops.em_inf_logits(logits, chunk_elements=10**9, **settings)
+    tiny = torch.tensor([torch.finfo(torch.float32).tiny])
+    denormal_before = bool(tiny / 4 > 0)
+    for chunk_elements in (1, 64, 200):  # one row, one row, three rows per chunk
+        chunked = ops.em_inf_logits(logits, chunk_elements=chunk_elements, **settings)
+        torch.testing.assert_close(chunked.logits, whole.logits, atol=1e-6, rtol=1e-6)
+        assert torch.equal(chunked.steps_taken, whole.steps_taken)
+    assert bool(tiny / 4 > 0) == denormal_before  # the caller's floating-point mode is left as it was
 
 
 def test_em_inf_keeps_neg_inf_and_leaves_degenerate_rows_unchanged():

@@ -12,6 +12,7 @@ Conventions:
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Literal, NamedTuple
 
@@ -482,6 +483,98 @@ def em_inf_gradient(
     return _em_inf_gradient_from_terms(log_p, p, entropy, kl_weight, scaled_reference), entropy
 
 
+# Rows of the [N, V] logits EM-INF optimises at once on CPU: its ~7 float32 work buffers then stay in the CPU caches
+# (measured ~2x faster than whole-batch passes at V = 49152). Accelerators want few, large kernels: 2**25 elements
+# (128 MiB per buffer) covers a batch of 256 rows of a 128k vocabulary in one chunk.
+_EM_INF_CPU_CHUNK_ELEMENTS = 1 << 17
+_EM_INF_DEVICE_CHUNK_ELEMENTS = 1 << 25
+
+
+def _denormals_flushed() -> bool:
+    # The smallest normal float32 divided by 4 is a denormal, or 0 when this thread flushes denormals to zero.
+    return bool(torch.tensor([torch.finfo(torch.float32).tiny]) / 4 == 0)
+
+
+@contextlib.contextmanager
+def _flush_denormals(device: torch.device):
+    """Flush denormal floats to zero on this CPU thread for the duration, then restore the previous mode.
+
+    The probabilities of improbable tokens (below ~1e-19) make Adam's second moment denormal, and x86 CPUs process
+    denormals tens of times slower: flushing them halves EM-INF's time on language-model logits while changing only
+    values below 1.2e-38.
+    """
+    if device.type != "cpu" or _denormals_flushed():
+        yield
+        return
+    changed = torch.set_flush_denormal(True)
+    try:
+        yield
+    finally:
+        if changed:
+            torch.set_flush_denormal(False)
+
+
+def _em_inf_chunk(
+    z: torch.Tensor,
+    active: torch.Tensor,
+    buffers: list[torch.Tensor],
+    threshold: float,
+    steps: int,
+    lr: float,
+    kl_weight: float,
+    optimizer: str,
+    betas: tuple[float, float],
+    eps: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Optimise the float32 rows ``z`` in place (``active`` marks the rows allowed to move); returns the entropy
+    before, the entropy after and the steps taken per row. ``buffers`` are scratch ``[>= len(z), V]`` tensors (None
+    for those the optimiser or a zero KL weight does not need)."""
+    n = z.size(0)
+    log_p, p, descent, exp_avg, exp_avg_sq, denom, scaled_reference = (None if b is None else b[:n] for b in buffers)
+    torch.log_softmax(z, dim=-1, out=log_p)
+    torch.softmax(z, dim=-1, out=p)  # not log_p.exp(): exp of very negative inputs takes a slow path on CPU
+    entropy = torch.linalg.vecdot(p, log_p).neg_().clamp_min_(0.0)
+    entropy_before = entropy.clone()
+    if kl_weight > 0:
+        torch.mul(p, kl_weight, out=scaled_reference)
+    active = active & (entropy >= threshold)
+    steps_taken = torch.zeros(n, dtype=torch.int64, device=z.device)
+    beta1, beta2 = betas
+    if optimizer == "adam":
+        exp_avg.zero_()
+        exp_avg_sq.zero_()
+    for step in range(steps):
+        n_active = int(active.sum())
+        if n_active == 0:
+            break
+        # Minus the gradient of H + w KL(p0 || p): p (log p + H - w) + w p0 (see em_inf_gradient).
+        torch.add(log_p, (entropy - kl_weight).unsqueeze(-1), out=descent).mul_(p)
+        if kl_weight > 0:
+            descent.add_(scaled_reference)
+        frozen = None if n_active == n else ~active.unsqueeze(-1)
+        if optimizer == "adam":
+            exp_avg.lerp_(descent, 1 - beta1)
+            exp_avg_sq.mul_(beta2).addcmul_(descent, descent, value=1 - beta2)
+            # Every active row has been active since step 0 (freezing is final), so all share one bias correction;
+            # lr * m_hat / (sqrt(v_hat) + eps) == step_size * m / (sqrt(v) + eps * sqrt(bc2)).
+            bias_correction2_sqrt = math.sqrt(1 - beta2 ** (step + 1))
+            step_size = lr * bias_correction2_sqrt / (1 - beta1 ** (step + 1))
+            torch.sqrt(exp_avg_sq, out=denom).add_(eps * bias_correction2_sqrt)
+            if frozen is not None:
+                denom.masked_fill_(frozen, float("inf"))  # m / inf == 0: frozen rows do not move
+            z.addcdiv_(exp_avg, denom, value=step_size)
+        else:
+            if frozen is not None:
+                descent.masked_fill_(frozen, 0.0)
+            z.add_(descent, alpha=lr)
+        steps_taken += active
+        torch.log_softmax(z, dim=-1, out=log_p)
+        torch.softmax(z, dim=-1, out=p)
+        entropy = torch.linalg.vecdot(p, log_p).neg_().clamp_min_(0.0)
+        active &= entropy >= threshold
+    return entropy_before, entropy, steps_taken
+
+
 @torch.no_grad()
 def em_inf_logits(
     logits: torch.Tensor,
@@ -492,6 +585,7 @@ def em_inf_logits(
     optimizer: Literal["adam", "sgd"] = "adam",
     betas: tuple[float, float] = (0.9, 0.999),
     eps: float = 1e-8,
+    chunk_elements: int | None = None,
 ) -> EMInfResult:
     """EM-INF: sharpen each row of next-token logits by a few optimiser steps on its own entropy.
 
@@ -525,6 +619,8 @@ def em_inf_logits(
         optimizer: ``"adam"`` (the paper's) or ``"sgd"``.
         betas: Adam's moment decay rates, each in ``[0, 1)``.
         eps: Adam's denominator term, ``> 0``.
+        chunk_elements: rows are optimised in chunks of about this many elements (rows are independent, so this
+            only changes speed and memory); default ``2**17`` on CPU (cache-sized), ``2**25`` on other devices.
 
     Returns:
         An :class:`EMInfResult`.
@@ -535,39 +631,24 @@ def em_inf_logits(
     shape, in_dtype = logits.shape, logits.dtype
     z_in = logits.reshape(math.prod(shape[:-1]), shape[-1])
     z, neg_inf, valid = _finite_working_copy(z_in)
-    log_p, p, entropy = _softmax_terms(z)
-    entropy_before = entropy.masked_fill(~valid, float("nan"))
-    scaled_reference = p * kl_weight if kl_weight > 0 else None
-    active = valid & (entropy >= threshold)
-    steps_taken = torch.zeros(z.size(0), dtype=torch.int64, device=z.device)
-    beta1, beta2 = betas
-    exp_avg = exp_avg_sq = None
-    for step in range(steps):
-        n_active = int(active.sum())
-        if n_active == 0:
-            break
-        grad = _em_inf_gradient_from_terms(log_p, p, entropy, kl_weight, scaled_reference)
-        frozen = None if n_active == z.size(0) else ~active.unsqueeze(-1)
-        if optimizer == "adam":
-            if exp_avg is None:
-                exp_avg, exp_avg_sq = torch.zeros_like(z), torch.zeros_like(z)
-            exp_avg.lerp_(grad, 1 - beta1)
-            exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-            # Every active row has been active since step 0 (freezing is final), so all share one bias correction;
-            # lr * m_hat / (sqrt(v_hat) + eps) == step_size * m / (sqrt(v) + eps * sqrt(bc2)).
-            bias_correction2_sqrt = math.sqrt(1 - beta2 ** (step + 1))
-            step_size = lr * bias_correction2_sqrt / (1 - beta1 ** (step + 1))
-            denom = exp_avg_sq.sqrt().add_(eps * bias_correction2_sqrt)
-            if frozen is not None:
-                denom.masked_fill_(frozen, float("inf"))  # m / inf == 0: frozen rows do not move
-            z.addcdiv_(exp_avg, denom, value=-step_size)
-        else:
-            if frozen is not None:
-                grad.masked_fill_(frozen, 0.0)
-            z.add_(grad, alpha=-lr)
-        steps_taken += active
-        log_p, p, entropy = _softmax_terms(z)
-        active &= entropy >= threshold
+    n_rows, vocab_size = z.shape
+    if chunk_elements is None:
+        chunk_elements = _EM_INF_CPU_CHUNK_ELEMENTS if z.device.type == "cpu" else _EM_INF_DEVICE_CHUNK_ELEMENTS
+    rows = max(1, min(n_rows, chunk_elements // max(1, vocab_size)))
+    # log p, p, descent direction, Adam's two moments and denominator, w * p0: only the ones this run uses.
+    needed = [True, True, True, optimizer == "adam", optimizer == "adam", optimizer == "adam", kl_weight > 0]
+    buffers = [torch.empty(rows, vocab_size, dtype=z.dtype, device=z.device) if use else None for use in needed]
+    entropy_before = torch.full((n_rows,), float("nan"), device=z.device)
+    entropy = torch.full((n_rows,), float("nan"), device=z.device)
+    steps_taken = torch.zeros(n_rows, dtype=torch.int64, device=z.device)
+    with _flush_denormals(z.device):
+        for start in range(0, n_rows, rows):
+            stop = start + rows
+            before, after, taken = _em_inf_chunk(
+                z[start:stop], valid[start:stop], buffers, threshold, steps, lr, kl_weight, optimizer, betas, eps
+            )
+            entropy_before[start:stop], entropy[start:stop], steps_taken[start:stop] = before, after, taken
+    entropy_before.masked_fill_(~valid, float("nan"))
 
     untouched = ~valid | (steps_taken == 0)
     out = z.to(in_dtype)

@@ -1,0 +1,478 @@
+"""Batched generation with or without EM-INF / adaptive temperature, self-consistency voting and accuracy scoring.
+
+``run_generate(GenerateArguments(...))`` is what ``trl-entropy generate`` runs: it loads a model (the embedded
+SmolLM2 by default), reads prompts from a JSONL file (``prompt`` and optional ``answer`` per line) or a built-in
+task, generates ``num_samples`` completions per prompt, takes the majority vote over their extracted answers
+(self-consistency, Wang et al., 2023) when ``num_samples > 1``, and writes one JSONL row per prompt plus a JSON
+summary (accuracy with a 95% Wilson interval when answers are known, generated-token cost).
+
+Example::
+
+    from trl_entropy.generate import GenerateArguments, run_generate
+
+    # EM-INF as in the released script: logits optimisation, then sampling at temperature 0.1.
+    summary = run_generate(GenerateArguments(em_inf=True, do_sample=True, temperature=0.1, num_problems=32))
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+from transformers import LogitsProcessor, LogitsProcessorList, PreTrainedModel, PreTrainedTokenizerBase
+
+from .inference import AdaptiveTemperatureConfig, AdaptiveTemperatureLogitsProcessor, EMInfConfig, EMInfLogitsProcessor
+from .tasks import extract_answer, grade
+
+__all__ = [
+    "GenerateArguments",
+    "Completion",
+    "load_prompts",
+    "render_prompt",
+    "generate_completions",
+    "count_generated_tokens",
+    "normalize_answer",
+    "majority_vote",
+    "wilson_interval",
+    "score_completions",
+    "build_logits_processors",
+    "run_generate",
+]
+
+
+@dataclass
+class GenerateArguments:
+    """Arguments of :func:`run_generate` (the ``trl-entropy generate`` subcommand).
+
+    Parameters:
+        model_name_or_path (`str`, *optional*, defaults to `"smollm2"`):
+            `"smollm2"` for the embedded offline SmolLM2-135M-Instruct, or any hub id / local folder.
+        prompts_file (`str` or `None`, *optional*, defaults to `None`):
+            JSONL file, one object per line with `prompt` (a string or a list of chat messages) and optionally
+            `answer`; other fields are copied to the output. When `None`, `task` is used.
+        task (`str`, *optional*, defaults to `"arithmetic"`):
+            Built-in task when no `prompts_file` is given: `"arithmetic"` (offline) or a hub task of
+            `trl_entropy.tasks.load_task` (`"gsm8k"`, `"math500"`; needs a network or a populated cache).
+        num_problems (`int`, *optional*, defaults to `64`):
+            Number of task problems (`>= 1`); for a prompts file, `0` keeps every line, else the first ones.
+        split (`str`, *optional*, defaults to `"test"`):
+            Task split (`"train"` or `"test"` for arithmetic).
+        max_new_tokens (`int`, *optional*, defaults to `64`):
+            Maximum generated tokens per completion, `>= 1`.
+        batch_size (`int`, *optional*, defaults to `16`):
+            Sequences per forward pass, `>= 1`; a batch holds `max(1, batch_size // num_samples)` prompts.
+        do_sample (`bool`, *optional*, defaults to `False`):
+            Sample instead of greedy decoding. Required when `num_samples > 1`.
+        temperature (`float`, *optional*, defaults to `1.0`):
+            Sampling temperature `> 0` (used when `do_sample`). The released EM-INF script samples at 0.1.
+        top_k (`int` or `None`, *optional*, defaults to `None`):
+            Top-k filtering when sampling (`>= 1`); `None` keeps the model's generation config.
+        top_p (`float` or `None`, *optional*, defaults to `None`):
+            Nucleus filtering when sampling, in `(0, 1]`; `None` keeps the model's generation config.
+        num_samples (`int`, *optional*, defaults to `1`):
+            Completions per prompt, `>= 1`; `> 1` is self-consistency: the prediction is the majority vote over
+            the extracted answers (ties: the answer seen first).
+        em_inf (`bool`, *optional*, defaults to `False`):
+            Optimise each step's logits with EM-INF (Agarwal et al., 2025) before the temperature / top-k / top-p.
+        em_inf_threshold (`float`, *optional*, defaults to `0.3`):
+            EM-INF entropy threshold `delta` in nats (paper: 0.1-0.5).
+        em_inf_steps (`int`, *optional*, defaults to `3`):
+            EM-INF optimiser steps per decoding step (released script: 3; paper: 5-15).
+        em_inf_lr (`float`, *optional*, defaults to `0.1`):
+            EM-INF learning rate on the logits.
+        em_inf_kl_weight (`float`, *optional*, defaults to `0.05`):
+            Weight of the KL to the original distribution in the EM-INF objective.
+        em_inf_optimizer (`str`, *optional*, defaults to `"adam"`):
+            `"adam"` or `"sgd"`.
+        adaptive_temperature (`bool`, *optional*, defaults to `False`):
+            Use the paper's adaptive-temperature baseline instead of EM-INF (mutually exclusive with `em_inf`).
+        adaptive_temperature_alpha (`float`, *optional*, defaults to `0.5`):
+            Target fraction of the initial entropy for the adaptive temperature, in `(0, 1]` (paper: 0.4-0.6).
+        apply_chat_template (`bool`, *optional*, defaults to `True`):
+            Render prompts with the tokenizer's chat template (plain strings become one user message). Without a
+            chat template, or when `False`, message lists are joined and strings are used as they are.
+        output_file (`str`, *optional*, defaults to `"outputs/generate.jsonl"`):
+            Where the per-prompt JSONL goes.
+        summary_file (`str` or `None`, *optional*, defaults to `None`):
+            Where the JSON summary goes; `None` uses `output_file` with the suffix `.summary.json`.
+        seed (`int`, *optional*, defaults to `0`):
+            Seed of the task draw and of sampling.
+    """
+
+    model_name_or_path: str = field(default="smollm2", metadata={"help": "'smollm2' (embedded) or a hub id / path."})
+    prompts_file: str | None = field(
+        default=None, metadata={"help": "JSONL with 'prompt' and optional 'answer' per line; else `task` is used."}
+    )
+    task: str = field(default="arithmetic", metadata={"help": "'arithmetic' (offline), 'gsm8k' or 'math500'."})
+    num_problems: int = field(default=64, metadata={"help": "Problems to run (0 = all lines of a prompts file)."})
+    split: str = field(default="test", metadata={"help": "Task split."})
+    max_new_tokens: int = field(default=64, metadata={"help": "Maximum generated tokens per completion (>= 1)."})
+    batch_size: int = field(default=16, metadata={"help": "Sequences per forward pass (>= 1)."})
+    do_sample: bool = field(default=False, metadata={"help": "Sample instead of greedy decoding."})
+    temperature: float = field(default=1.0, metadata={"help": "Sampling temperature (> 0)."})
+    top_k: int | None = field(default=None, metadata={"help": "Top-k when sampling (>= 1)."})
+    top_p: float | None = field(default=None, metadata={"help": "Top-p when sampling, in (0, 1]."})
+    num_samples: int = field(default=1, metadata={"help": "Completions per prompt; > 1 = self-consistency vote."})
+    em_inf: bool = field(default=False, metadata={"help": "Apply EM-INF to every decoding step's logits."})
+    em_inf_threshold: float = field(default=0.3, metadata={"help": "EM-INF entropy threshold (nats)."})
+    em_inf_steps: int = field(default=3, metadata={"help": "EM-INF optimiser steps per decoding step."})
+    em_inf_lr: float = field(default=0.1, metadata={"help": "EM-INF learning rate."})
+    em_inf_kl_weight: float = field(default=0.05, metadata={"help": "EM-INF KL weight."})
+    em_inf_optimizer: str = field(default="adam", metadata={"help": "'adam' or 'sgd'."})
+    adaptive_temperature: bool = field(default=False, metadata={"help": "Use the adaptive-temperature baseline."})
+    adaptive_temperature_alpha: float = field(default=0.5, metadata={"help": "Target entropy fraction (0, 1]."})
+    apply_chat_template: bool = field(default=True, metadata={"help": "Render prompts with the chat template."})
+    output_file: str = field(default="outputs/generate.jsonl", metadata={"help": "Per-prompt JSONL output."})
+    summary_file: str | None = field(default=None, metadata={"help": "JSON summary (default: next to output)."})
+    seed: int = field(default=0, metadata={"help": "Seed of the task draw and of sampling."})
+
+    def __post_init__(self):
+        if self.num_problems < 0 or (self.prompts_file is None and self.num_problems < 1):
+            raise ValueError(
+                f"`num_problems` must be >= 1 for a task (>= 0 for a prompts file), got {self.num_problems}."
+            )
+        for name in ("max_new_tokens", "batch_size", "num_samples"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"`{name}` must be an integer >= 1, got {getattr(self, name)}.")
+        if not (self.temperature > 0 and math.isfinite(self.temperature)):
+            raise ValueError(f"`temperature` must be a finite number > 0, got {self.temperature}.")
+        if self.top_k is not None and self.top_k < 1:
+            raise ValueError(f"`top_k` must be >= 1 or None, got {self.top_k}.")
+        if self.top_p is not None and not (0 < self.top_p <= 1):
+            raise ValueError(f"`top_p` must be in (0, 1] or None, got {self.top_p}.")
+        if self.num_samples > 1 and not self.do_sample:
+            raise ValueError(
+                f"`num_samples` > 1 (got {self.num_samples}) needs `do_sample=True`: greedy samples are identical."
+            )
+        if self.em_inf and self.adaptive_temperature:
+            raise ValueError("`em_inf` and `adaptive_temperature` are alternatives: set at most one of them.")
+        # Validate the method settings now rather than after the model has loaded.
+        self.em_inf_config()
+        self.adaptive_temperature_config()
+
+    def em_inf_config(self) -> EMInfConfig:
+        """The :class:`~trl_entropy.inference.EMInfConfig` these arguments describe."""
+        return EMInfConfig(
+            threshold=self.em_inf_threshold,
+            steps=self.em_inf_steps,
+            lr=self.em_inf_lr,
+            kl_weight=self.em_inf_kl_weight,
+            optimizer=self.em_inf_optimizer,
+        )
+
+    def adaptive_temperature_config(self) -> AdaptiveTemperatureConfig:
+        """The :class:`~trl_entropy.inference.AdaptiveTemperatureConfig` these arguments describe."""
+        return AdaptiveTemperatureConfig(threshold=self.em_inf_threshold, alpha=self.adaptive_temperature_alpha)
+
+
+@dataclass
+class Completion:
+    """One generated completion: its text (special tokens removed) and the number of tokens generated, counting the
+    end-of-sequence token when one was produced."""
+
+    text: str
+    num_tokens: int
+
+
+def load_prompts(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """Rows of a JSONL prompts file: each non-empty line an object with ``prompt`` (a string or a list of chat
+    messages) and optionally ``answer`` (converted to a string)."""
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for line_number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path}:{line_number}: not valid JSON ({err.msg}).") from err
+            if not isinstance(row, dict) or not isinstance(row.get("prompt"), str | list):
+                raise ValueError(f"{path}:{line_number}: each line needs a 'prompt' (a string or a list of messages).")
+            if row.get("answer") is not None:
+                row["answer"] = str(row["answer"])
+            rows.append(row)
+    if not rows:
+        raise ValueError(f"{path} holds no prompt.")
+    return rows
+
+
+def render_prompt(
+    tokenizer: PreTrainedTokenizerBase, prompt: str | list[dict], apply_chat_template: bool = True
+) -> str:
+    """The text fed to the model: the chat template with a generation prompt when asked for and available (a string
+    becomes one user message), else the string itself or the messages' contents joined by newlines."""
+    if apply_chat_template and getattr(tokenizer, "chat_template", None):
+        messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    if isinstance(prompt, str):
+        return prompt
+    return "\n".join(message["content"] for message in prompt)
+
+
+def _eos_token_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    eos = model.generation_config.eos_token_id
+    if eos is None:
+        eos = tokenizer.eos_token_id
+    if eos is None:
+        return []
+    return [int(e) for e in (eos if isinstance(eos, list | tuple) else [eos])]
+
+
+def count_generated_tokens(generated_ids: torch.Tensor, eos_token_ids: Sequence[int]) -> torch.Tensor:
+    """Tokens each row of ``generated_ids`` ``[N, T]`` (the new tokens only) really generated: up to and including its
+    first end-of-sequence token, or all ``T`` if it has none (generation stopped at the length limit)."""
+    length = generated_ids.size(1)
+    if not eos_token_ids or length == 0:
+        return torch.full((generated_ids.size(0),), length, dtype=torch.long)
+    is_eos = torch.isin(generated_ids, torch.tensor(list(eos_token_ids), device=generated_ids.device))
+    no_eos = torch.full((generated_ids.size(0),), length, dtype=torch.long, device=generated_ids.device)
+    return torch.where(is_eos.any(dim=1), is_eos.long().argmax(dim=1) + 1, no_eos).cpu()
+
+
+@torch.no_grad()
+def generate_completions(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[str],
+    *,
+    max_new_tokens: int = 64,
+    batch_size: int = 16,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    num_samples: int = 1,
+    logits_processors: Sequence[LogitsProcessor] = (),
+    seed: int | None = 0,
+    add_special_tokens: bool = False,
+    progress: bool = True,
+    desc: str = "generate",
+) -> list[list[Completion]]:
+    """Generate ``num_samples`` completions for each already-rendered prompt, in left-padded batches of about
+    ``batch_size`` sequences (tqdm over the batches). ``add_special_tokens`` is passed to the tokenizer (False for
+    text rendered by a chat template, which already holds its special tokens).
+
+    Returns:
+        One list of :class:`Completion` per prompt, in order.
+    """
+    if num_samples > 1 and not do_sample:
+        raise ValueError(f"`num_samples` > 1 (got {num_samples}) needs `do_sample=True`.")
+    if seed is not None:
+        torch.manual_seed(seed)
+    eos_ids = _eos_token_ids(model, tokenizer)
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise ValueError("Batched generation needs a tokenizer with a pad or an EOS token.")
+        tokenizer.pad_token = tokenizer.eos_token  # as load_model does: padding is masked out anyway
+    pad_id = tokenizer.pad_token_id
+    padding_side = tokenizer.padding_side
+    tokenizer.padding_side = "left"  # decoder-only generation needs the prompts aligned on the right
+    sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p) if do_sample else {}
+    sampling = {k: v for k, v in sampling.items() if v is not None}
+    prompts_per_batch = max(1, batch_size // num_samples)
+    starts = range(0, len(prompts), prompts_per_batch)
+    results: list[list[Completion]] = []
+    try:
+        for start in tqdm(starts, desc=desc, disable=not progress, unit="batch"):
+            batch = list(prompts[start : start + prompts_per_batch])
+            inputs = tokenizer(batch, return_tensors="pt", padding=True, add_special_tokens=add_special_tokens)
+            inputs = inputs.to(model.device)
+            sequences = model.generate(
+                **inputs,
+                max_new_tokens=max_new_tokens,
+                do_sample=do_sample,
+                num_return_sequences=num_samples,
+                logits_processor=LogitsProcessorList(logits_processors),
+                pad_token_id=pad_id,
+                **sampling,
+            )
+            new_tokens = sequences[:, inputs["input_ids"].size(1) :]
+            counts = count_generated_tokens(new_tokens, eos_ids)
+            texts = [
+                tokenizer.decode(row[:n], skip_special_tokens=True) for row, n in zip(new_tokens, counts.tolist())
+            ]
+            for i in range(len(batch)):
+                chunk = range(i * num_samples, (i + 1) * num_samples)
+                results.append([Completion(texts[j], int(counts[j])) for j in chunk])
+    finally:
+        tokenizer.padding_side = padding_side
+    return results
+
+
+def normalize_answer(answer: str | None) -> str | None:
+    """Canonical form of an extracted answer for voting: numbers compare by value (``"5.0"`` == ``"5"``), other
+    strings by their stripped text."""
+    if answer is None:
+        return None
+    text = answer.strip().replace(",", "")
+    try:
+        value = float(text)
+    except ValueError:
+        return text or None
+    if not math.isfinite(value):
+        return text
+    return str(int(value)) if value.is_integer() else repr(value)
+
+
+def majority_vote(answers: Sequence[str | None]) -> str | None:
+    """Most frequent non-missing answer after :func:`normalize_answer`; ties go to the answer seen first; None when
+    no answer could be extracted at all."""
+    normalized = [a for a in map(normalize_answer, answers) if a is not None]
+    if not normalized:
+        return None
+    counts = Counter(normalized)
+    best = max(counts.values())
+    return next(a for a in normalized if counts[a] == best)
+
+
+def wilson_interval(successes: int, n: int, z: float = 1.959963984540054) -> tuple[float, float]:
+    """Wilson score interval of a binomial proportion (95% for the default ``z``); ``(nan, nan)`` when ``n == 0``."""
+    if n <= 0:
+        return (float("nan"), float("nan"))
+    p = successes / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    # At p = 0 or 1 one bound is exactly 0 or 1; the formula only gets there up to rounding.
+    low = 0.0 if successes <= 0 else max(0.0, centre - half)
+    high = 1.0 if successes >= n else min(1.0, centre + half)
+    return (low, high)
+
+
+def score_completions(
+    completions: Sequence[Sequence[Completion]], answers: Sequence[str | None] | None = None
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Per-prompt records (extracted answers, vote, correctness) and a summary (accuracy with its 95% Wilson interval
+    over the prompts that have an answer, generated-token cost).
+
+    Returns:
+        ``(records, summary)``; ``records[i]`` has ``completions``, ``num_tokens``, ``extracted``, ``prediction`` and
+        ``correct`` (None without a known answer).
+    """
+    answers = list(answers) if answers is not None else [None] * len(completions)
+    if len(answers) != len(completions):
+        raise ValueError(f"Got {len(completions)} prompts' completions but {len(answers)} answers.")
+    records, n_graded, n_correct = [], 0, 0
+    for samples, answer in zip(completions, answers):
+        extracted = [extract_answer(c.text) for c in samples]
+        prediction = majority_vote(extracted)
+        correct = None
+        if answer is not None:
+            correct = prediction is not None and grade(prediction, str(answer))
+            n_graded += 1
+            n_correct += int(correct)
+        records.append(
+            {
+                "completions": [c.text for c in samples],
+                "num_tokens": [c.num_tokens for c in samples],
+                "extracted": extracted,
+                "prediction": prediction,
+                "correct": correct,
+            }
+        )
+    total_tokens = sum(sum(r["num_tokens"]) for r in records)
+    n = len(records)
+    low, high = wilson_interval(n_correct, n_graded)
+    summary = {
+        "num_problems": n,
+        "num_samples": len(completions[0]) if n else 0,
+        "num_graded": n_graded,
+        "num_correct": n_correct,
+        "accuracy": n_correct / n_graded if n_graded else None,
+        "accuracy_ci95": [low, high] if n_graded else None,
+        "total_generated_tokens": total_tokens,
+        "mean_generated_tokens_per_problem": total_tokens / n if n else None,
+        "answer_rate": sum(r["prediction"] is not None for r in records) / n if n else None,
+    }
+    return records, summary
+
+
+def build_logits_processors(args: GenerateArguments) -> list[LogitsProcessor]:
+    """The EM-INF or adaptive-temperature processor the arguments ask for (empty list for plain decoding)."""
+    if args.em_inf:
+        return [EMInfLogitsProcessor.from_config(args.em_inf_config(), track_stats=True)]
+    if args.adaptive_temperature:
+        return [AdaptiveTemperatureLogitsProcessor(config=args.adaptive_temperature_config())]
+    return []
+
+
+def _load_problems(args: GenerateArguments) -> list[dict[str, Any]]:
+    if args.prompts_file is not None:
+        rows = load_prompts(args.prompts_file)
+        return rows[: args.num_problems] if args.num_problems else rows
+    from .tasks import load_task
+
+    return list(load_task(args.task, args.num_problems, split=args.split, seed=args.seed))
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def run_generate(
+    args: GenerateArguments,
+    model: PreTrainedModel | None = None,
+    tokenizer: PreTrainedTokenizerBase | None = None,
+) -> dict[str, Any]:
+    """Run :class:`GenerateArguments`: generate, vote, score, and write ``args.output_file`` (one JSON object per
+    prompt) and the summary file. A preloaded ``model``/``tokenizer`` may be passed to skip loading.
+
+    Returns:
+        The summary (also written to disk): accuracy and its 95% Wilson interval when answers are known, generated
+        tokens, wall time, EM-INF statistics when EM-INF is on, and the arguments.
+    """
+    if (model is None) != (tokenizer is None):
+        raise ValueError("Pass both `model` and `tokenizer`, or neither.")
+    if model is None:
+        from .models import load_model
+
+        model, tokenizer = load_model(args.model_name_or_path)
+    model.eval()
+    problems = _load_problems(args)
+    prompts = [render_prompt(tokenizer, p["prompt"], args.apply_chat_template) for p in problems]
+    processors = build_logits_processors(args)
+    start = time.perf_counter()
+    completions = generate_completions(
+        model,
+        tokenizer,
+        prompts,
+        max_new_tokens=args.max_new_tokens,
+        batch_size=args.batch_size,
+        do_sample=args.do_sample,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        num_samples=args.num_samples,
+        logits_processors=processors,
+        seed=args.seed,
+        add_special_tokens=not (args.apply_chat_template and getattr(tokenizer, "chat_template", None)),
+    )
+    seconds = time.perf_counter() - start
+    records, summary = score_completions(completions, [p.get("answer") for p in problems])
+    lines = []
+    for index, (problem, record) in enumerate(zip(problems, records)):
+        extra = {k: v for k, v in problem.items() if k not in record}
+        lines.append(json.dumps({"index": index, **extra, **record}, ensure_ascii=False))
+    output = Path(args.output_file)
+    _write_atomic(output, "\n".join(lines) + "\n")
+    summary["seconds"] = seconds
+    summary["generated_tokens_per_second"] = summary["total_generated_tokens"] / seconds if seconds > 0 else None
+    if args.em_inf:
+        summary["em_inf_stats"] = processors[0].stats
+    summary["arguments"] = asdict(args)
+    summary_path = Path(args.summary_file) if args.summary_file else output.with_suffix(".summary.json")
+    _write_atomic(summary_path, json.dumps(summary, indent=2) + "\n")
+    summary["output_file"], summary["summary_file"] = str(output), str(summary_path)
+    return summary
