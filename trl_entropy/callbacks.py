@@ -1,0 +1,858 @@
+"""Per-token entropy distributions during GRPO / RLOO / EM-FT training, logged at every logging step.
+
+:class:`EntropyStatsCallback` works with the trainers of this package and with plain TRL ``GRPOTrainer`` /
+``RLOOTrainer``. It reads the entropies the trainer already computes for its loss (no extra forward pass) and reports,
+aggregated over all ranks: mean, std and quantiles of the token entropy, the fraction of tokens above the forking
+threshold (Wang et al., 2025, arXiv 2506.01939), the most frequent forking tokens, a histogram for every logging
+backend that has one, and collapse signals (entropy trend, n-gram repetition, completion length, correlation between
+an entropy reward and an accuracy reward; Agarwal et al., 2025, arXiv 2505.15134, report entropy collapse and
+repetition as the failure modes of confidence rewards).
+
+Getting the trainer. ``TrainerCallback.on_log`` does not receive the trainer, so pass it to the constructor, as for
+TRL's ``LogCompletionsCallback(trainer)``. When it is not passed (``callbacks=[EntropyStatsCallback()]`` in the
+trainer's constructor) the callback finds it in ``on_train_begin`` by walking up the call stack to the ``Trainer``
+whose callback list holds it (``Trainer.train`` is always on that stack).
+
+The entropy tap. TRL 1.16's ``GRPOTrainer`` and ``RLOOTrainer`` both compute, in ``_compute_loss``,
+``self._get_per_token_logps_and_entropies(model, input_ids, attention_mask, logits_to_keep, compute_entropy=True)``
+-> ``(logps, entropies [B, logits_to_keep], aux)``; the completion tokens are ``input_ids[:, -logits_to_keep:]`` and
+their mask ``attention_mask[:, -logits_to_keep:]``. On ``on_train_begin`` the callback shadows that bound method on the
+trainer *instance* (never the class) with a wrapper that calls it unchanged and, when entropies were computed while
+``torch.is_grad_enabled()`` (the training pass; generation, reference and evaluation passes run under ``no_grad``),
+feeds the detached entropies to the window's sketches. ``on_train_end`` removes the wrapper. Trainers that compute
+entropies another way can feed :meth:`EntropyStatsCallback.observe` directly.
+
+Cost and memory. Observation runs on the training device without a host synchronisation (two sorts, a bucketize
+and a few ``index_add_`` over the micro-batch's tokens); state is read back once per logging step. Everything kept
+between two logging steps is a fixed-size histogram, a ``vocab_size`` counter and ``summary_size + 1`` order
+statistics per micro-batch (see :mod:`trl_entropy.sketch`), and it is dropped at every log, so memory does not grow
+over a run.
+
+Ordering. The callback moves itself to the front of the trainer's callback list, so the scalars it adds to ``logs``
+reach every reporting callback (TensorBoard, W&B, the console) that runs after it; it also adds them to the last entry
+of ``state.log_history``.
+
+Files (main process only). One JSON line per logging step in ``output_dir/entropy_stats.jsonl`` (appended with a single
+write, then flushed and fsync'ed); ``entropy_stats_state.json`` in each checkpoint folder (trend history, reference
+threshold and the observations not yet logged). On ``resume_from_checkpoint`` the state is reloaded and the JSONL is
+cut back to the checkpoint's step, so no line is duplicated; a fresh run (step 0) starts a new JSONL. At the end of
+training, PNG plots go to ``output_dir/entropy_plots/`` when matplotlib is installed.
+
+Multi-rank. At each log every rank's window is collected with ``accelerate.utils.gather_object`` and merged with
+:func:`merge_window_states`, so every rank computes the same numbers; ``on_log`` runs on every rank, which keeps the
+collective in step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import inspect
+import json
+import logging
+import math
+import os
+import sys
+import tempfile
+from collections import deque
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from transformers import Trainer, TrainerCallback
+
+from .sketch import EntropySketch, TokenEntropyCounter, merge_sketches, merge_token_counters
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "EntropyStatsCallback",
+    "EntropyStatsConfig",
+    "STATE_FILE_NAME",
+    "STATS_FILE_NAME",
+    "append_jsonl_record",
+    "linear_trend_slope",
+    "merge_window_states",
+    "pearson_correlation",
+    "repeated_ngram_counts",
+    "truncate_jsonl",
+]
+
+STATS_FILE_NAME = "entropy_stats.jsonl"
+STATE_FILE_NAME = "entropy_stats_state.json"
+_TAPPED_METHOD = "_get_per_token_logps_and_entropies"
+_ENTROPY_REWARD_HINTS = ("entropy", "certainty", "confidence")
+_ACCURACY_REWARD_HINTS = ("accuracy", "correct")
+_HISTOGRAM_TAG = "train/entropy/histogram"
+_DEFAULT_FORKING_RATIO = 0.2
+
+
+@dataclass
+class EntropyStatsConfig:
+    """Settings of :class:`EntropyStatsCallback`.
+
+    Parameters:
+        quantiles (`tuple[float, ...]`, *optional*, defaults to `(0.1, 0.25, 0.5, 0.75, 0.9, 0.99)`):
+            Entropy quantiles to log as ``entropy/p10`` etc., each in (0, 1).
+        bins (`int`, *optional*, defaults to `100`):
+            Linear histogram bins over ``[0, log V]`` sent to the logging backends and the JSONL, in [1, 512].
+        summary_size (`int`, *optional*, defaults to `256`):
+            Order statistics kept per micro-batch; quantiles are within ``1 / summary_size`` rank error. In
+            [16, 65536].
+        top_tokens (`int`, *optional*, defaults to `20`):
+            Number of most frequent forking tokens to record per logging step, in [0, 1000].
+        forking_token_ratio (`float` or `None`, *optional*, defaults to `None`):
+            Fraction rho of highest-entropy tokens that count as forking tokens, in (0, 1]. `None` takes the trainer's
+            ``args.forking_token_ratio``, else TRL's ``args.top_entropy_quantile``, when below 1 (1 means the mask is
+            off), else 0.2 (the value of Wang et al., 2025).
+        forking_threshold (`float` or `None`, *optional*, defaults to `None`):
+            Fixed entropy threshold (nats, >= 0) for ``entropy/frac_above_forking_threshold``. `None` freezes the
+            ``1 - rho`` entropy quantile of the first logging step, so the fraction starts near rho and falls as the
+            policy's entropy collapses.
+        trend_window (`int`, *optional*, defaults to `10`):
+            Number of logging steps over which ``entropy/trend_slope`` (least-squares slope of the mean entropy, nats
+            per step) is fitted, in [2, 100000].
+        repetition_ngram (`int`, *optional*, defaults to `4`):
+            n of the n-grams in ``entropy/repetition_rate`` (repeated n-grams within a completion over all n-grams),
+            in [1, 64].
+        entropy_reward_key (`str` or `None`, *optional*, defaults to `None`):
+            Column of the trainer's logged rewards (or extra logged columns) that holds the entropy reward. `None`
+            picks the first name containing "entropy", "certainty" or "confidence".
+        accuracy_reward_key (`str` or `None`, *optional*, defaults to `None`):
+            Column that holds an accuracy-type reward. `None` picks the first name containing "accuracy" or "correct".
+            ``entropy/reward_correlation`` (Pearson) is logged when both columns exist.
+        vocab_size (`int` or `None`, *optional*, defaults to `None`):
+            Vocabulary size (>= 2); sets the histogram range ``[0, log V]`` and the token counter. `None` reads it
+            from the trainer's model config and tokenizer.
+        stats_file (`str`, *optional*, defaults to `"entropy_stats.jsonl"`):
+            JSONL file, relative to ``args.output_dir`` unless absolute.
+        plot_on_train_end (`bool`, *optional*, defaults to `True`):
+            Write PNG plots to ``output_dir/entropy_plots`` at the end of training (needs matplotlib).
+    """
+
+    quantiles: tuple[float, ...] = field(
+        default=(0.1, 0.25, 0.5, 0.75, 0.9, 0.99), metadata={"help": "Entropy quantiles to log, each in (0, 1)."}
+    )
+    bins: int = field(default=100, metadata={"help": "Linear histogram bins over [0, log V], in [1, 512]."})
+    summary_size: int = field(
+        default=256, metadata={"help": "Order statistics per micro-batch; rank error <= 1/summary_size. [16, 65536]."}
+    )
+    top_tokens: int = field(default=20, metadata={"help": "Forking tokens to record per log, in [0, 1000]."})
+    forking_token_ratio: float | None = field(
+        default=None, metadata={"help": "Forking-token fraction rho in (0, 1]; None: from the trainer args or 0.2."}
+    )
+    forking_threshold: float | None = field(
+        default=None, metadata={"help": "Fixed forking threshold in nats (>= 0); None: first log's 1-rho quantile."}
+    )
+    trend_window: int = field(default=10, metadata={"help": "Logging steps in the entropy trend fit, [2, 100000]."})
+    repetition_ngram: int = field(default=4, metadata={"help": "n of the repetition-rate n-grams, in [1, 64]."})
+    entropy_reward_key: str | None = field(default=None, metadata={"help": "Logged column of the entropy reward."})
+    accuracy_reward_key: str | None = field(default=None, metadata={"help": "Logged column of the accuracy reward."})
+    vocab_size: int | None = field(default=None, metadata={"help": "Vocabulary size (>= 2); None: from the model."})
+    stats_file: str = field(default=STATS_FILE_NAME, metadata={"help": "JSONL file, relative to output_dir."})
+    plot_on_train_end: bool = field(default=True, metadata={"help": "Write PNG plots at the end of training."})
+
+    def __post_init__(self):
+        self.quantiles = tuple(float(q) for q in self.quantiles)
+        if not self.quantiles or not all(0.0 < q < 1.0 for q in self.quantiles):
+            raise ValueError(f"`quantiles` must be a non-empty sequence of values in (0, 1), got {self.quantiles}.")
+        _check_int("bins", self.bins, 1, 512)
+        _check_int("summary_size", self.summary_size, 16, 65536)
+        _check_int("top_tokens", self.top_tokens, 0, 1000)
+        _check_int("trend_window", self.trend_window, 2, 100_000)
+        _check_int("repetition_ngram", self.repetition_ngram, 1, 64)
+        if self.forking_token_ratio is not None and not (0.0 < self.forking_token_ratio <= 1.0):
+            raise ValueError(f"`forking_token_ratio` must be in (0, 1], got {self.forking_token_ratio}.")
+        if self.forking_threshold is not None and not (
+            math.isfinite(self.forking_threshold) and self.forking_threshold >= 0
+        ):
+            raise ValueError(f"`forking_threshold` must be a finite number >= 0, got {self.forking_threshold}.")
+        if self.vocab_size is not None:
+            _check_int("vocab_size", self.vocab_size, 2, 2**40)
+        if not self.stats_file:
+            raise ValueError("`stats_file` must be a non-empty file name.")
+
+
+def _check_int(name: str, value: Any, low: int, high: int) -> None:
+    if not (isinstance(value, int) and not isinstance(value, bool) and low <= value <= high):
+        raise ValueError(f"`{name}` must be an integer in [{low}, {high}], got {value!r}.")
+
+
+# ---- pure helpers ---------------------------------------------------------------------------------------------------
+_HASH_PRIME_A, _HASH_BASE_A = 2_147_483_647, 1_000_003
+_HASH_PRIME_B, _HASH_BASE_B = 2_147_483_629, 911_382_323
+
+
+@torch.no_grad()
+def repeated_ngram_counts(token_ids: torch.Tensor, mask: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Repeated and total n-grams within each row of ``token_ids`` ``[B, T]``, summed over rows.
+
+    An n-gram counts when all its tokens are under ``mask``; it is repeated when the same n-gram already occurred
+    earlier in the same row, so ``repeated / total = 1 - distinct / total`` (the rep-n of Welleck et al., 2020).
+    Returns two 0-dim int64 tensors on the input device, without a host synchronisation. N-grams are compared
+    through two independent 31-bit polynomial hashes (collision probability about 2^-62 per pair).
+    """
+    if token_ids.dim() != 2 or mask.shape != token_ids.shape:
+        raise ValueError(
+            f"`token_ids` must be [B, T] and `mask` of the same shape, got {tuple(token_ids.shape)} and "
+            f"{tuple(mask.shape)}."
+        )
+    if not (isinstance(n, int) and n >= 1):
+        raise ValueError(f"`n` must be an integer >= 1, got {n!r}.")
+    zero = torch.zeros((), dtype=torch.int64, device=token_ids.device)
+    if token_ids.shape[1] < n or token_ids.numel() == 0:
+        return zero, zero.clone()
+    windows = token_ids.long().unfold(1, n, 1)  # [B, T - n + 1, n]
+    valid = mask.bool().unfold(1, n, 1).all(dim=-1)
+    hash_a = torch.zeros(windows.shape[:2], dtype=torch.int64, device=token_ids.device)
+    hash_b = torch.zeros_like(hash_a)
+    for j in range(n):
+        token = windows[..., j]
+        hash_a = (hash_a * _HASH_BASE_A + token % _HASH_PRIME_A) % _HASH_PRIME_A
+        hash_b = (hash_b * _HASH_BASE_B + token % _HASH_PRIME_B) % _HASH_PRIME_B
+    keys = torch.where(valid, hash_a * 2**31 + hash_b, torch.full_like(hash_a, -1))  # invalid n-grams sort first
+    ordered = keys.sort(dim=1).values
+    repeated = (ordered[:, 1:] == ordered[:, :-1]) & (ordered[:, 1:] >= 0)
+    return repeated.sum(), valid.sum()
+
+
+def linear_trend_slope(steps: Sequence[float], values: Sequence[float]) -> float | None:
+    """Least-squares slope of ``values`` against ``steps`` over the finite values; None with fewer than two points
+    or a single distinct step."""
+    x = np.asarray(steps, dtype=np.float64)
+    y = np.asarray([math.nan if v is None else v for v in values], dtype=np.float64)
+    if x.shape != y.shape:
+        raise ValueError(f"`steps` and `values` must have one length, got {x.shape} and {y.shape}.")
+    keep = np.isfinite(x) & np.isfinite(y)
+    x, y = x[keep], y[keep]
+    if x.size < 2 or np.ptp(x) == 0:
+        return None
+    centred = x - x.mean()
+    return float((centred * (y - y.mean())).sum() / (centred * centred).sum())
+
+
+def pearson_correlation(x: Sequence[float | None], y: Sequence[float | None]) -> float | None:
+    """Pearson correlation over the pairs where both values are finite; None with fewer than three such pairs or when
+    either side is constant (undefined)."""
+    a = np.asarray([math.nan if v is None else v for v in x], dtype=np.float64)
+    b = np.asarray([math.nan if v is None else v for v in y], dtype=np.float64)
+    if a.shape != b.shape:
+        raise ValueError(f"`x` and `y` must have one length, got {a.shape} and {b.shape}.")
+    keep = np.isfinite(a) & np.isfinite(b)
+    if keep.sum() < 3:
+        return None
+    a, b = a[keep] - a[keep].mean(), b[keep] - b[keep].mean()
+    scale = math.sqrt(float((a * a).sum()) * float((b * b).sum()))
+    if scale == 0.0:
+        return None
+    return float(np.clip((a * b).sum() / scale, -1.0, 1.0))
+
+
+def _json_safe(value: Any) -> Any:
+    """JSON-ready copy: non-finite floats become None, numpy scalars become Python numbers."""
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    if isinstance(value, (int, np.integer)):
+        return int(value)
+    if isinstance(value, (float, np.floating)):
+        return float(value) if math.isfinite(value) else None
+    if isinstance(value, Mapping):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+def append_jsonl_record(path: str | os.PathLike, record: Mapping[str, Any]) -> None:
+    """Append ``record`` as one JSON line with a single ``O_APPEND`` write, then fsync, so a crash leaves either the
+    whole line or (at worst) a torn last line that :func:`truncate_jsonl` drops."""
+    line = (json.dumps(_json_safe(record), allow_nan=False, ensure_ascii=False) + "\n").encode("utf-8")
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        view = memoryview(line)
+        while view:
+            view = view[os.write(fd, view) :]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_atomically(path: str | os.PathLike, data: bytes) -> None:
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=folder)
+    try:
+        os.fchmod(fd, 0o644)  # mkstemp creates 0600; keep the file as readable as the rest of the checkpoint
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def truncate_jsonl(path: str | os.PathLike, max_step: int) -> int:
+    """Keep only the complete, parseable lines of ``path`` whose ``"step"`` is ``<= max_step`` (rewritten atomically);
+    returns how many lines were kept. A missing file is left missing."""
+    if not os.path.exists(path):
+        return 0
+    with open(path, "rb") as handle:
+        raw_lines = handle.read().split(b"\n")
+    kept = []
+    # The last element is the text after the final newline: empty, or a torn line from an interrupted write.
+    for raw in raw_lines[:-1]:
+        try:
+            record = json.loads(raw)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= max_step:
+            kept.append(raw + b"\n")
+    _write_atomically(path, b"".join(kept))
+    return len(kept)
+
+
+# ---- per-window state -----------------------------------------------------------------------------------------------
+class _EntropyWindow:
+    """Everything observed since the last logging step on one rank (device tensors until read)."""
+
+    def __init__(self, vocab_size: int, bins: int, summary_size: int):
+        self.vocab_size = vocab_size
+        self.sketch = EntropySketch(math.log(vocab_size), bins=bins, summary_size=summary_size)
+        self.tokens = TokenEntropyCounter(vocab_size)
+        self.reset()
+
+    def reset(self) -> None:
+        self.sketch.reset()
+        self.tokens.reset()
+        self._counters: dict[str, torch.Tensor | int] = {
+            "repeated_ngrams": 0,
+            "total_ngrams": 0,
+            "completion_tokens": 0,
+            "completions": 0,
+        }
+
+    @torch.no_grad()
+    def observe(
+        self,
+        entropies: torch.Tensor,
+        mask: torch.Tensor,
+        token_ids: torch.Tensor | None,
+        forking_ratio: float,
+        ngram: int,
+    ) -> None:
+        entropies = entropies.detach()
+        mask = mask.bool()
+        valid = mask & torch.isfinite(entropies)
+        self.sketch.update(entropies, mask)
+        if token_ids is not None:
+            selected = _forking_selection(entropies, valid, forking_ratio)
+            self.tokens.update(token_ids, selected, torch.where(valid, entropies, torch.zeros_like(entropies)))
+            repeated, total = repeated_ngram_counts(token_ids, mask, ngram)
+            self._counters["repeated_ngrams"] = self._counters["repeated_ngrams"] + repeated
+            self._counters["total_ngrams"] = self._counters["total_ngrams"] + total
+        self._counters["completion_tokens"] = self._counters["completion_tokens"] + mask.sum()
+        self._counters["completions"] = self._counters["completions"] + mask.shape[0]
+
+    def state_dict(self) -> dict[str, Any]:
+        counters = {k: int(v) for k, v in self._counters.items()}
+        return {"sketch": self.sketch.state_dict(), "tokens": self.tokens.state_dict(), **counters}
+
+
+@torch.no_grad()
+def _forking_selection(entropies: torch.Tensor, valid: torch.Tensor, ratio: float) -> torch.Tensor:
+    """Valid tokens at or above the micro-batch's top-``ceil(ratio * n_valid)`` entropy (Wang et al., 2025).
+
+    Same selection as :func:`trl_entropy.ops.high_entropy_mask` up to ties at the threshold, but computed with
+    device tensors only, so observing a micro-batch never waits for the host.
+    """
+    n_valid = valid.sum()
+    # Rounding before the ceil keeps e.g. 0.2 * 15 at 3 rather than 4 (float error), as in ops.selected_token_count.
+    keep = torch.ceil(torch.round(n_valid.double() * ratio, decimals=9)).long().clamp(min=1)
+    flat = torch.where(valid, entropies, torch.full_like(entropies, -math.inf)).reshape(-1)
+    ordered = flat.sort(descending=True).values
+    threshold = ordered.gather(0, (keep - 1).clamp(max=flat.numel() - 1).view(1)).squeeze(0)
+    return valid & (entropies >= threshold)
+
+
+def merge_window_states(states: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """Merge per-rank window states (each from one rank's ``state_dict()``) into host objects:
+    ``{"sketch": EntropySketch, "tokens": TokenEntropyCounter, "repeated_ngrams", "total_ngrams",
+    "completion_tokens", "completions"}``. The result does not depend on how the data was split across ranks."""
+    if not states:
+        raise ValueError("`states` must hold at least one window state.")
+    merged: dict[str, Any] = {
+        "sketch": merge_sketches([EntropySketch.from_state_dict(s["sketch"]) for s in states]),
+        "tokens": merge_token_counters([TokenEntropyCounter.from_state_dict(s["tokens"]) for s in states]),
+    }
+    for key in ("repeated_ngrams", "total_ngrams", "completion_tokens", "completions"):
+        merged[key] = sum(int(s[key]) for s in states)
+    return merged
+
+
+def _merged_to_state_dict(merged: Mapping[str, Any]) -> dict[str, Any]:
+    return {
+        "sketch": merged["sketch"].state_dict(),
+        "tokens": merged["tokens"].state_dict(),
+        **{k: merged[k] for k in ("repeated_ngrams", "total_ngrams", "completion_tokens", "completions")},
+    }
+
+
+def _quantile_name(q: float) -> str:
+    return f"p{100 * q:g}"
+
+
+def _is_training_log(logs: Mapping[str, Any]) -> bool:
+    return not any(str(key).startswith(("eval_", "test_")) for key in logs)
+
+
+def _tokenizer_of(trainer: Any) -> Any:
+    processing_class = getattr(trainer, "processing_class", None)
+    return getattr(processing_class, "tokenizer", processing_class)
+
+
+def _infer_vocab_size(trainer: Any) -> int:
+    sizes = []
+    config = getattr(getattr(trainer, "model", None), "config", None)
+    if config is not None:
+        text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+        if isinstance(getattr(text_config, "vocab_size", None), int):
+            sizes.append(text_config.vocab_size)
+    tokenizer = _tokenizer_of(trainer)
+    if tokenizer is not None:
+        try:
+            sizes.append(len(tokenizer))
+        except TypeError:
+            pass
+    if not sizes or max(sizes) < 2:
+        raise ValueError(
+            "Could not read the vocabulary size from the trainer's model or tokenizer; pass `vocab_size`."
+        )
+    return max(sizes)
+
+
+def _find_trainer_in_stack(callback: TrainerCallback) -> Trainer | None:
+    """The ``Trainer`` up the call stack whose callback list holds ``callback`` (None if there is none)."""
+    frame = sys._getframe(1)
+    while frame is not None:
+        candidate = frame.f_locals.get("self")
+        if isinstance(candidate, Trainer) and any(
+            cb is callback for cb in getattr(candidate.callback_handler, "callbacks", [])
+        ):
+            return candidate
+        frame = frame.f_back
+    return None
+
+
+def _find_resume_checkpoint(trainer: Trainer, output_dir: str, global_step: int) -> str | None:
+    """The folder training resumed from: ``Trainer.train``'s ``resume_from_checkpoint`` when it is on the call stack,
+    else ``output_dir/checkpoint-<global_step>`` when that exists."""
+    frame = sys._getframe(1)
+    while frame is not None:
+        local = frame.f_locals
+        path = local.get("resume_from_checkpoint")
+        if local.get("self") is trainer and isinstance(path, (str, os.PathLike)) and os.path.isdir(path):
+            return os.fspath(path)
+        frame = frame.f_back
+    default = os.path.join(output_dir, f"checkpoint-{global_step}")
+    return default if os.path.isdir(default) else None
+
+
+# ---- the callback ---------------------------------------------------------------------------------------------------
+class EntropyStatsCallback(TrainerCallback):
+    """Logs per-token entropy distributions, forking tokens and collapse signals at every logging step.
+
+    Args:
+        trainer: the trainer to watch (``GRPOTrainer``, ``RLOOTrainer`` or a subclass). Optional when the callback is
+            passed to the trainer's constructor: it is then found in ``on_train_begin``.
+        config: an :class:`EntropyStatsConfig`; keyword arguments override its fields, e.g.
+            ``EntropyStatsCallback(trainer, quantiles=(0.5, 0.9), bins=64, top_tokens=10)``.
+
+    Logged scalars (all under ``entropy/``): ``mean``, ``std``, one ``pXX`` per quantile, ``forking_threshold`` (the
+    current ``1 - rho`` quantile), ``frac_above_forking_threshold`` (against the reference threshold, see
+    :class:`EntropyStatsConfig`), ``num_tokens``, ``trend_slope``, ``repetition_rate``, ``completion_length`` and
+    ``reward_correlation`` (each of the last four only when defined).
+
+    Example:
+
+    ```python
+    trainer = GRPOTrainer(model=model, reward_funcs=reward, args=args, train_dataset=dataset)
+    trainer.add_callback(EntropyStatsCallback(trainer))
+    trainer.train()  # -> output_dir/entropy_stats.jsonl, output_dir/entropy_plots/*.png
+    ```
+    """
+
+    def __init__(self, trainer: Trainer | None = None, config: EntropyStatsConfig | None = None, **overrides: Any):
+        config = config or EntropyStatsConfig()
+        if overrides:
+            known = {f.name for f in dataclasses.fields(EntropyStatsConfig)}
+            unknown = sorted(set(overrides) - known)
+            if unknown:
+                raise ValueError(f"Unknown EntropyStatsCallback option(s) {unknown}; allowed: {sorted(known)}.")
+            config = dataclasses.replace(config, **overrides)
+        self.config = config
+        self.trainer = trainer
+        self._window: _EntropyWindow | None = None
+        self._carry_over: dict[str, Any] | None = None  # restored, not yet logged observations (main process only)
+        self._history: deque[tuple[int, float]] = deque(maxlen=config.trend_window)
+        self._reference_threshold: float | None = config.forking_threshold
+        self._forking_ratio = config.forking_token_ratio or _DEFAULT_FORKING_RATIO
+        self._tap: tuple[Any, Any, Any] | None = None  # (trainer, installed wrapper, instance attribute it shadowed)
+        self._warned: set[str] = set()
+
+    # ---- binding -------------------------------------------------------------------------------------------------
+    def attach(self, trainer: Trainer) -> None:
+        """Bind to ``trainer``: install the entropy tap and move this callback to the front of its callback list.
+        Called by ``on_train_begin``; call it yourself only to drive the callback by hand."""
+        self.trainer = trainer
+        self._forking_ratio = self._resolve_forking_ratio(getattr(trainer, "args", None))
+        vocab_size = self.config.vocab_size or _infer_vocab_size(trainer)
+        if self._window is None or self._window.vocab_size != vocab_size:
+            self._window = _EntropyWindow(vocab_size, self.config.bins, self.config.summary_size)
+        self._install_tap(trainer)
+        callbacks = getattr(getattr(trainer, "callback_handler", None), "callbacks", None)
+        if callbacks and any(cb is self for cb in callbacks) and callbacks[0] is not self:
+            # Safe inside the handler's own loop: the callbacks after this one keep their positions.
+            callbacks.remove(self)
+            callbacks.insert(0, self)
+
+    def detach(self) -> None:
+        """Remove the entropy tap (``on_train_end`` does it)."""
+        if self._tap is None:
+            return
+        trainer, wrapper, shadowed = self._tap
+        wrapper.active = False
+        if trainer.__dict__.get(_TAPPED_METHOD) is wrapper:
+            if shadowed is None:
+                del trainer.__dict__[_TAPPED_METHOD]
+            else:
+                trainer.__dict__[_TAPPED_METHOD] = shadowed
+        # Otherwise something wrapped the method after us: our wrapper stays in its chain but no longer observes.
+        self._tap = None
+
+    def _install_tap(self, trainer: Trainer) -> None:
+        self.detach()
+        original = getattr(trainer, _TAPPED_METHOD, None)
+        if original is None:
+            self._warn_once(
+                "no-tap",
+                f"{type(trainer).__name__} has no `{_TAPPED_METHOD}`: feed entropies through `observe` instead.",
+            )
+            return
+        signature = inspect.signature(original)
+        callback = self
+
+        @functools.wraps(original)
+        def entropy_tap(*args, **kwargs):
+            outputs = original(*args, **kwargs)
+            if entropy_tap.active and torch.is_grad_enabled() and outputs[1] is not None:
+                arguments = signature.bind(*args, **kwargs).arguments
+                input_ids, attention_mask = arguments.get("input_ids"), arguments.get("attention_mask")
+                if input_ids is None or attention_mask is None:
+                    callback._warn_once("tap-args", f"`{_TAPPED_METHOD}` has no input_ids/attention_mask arguments.")
+                else:
+                    width = outputs[1].shape[-1]
+                    callback.observe(outputs[1], attention_mask[:, -width:], input_ids[:, -width:])
+            return outputs
+
+        entropy_tap.active = True
+        self._tap = (trainer, entropy_tap, trainer.__dict__.get(_TAPPED_METHOD))
+        trainer.__dict__[_TAPPED_METHOD] = entropy_tap
+
+    def _resolve_forking_ratio(self, args: Any) -> float:
+        ratio = self.config.forking_token_ratio
+        # A trainer ratio of 1.0 means "mask disabled" (EntropyGRPOConfig, TRL's top_entropy_quantile): skip it.
+        for name in ("forking_token_ratio", "top_entropy_quantile"):
+            value = getattr(args, name, None)
+            if ratio is None and isinstance(value, (int, float)) and 0.0 < value < 1.0:
+                ratio = float(value)
+        ratio = _DEFAULT_FORKING_RATIO if ratio is None else ratio
+        if not (0.0 < ratio <= 1.0):
+            raise ValueError(f"The forking-token ratio must be in (0, 1], got {ratio}.")
+        return ratio
+
+    def _warn_once(self, key: str, message: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            logger.warning(message)
+
+    # ---- observation ---------------------------------------------------------------------------------------------
+    def observe(
+        self,
+        entropies: torch.Tensor,
+        completion_mask: torch.Tensor,
+        completion_ids: torch.Tensor | None = None,
+    ) -> None:
+        """Add one micro-batch of per-token entropies ``[B, T]`` (nats), its completion mask and, optionally, its
+        completion token ids (for the forking-token counts and the repetition rate). Device tensors are fine; nothing
+        is copied to the host until the next log."""
+        if entropies.dim() != 2 or completion_mask.shape != entropies.shape:
+            raise ValueError(
+                f"`entropies` must be [B, T] and `completion_mask` of the same shape, got {tuple(entropies.shape)} "
+                f"and {tuple(completion_mask.shape)}."
+            )
+        if completion_ids is not None and completion_ids.shape != entropies.shape:
+            raise ValueError(
+                f"`completion_ids` {tuple(completion_ids.shape)} must have the shape of `entropies` "
+                f"{tuple(entropies.shape)}."
+            )
+        if self._window is None:
+            if self.config.vocab_size is None:
+                raise RuntimeError("Attach the callback to a trainer (or set `vocab_size`) before observing.")
+            self._window = _EntropyWindow(self.config.vocab_size, self.config.bins, self.config.summary_size)
+        self._window.observe(
+            entropies, completion_mask, completion_ids, self._forking_ratio, self.config.repetition_ngram
+        )
+
+    # ---- events --------------------------------------------------------------------------------------------------
+    def on_train_begin(self, args, state, control, **kwargs):
+        trainer = self.trainer or _find_trainer_in_stack(self)
+        if trainer is None:
+            raise RuntimeError(
+                "EntropyStatsCallback could not find its trainer: pass it, `EntropyStatsCallback(trainer)`, or give "
+                "the callback to the trainer's constructor (`callbacks=[EntropyStatsCallback()]`)."
+            )
+        self.attach(trainer)
+        self._window.reset()
+        self._carry_over = None
+        self._history.clear()
+        self._reference_threshold = self.config.forking_threshold
+        if state.global_step > 0:
+            self._restore(args, state)
+        if state.is_world_process_zero:
+            os.makedirs(args.output_dir, exist_ok=True)
+            # Resumed: drop lines logged after the checkpoint; fresh run (step 0): start a new file.
+            truncate_jsonl(self.stats_path(args), state.global_step)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if self.trainer is None or self._window is None or logs is None or not _is_training_log(logs):
+            return
+        merged = self._gather_window()
+        self._window.reset()
+        sketch = merged["sketch"]
+        if sketch.invalid_count:
+            logger.warning(
+                "Step %d: %d completion tokens had a non-finite entropy and were left out of the entropy statistics.",
+                state.global_step,
+                sketch.invalid_count,
+            )
+        if sketch.count == 0:
+            return
+        scalars, record = self._summarize(merged, state)
+        logs.update(scalars)
+        if state.log_history and state.log_history[-1].get("step") == state.global_step:
+            state.log_history[-1].update(scalars)
+        if state.is_world_process_zero:
+            record["top_tokens"] = self._decode_top_tokens(merged["tokens"])
+            append_jsonl_record(self.stats_path(args), record)
+            self._send_histograms(sketch, record, state.global_step)
+
+    def on_save(self, args, state, control, **kwargs):
+        if self.trainer is None or self._window is None:
+            return
+        pending = _merged_to_state_dict(self._gather_window(consume=False))  # collective: every rank calls on_save
+        if not state.is_world_process_zero:
+            return
+        folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+        if not os.path.isdir(folder):
+            self._warn_once("no-checkpoint", f"No checkpoint folder {folder}; the entropy stats state is not saved.")
+            return
+        payload = {
+            "version": 1,
+            "global_step": state.global_step,
+            "forking_ratio": self._forking_ratio,
+            "reference_threshold": self._reference_threshold,
+            "history": [list(point) for point in self._history],
+            "pending_window": pending,
+        }
+        data = json.dumps(_json_safe(payload), allow_nan=False).encode("utf-8")
+        _write_atomically(os.path.join(folder, STATE_FILE_NAME), data)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.detach()
+        path = self.stats_path(args)
+        if not (state.is_world_process_zero and self.config.plot_on_train_end and os.path.isfile(path)):
+            return
+        try:
+            from .plots import PlotArguments, run_plot
+
+            run_plot(PlotArguments(stats_file=path, output_dir=os.path.join(args.output_dir, "entropy_plots")))
+        except ImportError as err:
+            logger.info("Entropy plots skipped: %s", err)
+        except Exception:  # a plotting problem must not fail a finished training run, but is reported
+            logger.warning("Entropy plots failed.", exc_info=True)
+
+    # ---- internals -----------------------------------------------------------------------------------------------
+    def stats_path(self, args: Any) -> str:
+        """Path of the JSONL file for training arguments ``args``."""
+        return os.path.join(args.output_dir, self.config.stats_file)
+
+    def _gather_window(self, consume: bool = True) -> dict[str, Any]:
+        """Merge every rank's window (plus any restored carry-over); ``consume`` drops the carry-over once merged."""
+        local = [self._window.state_dict()]
+        if self._carry_over is not None:
+            local.append(self._carry_over)
+            if consume:
+                self._carry_over = None
+        accelerator = getattr(self.trainer, "accelerator", None)
+        if accelerator is not None and accelerator.num_processes > 1:
+            from accelerate.utils import gather_object
+
+            local = gather_object(local)
+        return merge_window_states(local)
+
+    def _restore(self, args: Any, state: Any) -> None:
+        checkpoint = _find_resume_checkpoint(self.trainer, args.output_dir, state.global_step)
+        path = os.path.join(checkpoint, STATE_FILE_NAME) if checkpoint else None
+        if path is None or not os.path.isfile(path):
+            logger.warning(
+                "Resuming at step %d without %s: the entropy trend and reference threshold restart.",
+                state.global_step,
+                STATE_FILE_NAME,
+            )
+            return
+        with open(path, encoding="utf-8") as handle:
+            payload = json.load(handle)
+        self._history.extend((int(step), value) for step, value in payload.get("history", []))
+        if self.config.forking_threshold is None:
+            self._reference_threshold = payload.get("reference_threshold")
+        pending = payload.get("pending_window")
+        if pending is not None and state.is_world_process_zero:
+            if pending["sketch"]["max_value"] == self._window.sketch.max_value:
+                self._carry_over = pending
+            else:
+                logger.warning("The checkpoint's pending entropy observations are for another vocabulary; dropped.")
+
+    def _summarize(self, merged: Mapping[str, Any], state: Any) -> tuple[dict[str, float], dict[str, Any]]:
+        sketch: EntropySketch = merged["sketch"]
+        quantiles = list(self.config.quantiles)
+        values = sketch.quantiles(quantiles + [1.0 - self._forking_ratio])
+        threshold = values.pop()
+        if self._reference_threshold is None:
+            self._reference_threshold = threshold
+        mean = sketch.mean
+        self._history.append((state.global_step, mean))
+        steps, means = zip(*self._history)
+        slope = linear_trend_slope(steps, means)
+
+        scalars: dict[str, float] = {"entropy/mean": mean, "entropy/std": sketch.std}
+        scalars.update({f"entropy/{_quantile_name(q)}": v for q, v in zip(quantiles, values)})
+        scalars["entropy/forking_threshold"] = threshold
+        scalars["entropy/frac_above_forking_threshold"] = sketch.fraction_above(self._reference_threshold)
+        scalars["entropy/num_tokens"] = float(sketch.count)
+        if slope is not None:
+            scalars["entropy/trend_slope"] = slope
+        if merged["total_ngrams"]:
+            scalars["entropy/repetition_rate"] = merged["repeated_ngrams"] / merged["total_ngrams"]
+        if merged["completions"]:
+            scalars["entropy/completion_length"] = merged["completion_tokens"] / merged["completions"]
+        correlation = self._reward_correlation()
+        if correlation is not None and correlation["pearson"] is not None:
+            scalars["entropy/reward_correlation"] = correlation["pearson"]
+
+        counts, edges = sketch.histogram()
+        record = {
+            "step": state.global_step,
+            "epoch": state.epoch,
+            "num_tokens": sketch.count,
+            "invalid_tokens": sketch.invalid_count,
+            "min": sketch.min,
+            "max": sketch.max,
+            "metrics": dict(scalars),
+            "quantile_rank_error_bound": sketch.rank_error_bound(),
+            "forking": {
+                "ratio": self._forking_ratio,
+                "threshold": threshold,
+                "reference_threshold": self._reference_threshold,
+            },
+            "trend_points": len(self._history),
+            "reward_correlation": correlation,
+            "histogram": {"edges": edges.tolist(), "counts": counts.tolist()},
+        }
+        return scalars, record
+
+    def _reward_correlation(self) -> dict[str, Any] | None:
+        logged = getattr(self.trainer, "_logs", None)
+        if not isinstance(logged, Mapping):
+            return None
+        columns: dict[str, Any] = {}
+        for group in ("extra", "rewards"):  # reward columns win on a name clash
+            if isinstance(logged.get(group), Mapping):
+                columns.update(logged[group])
+
+        def find(hints: tuple[str, ...], exclude: tuple[str, ...] = ()) -> str | None:
+            for name in sorted(columns):
+                lowered = name.lower()
+                if any(h in lowered for h in hints) and not any(h in lowered for h in exclude):
+                    return name
+            return None
+
+        entropy_key = self.config.entropy_reward_key or find(_ENTROPY_REWARD_HINTS)
+        accuracy_key = self.config.accuracy_reward_key or find(_ACCURACY_REWARD_HINTS, exclude=_ENTROPY_REWARD_HINTS)
+        for key in (self.config.entropy_reward_key, self.config.accuracy_reward_key):
+            if key is not None and key not in columns and columns:
+                self._warn_once(f"missing-{key}", f"Logged column {key!r} not found among {sorted(columns)}.")
+        if entropy_key not in columns or accuracy_key not in columns or entropy_key == accuracy_key:
+            return None
+        x, y = list(columns[entropy_key]), list(columns[accuracy_key])
+        pairs = min(len(x), len(y))  # both columns grow together; keep the latest generation batch of each
+        pearson = pearson_correlation(x[len(x) - pairs :], y[len(y) - pairs :]) if pairs else None
+        return {"entropy_key": entropy_key, "accuracy_key": accuracy_key, "pearson": pearson, "num_pairs": pairs}
+
+    def _decode_top_tokens(self, tokens: TokenEntropyCounter) -> list[dict[str, Any]]:
+        tokenizer = _tokenizer_of(self.trainer)
+        rows = []
+        for token_id, count, mean_entropy in tokens.top(self.config.top_tokens):
+            try:
+                text = tokenizer.decode([token_id]) if tokenizer is not None else str(token_id)
+            except Exception:  # an id outside the tokenizer's vocabulary (padded embedding rows)
+                text = f"<id {token_id}>"
+            rows.append({"id": token_id, "token": text, "count": count, "mean_entropy": mean_entropy})
+        return rows
+
+    def _send_histograms(self, sketch: EntropySketch, record: Mapping[str, Any], step: int) -> None:
+        """Send the histogram to every reporting callback of the trainer that can take one."""
+        counts, edges = sketch.histogram()
+        moments = sketch.moments()
+        for reporter in getattr(getattr(self.trainer, "callback_handler", None), "callbacks", []):
+            name = type(reporter).__name__
+            if name == "TensorBoardCallback" and getattr(reporter, "tb_writer", None) is not None:
+                writer = reporter.tb_writer
+                writer.add_histogram_raw(
+                    _HISTOGRAM_TAG,
+                    min=moments["min"],
+                    max=moments["max"],
+                    num=moments["count"],
+                    sum=moments["sum"],
+                    sum_squares=moments["sum_sq"],
+                    bucket_limits=edges[1:].tolist(),
+                    bucket_counts=counts.tolist(),
+                    global_step=step,
+                )
+                if record.get("top_tokens"):
+                    writer.add_text("train/entropy/top_tokens", _top_tokens_markdown(record["top_tokens"]), step)
+            elif name == "WandbCallback" and getattr(reporter, "_initialized", False):
+                try:
+                    import wandb
+                except ImportError:
+                    continue
+                if wandb.run is not None:
+                    wandb.log({_HISTOGRAM_TAG: wandb.Histogram(np_histogram=(counts, edges))}, commit=False)
+            elif name == "TrackioCallback" and getattr(reporter, "_initialized", False):
+                try:
+                    import trackio
+                except ImportError:
+                    continue
+                if hasattr(trackio, "Histogram"):
+                    trackio.log({_HISTOGRAM_TAG: trackio.Histogram(np_histogram=(counts, edges))})
+
+
+def _top_tokens_markdown(rows: Sequence[Mapping[str, Any]]) -> str:
+    lines = ["| token | count | mean entropy |", "|---|---:|---:|"]
+    for row in rows:
+        text = json.dumps(row["token"], ensure_ascii=False).replace("|", "\\|")
+        lines.append(f"| {text} | {row['count']} | {row['mean_entropy']:.3f} |")
+    return "\n".join(lines)
