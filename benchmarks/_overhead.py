@@ -50,7 +50,11 @@ def parse_args(doc: str) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=2, help="first steps per variant left out")
     parser.add_argument("--completions", type=int, default=8, help="completions per step")
     parser.add_argument("--tokens", type=int, default=32, help="max completion tokens")
-    return parser.parse_args()
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    return args
 
 
 def run_overhead(name: str, family: str, args: argparse.Namespace) -> None:
