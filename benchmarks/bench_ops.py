@@ -47,8 +47,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--shape", type=int, nargs=3, default=[8, 1024, 49152])
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     if args.child:
         child(args.child[0], args.child[1], args.shape)
         return
@@ -59,7 +64,8 @@ def main() -> None:
             for variant in ("naive", "token_entropy"):  # interleaved
                 out = (
                     subprocess.run(
-                        [sys.executable, __file__, "--child", variant, dtype_name, "--shape", *map(str, args.shape)],
+                        [sys.executable, __file__, "--child", variant, dtype_name, "--shape", *map(str, args.shape)]
+                        + (["--threads", str(args.threads)] if args.threads else []),
                         check=True,
                         capture_output=True,
                         text=True,
@@ -95,7 +101,9 @@ def main() -> None:
             "memory_ratio",
         ],
     )
-    write_results("bench_ops", {"shape": args.shape, "repeats": args.repeats, "results": rows})
+    write_results(
+        "bench_ops", {"shape": args.shape, "repeats": args.repeats, "threads": args.threads, "results": rows}
+    )
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ TINY_KWARGS = dict(
     logging_steps=1,
     report_to=[],
     use_cpu=True,
+    bf16=False,  # TRL defaults to bf16 autocast even on CPU; the references below are float64
     save_strategy="no",
     seed=0,
     data_seed=0,
@@ -49,6 +50,10 @@ class RecordingReward:
 def brute_force_rewards(model, tokenizer, prompts, completion_ids, temperature: float, variant: str) -> list[float]:
     """Per-completion entropy rewards recomputed in float64 from full logits, one sequence at a time."""
     reference = copy.deepcopy(model).double().eval()
+    # TRL patches `forward` on the instance with a closure over the original model (its fused LM head); a deep copy
+    # keeps that closure. Drop instance-level forwards so the copy runs its own float64 weights.
+    for module in reference.modules():
+        module.__dict__.pop("forward", None)
     out = []
     for prompt, completion in zip(prompts, completion_ids):
         prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
