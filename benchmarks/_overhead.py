@@ -86,6 +86,7 @@ def run_overhead(name: str, family: str, args: argparse.Namespace) -> None:
         report_to=[],
         save_strategy="no",
         use_cpu=True,
+        bf16=False,  # TRL would otherwise autocast to bf16 on CPU
         seed=0,
         disable_tqdm=True,
     )

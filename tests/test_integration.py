@@ -60,6 +60,7 @@ def test_label_free_steps_lower_held_out_entropy(tmp_path, default_model_path, m
         report_to=[],
         save_strategy="no",
         use_cpu=True,
+        bf16=False,
         seed=0,
     )
     trainer = trainer_class(
