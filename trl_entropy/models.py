@@ -85,9 +85,7 @@ def resolve_model_path(name_or_path: str) -> str:
     return str(default_model_path()) if name_or_path == DEFAULT_MODEL else name_or_path
 
 
-def load_model(
-    name_or_path: str = DEFAULT_MODEL, **model_kwargs
-) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+def load_model(name_or_path: str = DEFAULT_MODEL, **model_kwargs) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load a causal LM and its tokenizer.
 
     Args:

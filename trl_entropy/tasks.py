@@ -136,8 +136,10 @@ def load_task(name: str, n: int | None = None, split: str = "test", seed: int = 
             answer = answer.split("####")[-1].strip().replace(",", "")
         question = example[question_col]
         return {
-            "prompt": [{"role": "system", "content": "Put the final answer in \\boxed{}."},
-                       {"role": "user", "content": question}],
+            "prompt": [
+                {"role": "system", "content": "Put the final answer in \\boxed{}."},
+                {"role": "user", "content": question},
+            ],
             "question": question,
             "answer": answer,
         }

@@ -11,8 +11,7 @@ WORDS = [str(i) for i in range(41)] + "what is + - = ? the answer a b c yes no".
 
 # A minimal chat template, so conversational datasets work with the tiny tokenizer as with a real chat model.
 CHAT_TEMPLATE = (
-    "{% for message in messages %}{{ message['content'] }} {% endfor %}"
-    "{% if add_generation_prompt %}= {% endif %}"
+    "{% for message in messages %}{{ message['content'] }} {% endfor %}{% if add_generation_prompt %}= {% endif %}"
 )
 
 
