@@ -30,6 +30,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import LogitsProcessor, LogitsProcessorList, PreTrainedModel, PreTrainedTokenizerBase
 
+from .evaluation import wilson_interval
 from .inference import AdaptiveTemperatureConfig, AdaptiveTemperatureLogitsProcessor, EMInfConfig, EMInfLogitsProcessor
 from .tasks import extract_answer, grade
 
@@ -334,20 +335,6 @@ def majority_vote(answers: Sequence[str | None]) -> str | None:
     return next(a for a in normalized if counts[a] == best)
 
 
-def wilson_interval(successes: int, n: int, z: float = 1.959963984540054) -> tuple[float, float]:
-    """Wilson score interval of a binomial proportion (95% for the default ``z``); ``(nan, nan)`` when ``n == 0``."""
-    if n <= 0:
-        return (float("nan"), float("nan"))
-    p = successes / n
-    denom = 1 + z * z / n
-    centre = (p + z * z / (2 * n)) / denom
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    # At p = 0 or 1 one bound is exactly 0 or 1; the formula only gets there up to rounding.
-    low = 0.0 if successes <= 0 else max(0.0, centre - half)
-    high = 1.0 if successes >= n else min(1.0, centre + half)
-    return (low, high)
-
-
 def score_completions(
     completions: Sequence[Sequence[Completion]], answers: Sequence[str | None] | None = None
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
@@ -381,7 +368,7 @@ def score_completions(
         )
     total_tokens = sum(sum(r["num_tokens"]) for r in records)
     n = len(records)
-    low, high = wilson_interval(n_correct, n_graded)
+    low, high = wilson_interval(n_correct, n_graded) if n_graded else (float("nan"), float("nan"))
     summary = {
         "num_problems": n,
         "num_samples": len(completions[0]) if n else 0,

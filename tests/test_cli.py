@@ -1,0 +1,250 @@
+"""The ``trl-entropy`` command line: every option in ``--help``, YAML configs, and real (tiny) runs of the commands."""
+
+import dataclasses
+import json
+import os
+
+import pytest
+import yaml
+from safetensors.torch import load_file
+
+from trl_entropy.cli import EntropyModelConfig, TrainScriptArguments, main, make_parser
+from trl_entropy.testing import make_tiny_model_and_tokenizer
+
+COMMANDS = ("grpo", "rloo", "emft", "generate", "calibrate", "plot", "demo")
+
+
+def _help_text(capsys, argv):
+    with pytest.raises(SystemExit) as exit_info:
+        main([*argv, "--help"])
+    assert exit_info.value.code == 0
+    return capsys.readouterr().out
+
+
+def _dataclass_types(command, argv=()):
+    """The dataclasses a command's parser was built from (read back from the parser itself)."""
+    return make_parser(command, argv).dataclass_types
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny-model")
+    model, tokenizer = make_tiny_model_and_tokenizer(seed=0)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+def test_top_level_help_lists_every_command(capsys):
+    text = _help_text(capsys, [])
+    for command in COMMANDS:
+        assert command in text
+
+
+def test_unknown_command_is_an_error(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["nonsense"])
+    assert exit_info.value.code == 2
+    assert "nonsense" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [["grpo"], ["rloo"], ["emft"], ["generate"], ["generate", "--early_stopping"], ["calibrate"], ["plot"], ["demo"]],
+)
+def test_help_lists_every_option(capsys, argv):
+    """Every field of every dataclass behind the command appears as a --flag in its help."""
+    text = _help_text(capsys, argv)
+    names = [f.name for cls in _dataclass_types(argv[0], argv[1:]) for f in dataclasses.fields(cls) if f.init]
+    assert names
+    missing = [name for name in names if f"--{name}" not in text]
+    assert not missing, f"options missing from `trl-entropy {' '.join(argv)} --help`: {missing}"
+
+
+@pytest.mark.parametrize(
+    "argv, options",
+    [
+        (
+            ["grpo"],
+            ["--entropy_reward", "--entropy_reward_weight", "--forking_token_ratio", "--forking_token_mode"],
+        ),
+        (["rloo"], ["--entropy_reward", "--forking_token_ratio", "--forking_token_scope"]),
+        (["emft"], ["--entropy_floor", "--entropy_normalization", "--num_samples_per_prompt"]),
+        (["generate"], ["--em_inf", "--em_inf_threshold", "--em_inf_steps", "--adaptive_temperature"]),
+        (["generate", "--early_stopping"], ["--calibration_path", "--threshold", "--signal_kind"]),
+        (["calibrate"], ["--signal_kind", "--top_k", "--method"]),
+        (["demo"], ["--entropy_reward", "--temperature", "--quick", "--task"]),
+    ],
+)
+def test_help_shows_the_entropy_options(capsys, argv, options):
+    text = _help_text(capsys, argv)
+    for option in options:
+        assert option in text
+
+
+def test_training_commands_share_model_and_data_options():
+    for command in ("grpo", "rloo", "emft"):
+        types = _dataclass_types(command)
+        assert TrainScriptArguments in types and EntropyModelConfig in types
+    script_args, _, model_args = make_parser("grpo").parse_args_and_config(["--output_dir", "unused"])
+    assert model_args.model_name_or_path == "smollm2"
+    assert script_args.dataset_name == "arithmetic"
+
+
+def test_yaml_config_round_trip(tmp_path, monkeypatch):
+    """Values from a YAML file reach the dataclasses; the command line overrides the file; `env` is exported."""
+    monkeypatch.delenv("TRL_ENTROPY_CLI_TEST", raising=False)
+    settings = {
+        "entropy_reward": "trajectory",
+        "entropy_reward_weight": 0.5,
+        "forking_token_ratio": 0.3,
+        "forking_token_scope": "local",
+        "learning_rate": 3.0e-6,
+        "num_generations": 4,
+        "num_train_prompts": 12,
+        "reward_funcs": ["accuracy"],
+        "model_name_or_path": "some/model",
+        "use_peft": True,
+        "lora_r": 8,
+    }
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump({**settings, "env": {"TRL_ENTROPY_CLI_TEST": "from-yaml"}}))
+    parsed = make_parser("grpo").parse_args_and_config(
+        ["--config", str(path), "--output_dir", str(tmp_path), "--lora_r", "4"]
+    )
+    values = {f.name: getattr(obj, f.name) for obj in parsed for f in dataclasses.fields(obj) if f.init}
+    for key, value in settings.items():
+        expected = 4 if key == "lora_r" else value
+        assert values[key] == expected, key
+    assert os.environ["TRL_ENTROPY_CLI_TEST"] == "from-yaml"
+
+    # Round trip: the parsed values, written back to YAML and parsed again, give the same configuration.
+    again_path = tmp_path / "again.yaml"
+    again_path.write_text(yaml.safe_dump({k: values[k] for k in [*settings, "output_dir"]}))
+    again = make_parser("grpo").parse_args_and_config(["--config", str(again_path)])
+    again_values = {f.name: getattr(obj, f.name) for obj in again for f in dataclasses.fields(obj) if f.init}
+    for key in [*settings, "output_dir"]:
+        assert again_values[key] == values[key], key
+
+
+def test_yaml_config_selects_the_early_stopping_pipeline(tmp_path):
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump({"early_stopping": True, "threshold": 1.5}))
+    parser = make_parser("generate", ["--config", str(path)])
+    names = {f.name for cls in parser.dataclass_types for f in dataclasses.fields(cls)}
+    assert {"calibration_path", "threshold"} <= names
+    assert "em_inf" not in names
+
+
+def test_bad_values_are_reported_with_the_parameter_name(tmp_path, capsys):
+    with pytest.raises(SystemExit):  # argparse rejects a value outside the field's choices
+        main(["grpo", "--entropy_reward", "bogus", "--output_dir", str(tmp_path)])
+    assert "entropy_reward" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="forking_token_ratio"):
+        make_parser("grpo").parse_args_and_config(["--forking_token_ratio", "1.5", "--output_dir", str(tmp_path)])
+    with pytest.raises(ValueError, match="num_train_prompts"):
+        make_parser("grpo").parse_args_and_config(["--num_train_prompts", "0", "--output_dir", str(tmp_path)])
+    with pytest.raises(ValueError, match="reward_funcs"):
+        main(["emft", "--reward_funcs", "accuracy", "--output_dir", str(tmp_path), "--max_steps", "1"])
+
+
+def _tiny_training_argv(command, model_dir, output_dir, *extra):
+    argv = [
+        command,
+        "--model_name_or_path",
+        model_dir,
+        "--output_dir",
+        str(output_dir),
+        "--num_train_prompts",
+        "8",
+        "--max_steps",
+        "2",
+        "--per_device_train_batch_size",
+        "4",
+        "--max_completion_length",
+        "8",
+        "--learning_rate",
+        "1e-2",
+        "--logging_steps",
+        "1",
+        "--save_strategy",
+        "no",
+        "--report_to",
+        "none",
+        "--seed",
+        "0",
+    ]
+    return argv + list(extra)
+
+
+@pytest.mark.parametrize(
+    "command, extra",
+    [
+        ("grpo", ["--entropy_reward", "token", "--num_generations", "2"]),
+        ("rloo", ["--entropy_reward", "trajectory", "--num_generations", "2"]),
+        ("emft", []),
+    ],
+)
+def test_tiny_training_run_through_the_cli(tiny_model_dir, tmp_path, command, extra):
+    output_dir = tmp_path / command
+    assert main(_tiny_training_argv(command, tiny_model_dir, output_dir, *extra)) == 0
+
+    # The trained model is saved and its weights moved away from the initial ones.
+    initial = load_file(os.path.join(tiny_model_dir, "model.safetensors"))
+    trained = load_file(output_dir / "model.safetensors")
+    assert initial.keys() == trained.keys()
+    assert any(not trained[name].equal(initial[name]) for name in initial)
+
+    # EntropyStatsCallback was attached: one JSONL record per logging step, each with the trainer's metric.
+    records = [json.loads(line) for line in (output_dir / "entropy_stats.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2]
+    assert all(r["num_tokens"] > 0 and r["min"] <= r["metrics"]["entropy/mean"] <= r["max"] for r in records)
+
+
+def test_cli_without_entropy_stats_writes_no_jsonl(tiny_model_dir, tmp_path):
+    argv = _tiny_training_argv("grpo", tiny_model_dir, tmp_path, "--entropy_reward", "token", "--num_generations", "2")
+    assert main([*argv, "--entropy_stats", "false", "--max_steps", "1"]) == 0
+    assert not (tmp_path / "entropy_stats.jsonl").exists()
+    assert (tmp_path / "model.safetensors").is_file()
+
+
+def test_plot_command_draws_pngs_from_a_training_run(tiny_model_dir, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    argv = _tiny_training_argv("grpo", tiny_model_dir, run_dir, "--entropy_reward", "token", "--num_generations", "2")
+    main(argv)
+    capsys.readouterr()
+    plot_dir = tmp_path / "plots"
+    assert main(["plot", "--stats_file", str(run_dir), "--output_dir", str(plot_dir)]) == 0
+    printed = capsys.readouterr().out.split()
+    pngs = sorted(plot_dir.glob("*.png"))
+    assert pngs and sorted(map(str, pngs)) == sorted(printed)
+    for png in pngs:
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_generate_command_with_em_inf(tiny_model_dir, tmp_path, capsys):
+    output = tmp_path / "out.jsonl"
+    argv = ["generate", "--model_name_or_path", tiny_model_dir, "--num_problems", "3", "--max_new_tokens", "4"]
+    assert main([*argv, "--em_inf", "--output_file", str(output)]) == 0
+    rows = [json.loads(line) for line in output.read_text().splitlines()]
+    assert len(rows) == 3
+    printed = capsys.readouterr().out
+    summary = json.loads(printed[printed.index("{") :])
+    assert summary["num_problems"] == 3 and "arguments" not in summary
+    saved = json.loads(output.with_suffix(".summary.json").read_text())
+    assert saved["num_problems"] == 3 and saved["arguments"]["em_inf"] is True
+    assert saved["em_inf_stats"]["rows"] > 0
+
+
+def test_generate_command_with_early_stopping(tiny_model_dir, tmp_path):
+    output = tmp_path / "early.json"
+    argv = ["generate", "--early_stopping", "--model_name_or_path", tiny_model_dir, "--num_examples", "2"]
+    argv += ["--threshold", "100.0", "--max_step_tokens", "4", "--max_new_tokens", "8", "--max_answer_tokens", "2"]
+    assert main([*argv, "--output_path", str(output)]) == 0
+    payload = json.loads(output.read_text())
+    # A threshold above any entropy makes every first step confident: nothing goes on to extended reasoning.
+    results = payload["results"]
+    assert len(results) == 2
+    assert all(r["outcome"] in ("answered_early", "ended_in_first_step") for r in results)
+    answered = sum(r["outcome"] == "answered_early" for r in results) / 2
+    assert payload["metrics"]["early_stopping"]["answered_early"] == answered

@@ -1,0 +1,445 @@
+"""``trl-entropy demo``: label-free EM-RL on a small model, measured before and after, in a few minutes on a CPU.
+
+The demo takes the embedded SmolLM2-135M-Instruct and the built-in "What is a + b?" task, measures held-out accuracy
+(greedy, and sampled at the training temperature) and the mean token entropy of the completions, trains with EM-RL
+(Agarwal et al., 2025, arXiv 2505.15134: the reward is minus the mean token entropy of each sampled completion, no
+labels, no reward model) through :class:`~trl_entropy.trainers.EntropyGRPOTrainer`, measures again and writes
+``<output_dir>/report.md`` with a before/after table and entropy plots.
+
+Why it can work without labels: sampling at a temperature spreads probability over many answers, most of them wrong,
+while the model's mode is right more often. EM-RL rewards the completions the model is most confident about, which
+moves probability mass towards the mode, so sampled accuracy moves towards greedy accuracy. Labels are used only to
+*grade* the held-out problems, never in training (the training prompts carry no answer column).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import platform
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["DemoArguments", "run_demo", "paired_bootstrap_interval", "render_report"]
+
+_HUB_TASKS = ("gsm8k", "math500")
+
+
+@dataclass
+class DemoArguments:
+    """Arguments of ``trl-entropy demo``. The defaults are the settings measured in the README.
+
+    Parameters:
+        model_name_or_path (`str`, *optional*, defaults to `"smollm2"`):
+            Model to train: `"smollm2"` (the embedded SmolLM2-135M-Instruct, offline), a hub id or a local folder.
+        task (`str`, *optional*, defaults to `"arithmetic"`):
+            `"arithmetic"` (built in: "What is a + b?", 1 <= a, b <= 20, offline), or `"gsm8k"` / `"math500"`
+            (through `datasets.load_dataset`, needs the hub or a populated cache; they need a larger model and a
+            larger `max_completion_length` than the defaults, which are sized for the arithmetic task on a CPU).
+        output_dir (`str`, *optional*, defaults to `"trl-entropy-demo"`):
+            Folder for the report, the results JSON, the plots and the training logs.
+        num_eval_problems (`int`, *optional*, defaults to `128`):
+            Held-out problems, each solved once per decoding setting, >= 1.
+        num_train_prompts (`int`, *optional*, defaults to `512`):
+            Unlabelled training prompts, >= 1 (training stops at `max_steps` whichever comes first).
+        max_steps (`int`, *optional*, defaults to `30`):
+            Optimizer steps of EM-RL, >= 1.
+        prompts_per_step (`int`, *optional*, defaults to `2`):
+            Prompts per optimizer step, >= 1; each gets `num_generations` completions.
+        num_generations (`int`, *optional*, defaults to `8`):
+            Completions per prompt (the GRPO group whose mean reward is the baseline), >= 2.
+        temperature (`float`, *optional*, defaults to `1.0`):
+            Sampling temperature of training and of the sampled evaluation, > 0. The entropy reward is measured at it.
+        learning_rate (`float`, *optional*, defaults to `2e-5`):
+            AdamW learning rate, > 0. The paper uses 1e-6 on a 7B model for hundreds of steps; a short run on a 135M
+            model needs a larger one, but not too large: at 5e-5 the entropy collapsed within 30 steps to a
+            degenerate answer ("a + b = a") and held-out accuracy fell to 0%.
+        beta (`float`, *optional*, defaults to `0.0`):
+            KL weight to the initial model, >= 0 (the paper: 0.001). 0 loads no reference model (faster on CPU).
+        max_completion_length (`int`, *optional*, defaults to `48`):
+            Longest completion in training and evaluation, in tokens, >= 1.
+        entropy_reward (`str`, *optional*, defaults to `"token"`):
+            EM-RL variant: `"token"` (minus the mean token entropy), `"trajectory"` (mean log-probability of the
+            sampled tokens) or `"self_certainty"`.
+        eval_batch_size (`int`, *optional*, defaults to `64`):
+            Problems per `generate` call in evaluation, >= 1.
+        seed (`int`, *optional*, defaults to `0`):
+            Seed of the problems, of sampling and of training.
+        num_threads (`int` or `None`, *optional*, defaults to `None`):
+            CPU threads for torch (`torch.set_num_threads`); None keeps torch's choice.
+        quick (`bool`, *optional*, defaults to `False`):
+            Smoke-test mode: 2 training steps and 8 held-out problems (overrides `max_steps` and `num_eval_problems`).
+        save_model (`bool`, *optional*, defaults to `False`):
+            Save the trained model to `<output_dir>/model`.
+    """
+
+    model_name_or_path: str = field(
+        default="smollm2", metadata={"help": "'smollm2' (embedded SmolLM2-135M-Instruct), a hub id or a local path."}
+    )
+    task: str = field(
+        default="arithmetic",
+        metadata={"help": "'arithmetic' (built in, offline), 'gsm8k' or 'math500' (need the hub)."},
+    )
+    output_dir: str = field(default="trl-entropy-demo", metadata={"help": "Folder for report.md, JSON and plots."})
+    num_eval_problems: int = field(default=128, metadata={"help": "Held-out problems, >= 1."})
+    num_train_prompts: int = field(default=512, metadata={"help": "Unlabelled training prompts, >= 1."})
+    max_steps: int = field(default=30, metadata={"help": "EM-RL optimizer steps, >= 1."})
+    prompts_per_step: int = field(default=2, metadata={"help": "Prompts per optimizer step, >= 1."})
+    num_generations: int = field(default=8, metadata={"help": "Completions per prompt (GRPO group size), >= 2."})
+    temperature: float = field(
+        default=1.0, metadata={"help": "Sampling temperature of training and of the sampled evaluation, > 0."}
+    )
+    learning_rate: float = field(default=2e-5, metadata={"help": "AdamW learning rate, > 0."})
+    beta: float = field(default=0.0, metadata={"help": "KL weight to the initial model, >= 0 (0: no reference)."})
+    max_completion_length: int = field(default=48, metadata={"help": "Longest completion in tokens, >= 1."})
+    entropy_reward: str = field(
+        default="token", metadata={"help": "EM-RL variant: 'token', 'trajectory' or 'self_certainty'."}
+    )
+    eval_batch_size: int = field(default=64, metadata={"help": "Problems per generate call in evaluation, >= 1."})
+    seed: int = field(default=0, metadata={"help": "Seed of problems, sampling and training."})
+    num_threads: int | None = field(default=None, metadata={"help": "torch CPU threads (None: torch's default)."})
+    quick: bool = field(default=False, metadata={"help": "Smoke test: 2 steps, 8 held-out problems."})
+    save_model: bool = field(default=False, metadata={"help": "Save the trained model to <output_dir>/model."})
+
+    def __post_init__(self):
+        if self.task != "arithmetic" and self.task not in _HUB_TASKS:
+            raise ValueError(f"`task` must be 'arithmetic', 'gsm8k' or 'math500', got {self.task!r}.")
+        for name in (
+            "num_eval_problems",
+            "num_train_prompts",
+            "max_steps",
+            "prompts_per_step",
+            "max_completion_length",
+            "eval_batch_size",
+        ):
+            value = getattr(self, name)
+            if not (isinstance(value, int) and value >= 1):
+                raise ValueError(f"`{name}` must be an integer >= 1, got {value!r}.")
+        if not (isinstance(self.num_generations, int) and self.num_generations >= 2):
+            raise ValueError(
+                f"`num_generations` must be an integer >= 2 (a group baseline), got {self.num_generations}."
+            )
+        if not (math.isfinite(self.temperature) and self.temperature > 0):
+            raise ValueError(f"`temperature` must be a finite number > 0, got {self.temperature}.")
+        if not (math.isfinite(self.learning_rate) and self.learning_rate > 0):
+            raise ValueError(f"`learning_rate` must be a finite number > 0, got {self.learning_rate}.")
+        if not (math.isfinite(self.beta) and self.beta >= 0):
+            raise ValueError(f"`beta` must be a finite number >= 0, got {self.beta}.")
+        if self.entropy_reward not in ("token", "trajectory", "self_certainty"):
+            raise ValueError(
+                f"`entropy_reward` must be 'token', 'trajectory' or 'self_certainty', got {self.entropy_reward!r}."
+            )
+        if self.num_threads is not None and self.num_threads < 1:
+            raise ValueError(f"`num_threads` must be >= 1 or None, got {self.num_threads}.")
+        if self.quick:
+            self.max_steps = 2
+            self.num_eval_problems = 8
+
+
+def paired_bootstrap_interval(
+    before: list[bool], after: list[bool], confidence: float = 0.95, resamples: int = 2000, seed: int = 0
+) -> tuple[float, float]:
+    """Percentile bootstrap interval of ``mean(after) - mean(before)`` over problems resampled with replacement.
+
+    The two lists grade the same problems, so resampling problems (not completions) keeps each problem's pair
+    together: the interval accounts for easy and hard problems moving together.
+    """
+    if len(before) != len(after) or not before:
+        raise ValueError(
+            f"`before` and `after` must be non-empty and of equal length, got {len(before)}, {len(after)}."
+        )
+    if not (0 < confidence < 1):
+        raise ValueError(f"`confidence` must be in (0, 1), got {confidence}.")
+    if resamples < 1:
+        raise ValueError(f"`resamples` must be >= 1, got {resamples}.")
+    rng = random.Random(seed)
+    differences = [int(a) - int(b) for b, a in zip(before, after)]
+    n = len(differences)
+    means = sorted(sum(differences[rng.randrange(n)] for _ in range(n)) / n for _ in range(resamples))
+    tail = (1 - confidence) / 2
+    low = means[min(resamples - 1, int(math.floor(tail * resamples)))]
+    high = means[min(resamples - 1, int(math.ceil((1 - tail) * resamples)) - 1)]
+    return low, high
+
+
+def _load_problems(args: DemoArguments):
+    """``(held-out problems with answers, training prompts without answers)``."""
+    from .tasks import ArithmeticTask, load_task
+
+    if args.task == "arithmetic":
+        task = ArithmeticTask()
+        held_out = task.dataset(args.num_eval_problems, split="test", seed=args.seed)
+        train = task.dataset(args.num_train_prompts, split="train", seed=args.seed)
+    else:
+        held_out = load_task(args.task, n=args.num_eval_problems, split="test")
+        try:
+            train = load_task(args.task, n=args.num_train_prompts, split="train")
+        except ValueError:  # no train split (MATH-500): train on other problems of the same split
+            pool = load_task(args.task, split="test")
+            end = min(len(pool), args.num_eval_problems + args.num_train_prompts)
+            train = pool.select(range(args.num_eval_problems, end))
+    # Label-free: the trainer never sees an answer.
+    return held_out, train.select_columns(["prompt"])
+
+
+def _evaluate_both(model, tokenizer, problems, args: DemoArguments, stage: str) -> dict[str, Any]:
+    from .evaluation import evaluate
+
+    common = {
+        "max_new_tokens": args.max_completion_length,
+        "batch_size": args.eval_batch_size,
+        "entropy_temperature": args.temperature,
+    }
+    greedy = evaluate(model, tokenizer, problems, do_sample=False, seed=args.seed, desc=f"{stage}: greedy", **common)
+    sampled = evaluate(
+        model,
+        tokenizer,
+        problems,
+        do_sample=True,
+        temperature=args.temperature,
+        seed=args.seed + 1,
+        desc=f"{stage}: sampled T={args.temperature:g}",
+        **common,
+    )
+    for result in (greedy, sampled):
+        print(f"[{stage}] {result.summary()}")
+    return {"greedy": greedy, "sampled": sampled}
+
+
+def _train(model, tokenizer, train_prompts, args: DemoArguments):
+    from .trainers import EntropyGRPOConfig, EntropyGRPOTrainer
+
+    config = EntropyGRPOConfig(
+        output_dir=os.path.join(args.output_dir, "training"),
+        entropy_reward=args.entropy_reward,
+        temperature=args.temperature,
+        learning_rate=args.learning_rate,
+        beta=args.beta,
+        num_generations=args.num_generations,
+        per_device_train_batch_size=args.prompts_per_step * args.num_generations,
+        max_completion_length=args.max_completion_length,
+        max_steps=args.max_steps,
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        seed=args.seed,
+        use_cpu=not torch.cuda.is_available(),
+        gradient_checkpointing=False,  # TRL turns it on; a 135M model fits easily and recomputation costs ~30%
+    )
+    trainer = EntropyGRPOTrainer(model=model, args=config, train_dataset=train_prompts, processing_class=tokenizer)
+    try:
+        from .callbacks import EntropyStatsCallback
+    except ImportError:  # the callback ships with the package; a partial install still trains
+        logger.warning("EntropyStatsCallback is not available: no entropy_stats.jsonl, no training plots.")
+    else:
+        trainer.add_callback(EntropyStatsCallback(trainer))
+    trainer.train()
+    return trainer
+
+
+def _training_plots(training_dir: Path) -> list[Path]:
+    """The callback's PNGs, drawing them from its JSONL when it did not."""
+    plot_dir = training_dir / "entropy_plots"
+    pngs = sorted(plot_dir.glob("*.png"))
+    if pngs or not (training_dir / "entropy_stats.jsonl").is_file():
+        return pngs
+    try:
+        from .plots import PlotArguments, run_plot
+
+        return run_plot(PlotArguments(stats_file=str(training_dir), output_dir=str(plot_dir)))
+    except Exception as err:  # plots are a bonus: a missing matplotlib must not lose the measured results
+        logger.warning("Training plots skipped: %s", err)
+        return []
+
+
+def _cell(result) -> str:
+    low, high = result.accuracy_interval()
+    return f"{result.accuracy:.1%} [{low:.1%}, {high:.1%}]"
+
+
+def render_report(results: dict[str, Any], images: list[str]) -> str:
+    """Markdown report of a demo run (``results`` as written to ``results.json``)."""
+    args = results["args"]
+    before, after = results["before"], results["after"]
+    n = before["greedy"]["num_problems"]
+    temperature = args["temperature"]
+
+    def accuracy(entry: dict) -> str:
+        low, high = entry["accuracy_ci95"]
+        return f"{entry['accuracy']:.1%} [{low:.1%}, {high:.1%}]"
+
+    def change(key: str, stat: str, fmt: str) -> str:
+        delta = after[key][stat] - before[key][stat]
+        return format(delta, fmt)
+
+    rows = [
+        (
+            "Accuracy, greedy",
+            accuracy(before["greedy"]),
+            accuracy(after["greedy"]),
+            change("greedy", "accuracy", "+.1%"),
+        ),
+        (
+            f"Accuracy, sampled at T={temperature:g}",
+            accuracy(before["sampled"]),
+            accuracy(after["sampled"]),
+            change("sampled", "accuracy", "+.1%"),
+        ),
+    ]
+    for key, label in (("greedy", "greedy"), ("sampled", f"sampled T={temperature:g}")):
+        rows.append(
+            (
+                f"Mean token entropy (nats), {label}",
+                f"{before[key]['mean_token_entropy']:.3f}",
+                f"{after[key]['mean_token_entropy']:.3f}",
+                change(key, "mean_token_entropy", "+.3f"),
+            )
+        )
+    for key, label in (("greedy", "greedy"), ("sampled", f"sampled T={temperature:g}")):
+        rows.append(
+            (
+                f"Mean completion length (tokens), {label}",
+                f"{before[key]['mean_completion_length']:.1f}",
+                f"{after[key]['mean_completion_length']:.1f}",
+                change(key, "mean_completion_length", "+.1f"),
+            )
+        )
+    table = ["| | Before | After | Change |", "|---|---|---|---|"]
+    table += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows]
+    paired = results["paired_change_ci95"]
+    timing = results["timing"]
+    lines = [
+        "# trl-entropy demo: label-free EM-RL",
+        "",
+        f"Model `{args['model_name_or_path']}`, task `{args['task']}`. EM-RL ({args['entropy_reward']} entropy "
+        f"reward, no labels, no reward model) with `EntropyGRPOTrainer`: {args['max_steps']} steps x "
+        f"{args['prompts_per_step']} prompts x {args['num_generations']} completions at T={temperature:g}, learning "
+        f"rate {args['learning_rate']:g}, beta {args['beta']:g}, at most {args['max_completion_length']} completion "
+        "tokens.",
+        "",
+        f"Held-out evaluation: **{n} problems**, one completion each per decoding setting; accuracy with its 95% "
+        "Wilson interval; token entropy H(softmax(z/T)) of the generated tokens at the training temperature "
+        f"T={temperature:g}.",
+        "",
+        *table,
+        "",
+        "Change in accuracy, paired over the same problems (95% percentile bootstrap over problems): "
+        f"greedy {paired['greedy'][0]:+.1%} to {paired['greedy'][1]:+.1%}, "
+        f"sampled {paired['sampled'][0]:+.1%} to {paired['sampled'][1]:+.1%}.",
+        "",
+        f"Wall time {timing['total_s'] / 60:.1f} min (training {timing['train_s'] / 60:.1f} min, evaluation "
+        f"{timing['eval_s'] / 60:.1f} min); process CPU time {timing['cpu_s'] / 60:.1f} min on "
+        f"{timing['num_threads']} torch threads ({timing['machine']}).",
+        "",
+        "Labels are used only to grade the held-out problems; training prompts carry no answer.",
+        "",
+    ]
+    rewards = [entry["reward"] for entry in results.get("training_log", []) if "reward" in entry]
+    if rewards:
+        lines += [
+            f"Training reward (minus the mean token entropy of the sampled completions): {rewards[0]:.3f} at step 1, "
+            f"{rewards[-1]:.3f} at step {len(rewards)}.",
+            "",
+        ]
+    if images:
+        lines += ["## Entropy", ""]
+        lines += [f"![{Path(image).stem}]({image})" for image in images]
+        lines.append("")
+    examples = results.get("examples", [])
+    if examples:
+        lines += [f"## Sampled completions (T={temperature:g}), before and after", ""]
+        for example in examples:
+            lines.append(f"- **{example['question']}** (answer {example['answer']})")
+            for stage in ("before", "after"):
+                text = " ".join(example[stage].split())
+                text = text if len(text) <= 160 else text[:157] + "..."
+                lines.append(f"  - {stage}: `{text}`")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def run_demo(args: DemoArguments) -> dict[str, Any]:
+    """Run the demo: evaluate, train with EM-RL, evaluate again, write ``report.md``, ``results.json`` and PNGs to
+    ``args.output_dir``. Returns the results dict (also in ``results.json``)."""
+    from transformers import set_seed
+
+    from .evaluation import plot_entropy_histograms
+    from .models import load_model
+
+    start_wall, start_cpu = time.perf_counter(), time.process_time()
+    if args.num_threads is not None:
+        torch.set_num_threads(args.num_threads)
+    output_dir = Path(args.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    set_seed(args.seed)
+    model, tokenizer = load_model(args.model_name_or_path)
+    held_out, train_prompts = _load_problems(args)
+
+    eval_start = time.perf_counter()
+    before = _evaluate_both(model, tokenizer, held_out, args, "before")
+    eval_s = time.perf_counter() - eval_start
+
+    train_start = time.perf_counter()
+    trainer = _train(model, tokenizer, train_prompts, args)
+    train_s = time.perf_counter() - train_start
+    model = trainer.model
+
+    eval_start = time.perf_counter()
+    after = _evaluate_both(model, tokenizer, held_out, args, "after")
+    eval_s += time.perf_counter() - eval_start
+    if args.save_model:
+        trainer.save_model(str(output_dir / "model"))
+
+    images = [str(p.relative_to(output_dir)) for p in _training_plots(output_dir / "training")]
+    try:
+        histogram = plot_entropy_histograms(
+            {
+                "before training": before["sampled"].token_entropies,
+                "after training": after["sampled"].token_entropies,
+            },
+            output_dir / "heldout_entropy_histogram.png",
+            title=f"Token entropy of held-out completions, sampled at T={args.temperature:g}",
+        )
+        images.insert(0, histogram.name)
+    except ImportError as err:
+        logger.warning("Histogram skipped: %s", err)
+
+    results: dict[str, Any] = {
+        "args": asdict(args),
+        "before": {k: v.to_dict() for k, v in before.items()},
+        "after": {k: v.to_dict() for k, v in after.items()},
+        "paired_change_ci95": {
+            k: paired_bootstrap_interval(before[k].correct, after[k].correct, seed=args.seed) for k in before
+        },
+        "timing": {
+            "total_s": time.perf_counter() - start_wall,
+            "train_s": train_s,
+            "eval_s": eval_s,
+            "cpu_s": time.process_time() - start_cpu,
+            "num_threads": torch.get_num_threads(),
+            "machine": f"{platform.machine()}, {os.cpu_count()} logical CPUs",
+        },
+        "training_log": [entry for entry in trainer.state.log_history if "loss" in entry],
+    }
+    samples = [
+        {"question": q, "answer": a, "before": b.text, "after": c.text}
+        for q, a, b, c in zip(
+            held_out["question"], held_out["answer"], before["sampled"].completions, after["sampled"].completions
+        )
+    ]
+    results["examples"] = samples[:4]
+    (output_dir / "results.json").write_text(json.dumps(results, indent=2, default=float))
+    (output_dir / "samples.jsonl").write_text("\n".join(json.dumps(s) for s in samples) + "\n")
+    report = output_dir / "report.md"
+    report.write_text(render_report(results, images))
+    print(f"Report written to {report}")
+    return results
