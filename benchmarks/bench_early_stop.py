@@ -40,6 +40,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import RESULTS_DIR, print_table, write_results  # noqa: E402
 
+from trl_entropy.evaluation import wilson_interval  # noqa: E402
+
 NAME = "bench_early_stop"
 COLUMNS = [
     "setting",
@@ -68,20 +70,11 @@ def parse_args() -> argparse.Namespace:
     return parser.parse_args()
 
 
-def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    if n == 0:
-        return math.nan, math.nan
-    p = k / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return centre - half, centre + half
-
-
 def summarize(setting: str, method: str, tau, rows: list[dict], baseline: dict | None) -> dict:
     n = len(rows)
     correct = sum(r["correct"] for r in rows)
     tokens = sum(r["num_tokens"] for r in rows)
-    low, high = wilson(correct, n)
+    low, high = wilson_interval(int(correct), n) if n else (math.nan, math.nan)
     out = {
         "setting": setting,
         "method": method,
