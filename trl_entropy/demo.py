@@ -261,9 +261,14 @@ def _training_plots(training_dir: Path) -> list[Path]:
         return []
 
 
-def _cell(result) -> str:
-    low, high = result.accuracy_interval()
-    return f"{result.accuracy:.1%} [{low:.1%}, {high:.1%}]"
+def _peak_memory_gb() -> float | None:
+    """Peak resident memory of this process in GB (None where the platform does not report it)."""
+    try:
+        import resource
+    except ImportError:  # Windows
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**30 if platform.system() == "Darwin" else peak / 2**20  # bytes on macOS, KiB on Linux
 
 
 def render_report(results: dict[str, Any], images: list[str]) -> str:
@@ -338,7 +343,8 @@ def render_report(results: dict[str, Any], images: list[str]) -> str:
         "",
         f"Wall time {timing['total_s'] / 60:.1f} min (training {timing['train_s'] / 60:.1f} min, evaluation "
         f"{timing['eval_s'] / 60:.1f} min); process CPU time {timing['cpu_s'] / 60:.1f} min on "
-        f"{timing['num_threads']} torch threads ({timing['machine']}).",
+        f"{timing['num_threads']} torch threads ({timing['machine']})"
+        + (f", peak memory {timing['peak_memory_gb']:.1f} GB." if timing.get("peak_memory_gb") else "."),
         "",
         "Labels are used only to grade the held-out problems; training prompts carry no answer.",
         "",
@@ -426,6 +432,7 @@ def run_demo(args: DemoArguments) -> dict[str, Any]:
             "eval_s": eval_s,
             "cpu_s": time.process_time() - start_cpu,
             "num_threads": torch.get_num_threads(),
+            "peak_memory_gb": _peak_memory_gb(),
             "machine": f"{platform.machine()}, {os.cpu_count()} logical CPUs",
         },
         "training_log": [entry for entry in trainer.state.log_history if "loss" in entry],

@@ -262,8 +262,11 @@ def generate_completions(
                 **sampling,
             )
             new_tokens = output.sequences[:, inputs["input_ids"].size(1) :].tolist()
-            # logits: one [B, V] tensor per decoding step, raw (before temperature or any processor).
-            entropies = token_entropy(torch.stack(output.logits, dim=1), entropy_temperature).cpu().tolist()
+            # logits: one [B, V] tensor per decoding step, raw (before temperature or any processor). Reduced step by
+            # step: stacking them would copy B x steps x V floats (600 MB for 64 x 48 x 49152).
+            entropies = torch.stack([token_entropy(step, entropy_temperature) for step in output.logits], dim=1)
+            entropies = entropies.cpu().tolist()
+            del output
             for ids, row_entropies in zip(new_tokens, entropies):
                 length = _trim_at_end(ids, end_ids)
                 completions.append(
