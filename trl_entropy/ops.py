@@ -19,6 +19,7 @@ from typing import Literal, NamedTuple
 import torch
 
 __all__ = [
+    "entropy_backend",
     "token_entropy",
     "entropy_from_topk_logprobs",
     "self_certainty",
@@ -33,14 +34,104 @@ __all__ = [
     "threshold_universal",
 ]
 
-# Float32 elements processed at once: about 4 MiB, small enough for the few passes of the entropy to stay in cache,
-# which makes the chunked loop faster than one pass over the whole tensor, not only lighter.
+# Float32 elements processed at once on CPU: about 4 MiB, small enough for the few passes of the entropy to stay in
+# cache, which makes the chunked loop faster than one pass over the whole tensor, not only lighter.
 _DEFAULT_CHUNK_ELEMENTS = 1 << 20
+# On an accelerator the chunked loop is bound by kernel launches, not by caches: 2**22 elements (16 MiB per float32
+# buffer, at most ~64 MiB of temporaries) is 16x fewer launches at a still bounded memory.
+_DEVICE_CHUNK_ELEMENTS = 1 << 22
 _FLOAT32_MIN = torch.finfo(torch.float32).min
+# Logit dtypes TRL's fused Triton kernel reads (it accumulates in float32 whatever the input).
+_FUSED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+EntropyBackend = Literal["trl_fused", "torch_chunked"]
 
 
-def _rows_per_chunk(vocab_size: int, chunk_elements: int | None) -> int:
-    return max(1, (chunk_elements or _DEFAULT_CHUNK_ELEMENTS) // max(1, vocab_size))
+def _rows_per_chunk(vocab_size: int, chunk_elements: int | None, device: torch.device | None = None) -> int:
+    if chunk_elements is None:
+        on_cpu = device is None or device.type == "cpu"
+        chunk_elements = _DEFAULT_CHUNK_ELEMENTS if on_cpu else _DEVICE_CHUNK_ELEMENTS
+    return max(1, chunk_elements // max(1, vocab_size))
+
+
+def _triton_available() -> bool:
+    from transformers.utils import is_triton_available
+
+    return is_triton_available()
+
+
+def entropy_backend(
+    device: torch.device | str, dtype: torch.dtype, triton_available: bool | None = None
+) -> EntropyBackend:
+    """Which implementation :func:`token_entropy` and :func:`self_certainty` use for logits on ``device``/``dtype``.
+
+    * ``"trl_fused"``: on CUDA, for float16/bfloat16/float32 logits, when Triton is installed: TRL 1.16's fused
+      Triton kernel (``trl.trainer.utils.selective_log_softmax_and_entropy``), one pass over the logits with float32
+      accumulation and an analytic backward, and no ``[N, V]`` temporaries. Its semantics match on finite rows;
+      rows it returns as NaN (a ``-inf``, ``+inf`` or NaN logit) are recomputed by the chunked path.
+    * ``"torch_chunked"``: everywhere else (CPU, float64, no Triton): the chunked PyTorch path.
+
+    Args:
+        device: the logits' device.
+        dtype: the logits' dtype.
+        triton_available: whether Triton can be imported; looked up when ``None``.
+
+    Returns:
+        ``"trl_fused"`` or ``"torch_chunked"``.
+    """
+    if torch.device(device).type != "cuda" or dtype not in _FUSED_DTYPES:
+        return "torch_chunked"
+    if triton_available is None:
+        triton_available = _triton_available()
+    return "trl_fused" if triton_available else "torch_chunked"
+
+
+def _fused_layout(logits: torch.Tensor) -> torch.Tensor:
+    """``logits`` in a layout TRL's kernel reads in place: at most 3-D, unit stride on the vocabulary. A batch slice
+    such as ``logits[:, :-1]`` already is one, so the usual call copies nothing."""
+    if logits.dim() > 3:
+        logits = logits.reshape(-1, logits.size(-1))
+    return logits if logits.stride(-1) == 1 else logits.contiguous()
+
+
+def _fused_log_normalizer_and_entropy(
+    logits: torch.Tensor, temperature: float, row_mask: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(logsumexp(z / T), H)`` per row from one call of TRL's fused log-prob + entropy op (differentiable).
+
+    The op returns the log-probability of a chosen token; choosing token 0 gives
+    ``logsumexp(z / T) = z_0 / T - log p_0``. Rows where ``row_mask`` is False return zeros with a zero gradient.
+    """
+    from trl.trainer.utils import selective_log_softmax_and_entropy
+
+    index = torch.zeros(logits.shape[:-1], dtype=torch.long, device=logits.device)
+    log_p0, entropy = selective_log_softmax_and_entropy(logits, index, temperature=temperature, row_mask=row_mask)
+    log_normalizer = logits[..., 0].float() / temperature - log_p0
+    if row_mask is not None:
+        log_normalizer = log_normalizer.masked_fill(~row_mask, 0.0)
+    return log_normalizer, entropy
+
+
+def _replace_undefined_rows(
+    fused: torch.Tensor,
+    logits: torch.Tensor,
+    temperature: float,
+    chunked,
+    fused_on_rows,
+) -> torch.Tensor:
+    """Keep the fused result on its finite rows; recompute the others (NaN or infinite: rows holding a non-finite
+    logit, which the kernel does not handle as the chunked path does) with ``chunked``. One host sync on ``[N]``.
+
+    ``fused_on_rows(row_mask)`` reruns the fused op with the undefined rows masked out, so that their NaN does not
+    reach the gradient; it runs only when such rows exist.
+    """
+    undefined = ~torch.isfinite(fused.detach())
+    if not bool(undefined.any()):
+        return fused
+    rows = undefined.reshape(-1).nonzero().squeeze(-1)
+    exact = chunked(logits.reshape(-1, logits.size(-1)).index_select(0, rows), temperature)
+    kept = fused_on_rows(~undefined).reshape(-1)
+    return kept.index_put((rows,), exact).view(fused.shape)
 
 
 def _check_temperature(temperature: float) -> None:
@@ -138,18 +229,48 @@ def token_entropy(logits: torch.Tensor, temperature: float = 1.0, chunk_elements
             probability; a row whose maximum is ``+inf`` is the uniform point mass over its ``+inf`` entries; a row
             containing NaN gives NaN.
         temperature: sampling temperature ``T > 0``.
-        chunk_elements: float32 elements processed at once (default ``2**20``, about 4 MiB).
+        chunk_elements: float32 elements processed at once by the chunked path (default ``2**20``, about 4 MiB, on
+            CPU; ``2**22`` on other devices). The fused path streams the vocabulary and ignores it.
 
     Returns:
         float32 tensor of shape ``logits.shape[:-1]``.
+
+    On CUDA (see :func:`entropy_backend`) it runs TRL's fused Triton kernel: one read of the logits, no ``[N, V]``
+    temporary, and the same values (float32 accumulation, temperature, gradient) as the chunked path.
     """
     _check_temperature(temperature)
     if not logits.is_floating_point():
         raise TypeError(f"`logits` must be a floating-point tensor, got {logits.dtype}.")
+    if logits.numel() > 0 and entropy_backend(logits.device, logits.dtype) == "trl_fused":
+        return _fused_token_entropy(logits, float(temperature))
+    return _chunked_token_entropy(logits, float(temperature), chunk_elements)
+
+
+def _chunked_token_entropy(
+    logits: torch.Tensor, temperature: float, chunk_elements: int | None = None
+) -> torch.Tensor:
+    """The ``"torch_chunked"`` path of :func:`token_entropy` (any device and dtype)."""
     vocab_size = logits.size(-1)
     logits2d = logits.reshape(-1, vocab_size)
-    entropy = _TokenEntropyFunction.apply(logits2d, float(temperature), _rows_per_chunk(vocab_size, chunk_elements))
+    rows = _rows_per_chunk(vocab_size, chunk_elements, logits.device)
+    entropy = _TokenEntropyFunction.apply(logits2d, temperature, rows)
     return entropy.view(logits.shape[:-1])
+
+
+def _fused_token_entropy(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """The ``"trl_fused"`` path of :func:`token_entropy`: TRL's fused kernel (on CUDA; elsewhere TRL's own PyTorch
+    fallback runs, which is what the CPU tests exercise), the chunked path for rows with a non-finite logit."""
+    fused_input = _fused_layout(logits)
+    entropy = _fused_log_normalizer_and_entropy(fused_input, temperature)[1]
+    entropy = _replace_undefined_rows(
+        entropy,
+        logits,
+        temperature,
+        _chunked_token_entropy,
+        lambda row_mask: _fused_log_normalizer_and_entropy(fused_input, temperature, row_mask)[1],
+    )
+    # Rounding can leave a point mass at -1e-7 nats; the chunked path clamps the same way.
+    return entropy.clamp_min(0.0).view(logits.shape[:-1])
 
 
 def entropy_from_topk_logprobs(logprobs: torch.Tensor, base: float = 2.0) -> torch.Tensor:
@@ -193,9 +314,19 @@ def self_certainty(logits: torch.Tensor, temperature: float = 1.0, chunk_element
         float32 tensor of shape ``logits.shape[:-1]``.
     """
     _check_temperature(temperature)
+    temperature = float(temperature)
+    if logits.numel() > 0 and entropy_backend(logits.device, logits.dtype) == "trl_fused":
+        return _fused_self_certainty(logits, temperature)
+    return _chunked_self_certainty(logits, temperature, chunk_elements)
+
+
+def _chunked_self_certainty(
+    logits: torch.Tensor, temperature: float, chunk_elements: int | None = None
+) -> torch.Tensor:
+    """The ``"torch_chunked"`` path of :func:`self_certainty` (any device and dtype)."""
     vocab_size = logits.size(-1)
     logits2d = logits.reshape(-1, vocab_size)
-    rows = _rows_per_chunk(vocab_size, chunk_elements)
+    rows = _rows_per_chunk(vocab_size, chunk_elements, logits.device)
     out = []
     for start in range(0, logits2d.size(0), rows):
         scaled = logits2d[start : start + rows].float() / temperature
@@ -205,6 +336,24 @@ def self_certainty(logits: torch.Tensor, temperature: float = 1.0, chunk_element
         mean_logit = torch.where(finite, scaled, torch.zeros_like(scaled)).sum(dim=-1) / n_finite
         out.append(lse - mean_logit - torch.log(n_finite.float()))
     return torch.cat(out).view(logits.shape[:-1])
+
+
+def _fused_self_certainty(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """The ``"trl_fused"`` path of :func:`self_certainty`: ``logsumexp`` from TRL's fused kernel and the mean logit
+    from one float32-accumulated sum (no ``[N, V]`` temporary); rows with a non-finite logit (where the result is
+    NaN or infinite) are recomputed by the chunked path, which excludes ``-inf`` entries from the support."""
+    fused_input = _fused_layout(logits)
+    vocab_size = logits.size(-1)
+
+    def fused(row_mask=None):
+        log_normalizer = _fused_log_normalizer_and_entropy(fused_input, temperature, row_mask)[0]
+        mean_logit = fused_input.sum(dim=-1, dtype=torch.float32) / (temperature * vocab_size)
+        if row_mask is not None:  # a masked row's sum may be +-inf or NaN: keep it out of the gradient
+            mean_logit = torch.where(row_mask, mean_logit, torch.zeros((), device=logits.device))
+        return log_normalizer - mean_logit - math.log(vocab_size)
+
+    certainty = _replace_undefined_rows(fused(), logits, temperature, _chunked_self_certainty, fused)
+    return certainty.view(logits.shape[:-1])
 
 
 def selected_token_count(n_valid: int, ratio: float) -> int:
