@@ -27,6 +27,9 @@ decode to nothing, which the rule reward does not mind. Every comparison is meas
 ``--tiny`` runs the same code on CPU with a 2-layer model of the same family and small shapes, in well under a minute
 (a test runs it); its figures are a smoke test, not a measurement.
 
+On a GPU machine, ``bash benchmarks/run_gpu.sh`` installs the missing wheels, runs the CUDA tests and this script in
+one command (see the GPU section of docs/benchmarks.md).
+
     python benchmarks/bench_gpu.py [--tiny] [--out PATH] [--completions 16] [--tokens 128] [--steps 3]
 """
 
@@ -326,6 +329,14 @@ def _train_args(args, dev: Device, output_dir: str, max_steps: int) -> dict:
     )
 
 
+def quiet(trainer):
+    """Drop the callback that prints every log dict: the progress lines are enough, and short logs come back whole."""
+    from transformers import PrinterCallback
+
+    trainer.remove_callback(PrinterCallback)
+    return trainer
+
+
 def run_in_turn(trainers: dict, dev: Device, warmup: int, label: str) -> dict:
     """Train every trainer (same ``max_steps``) in turn, one step each, in threads passing a baton; record each
     step's time and CUDA peak memory above the memory allocated at its start."""
@@ -421,7 +432,9 @@ def bench_rl(args, dev: Device, model, tokenizer, family: str, tmp: str) -> dict
 
     def build(trainer_class, config_class, reward, tag, **extra):
         config = config_class(**{**common, "output_dir": f"{tmp}/{family}_{tag}"}, **extra)
-        return trainer_class(copy.deepcopy(model), reward, config, train_dataset=dataset, processing_class=tokenizer)
+        return quiet(
+            trainer_class(copy.deepcopy(model), reward, config, train_dataset=dataset, processing_class=tokenizer)
+        )
 
     trainers = {
         f"{family}_plain": build(plain_trainer, plain_config, rule_reward, "plain"),
@@ -483,7 +496,7 @@ def bench_emft(args, dev: Device, model, tokenizer, tmp: str) -> dict:
         train_dataset=Dataset.from_dict(rows),
         processing_class=tokenizer,
     )
-    result = run_in_turn({"sft": sft, "emft": emft}, dev, args.warmup, "emft")
+    result = run_in_turn({"sft": quiet(sft), "emft": quiet(emft)}, dev, args.warmup, "emft")
     del emft, sft
     return {"prompts_per_step": args.emft_batch, "completion_tokens": args.tokens, **result}
 

@@ -61,6 +61,43 @@ How they were measured:
 
 To reproduce: run the script (`python benchmarks/<name>.py`, options in its section), which writes
 `benchmarks/results/<name>.json`, then `python docs/gen_benchmarks.py`.
+
+The CPU sections come first; the [GPU section](#gpu) (`benchmarks/results/gpu/`) is at the end.
+"""
+
+GPU_INTRO = """\
+# GPU
+
+Measured by `benchmarks/bench_gpu.py` on one GPU (its name heads each section below; `benchmarks/results/gpu/*.json`).
+It compares `token_entropy` and `self_certainty` with TRL's fused Triton kernel, GRPO and RLOO step time and peak CUDA
+memory of the entropy variants, EM-FT against SFT, and EM-INF / adaptive-temperature decoding against plain sampling,
+on a random model in the shape of Qwen2.5-0.5B, in one run of at most about 6 minutes.
+
+To run it where the GPU image has PyTorch, Triton and transformers but no trl or datasets: fetch the four missing
+wheels once on a machine with PyPI access, from the repository root,
+
+```bash
+echo /.whl/ >> .git/info/exclude
+python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \\
+  --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 \\
+  --platform manylinux2014_x86_64 --platform manylinux1_x86_64 -d .whl \\
+  trl==1.16.0 datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19
+```
+
+then, on the GPU machine, from the repository root with `.whl` carried along, one command installs them (into
+`/tmp/site`), runs the CUDA tests (`tests/test_ops_cuda.py`) and the benchmark, writing everything to `$OUT`
+(default `/tmp/bench_gpu_out`):
+
+```bash
+bash benchmarks/run_gpu.sh
+```
+
+Then copy `$OUT/bench_gpu.json` to `benchmarks/results/gpu/` and run `python docs/gen_benchmarks.py`.
+"""
+
+GPU_NOT_MEASURED = """\
+**Not measured yet**: no GPU has run `benchmarks/bench_gpu.py` for this project so far, so this page shows no GPU
+figure (none is estimated). The CPU path of every op is the one measured above.
 """
 
 
@@ -243,13 +280,14 @@ def result_images(path: Path) -> list[Path]:
     )
 
 
-def benchmark_section(path: Path) -> str:
+def benchmark_section(path: Path, subdir: str = "") -> str:
+    """The Markdown section of one results file; ``subdir`` (e.g. ``"gpu/"``) is its folder under the results."""
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as err:
         raise SystemExit(f"{path} is not valid JSON: {err}") from None
     name = path.stem
-    parts = [f"## `{name}`"]
+    parts = [f"## `{name}`" + (f" on {device_label(data)}" if subdir else "")]
     description = script_description(name)
     if description is None:
         writers = [p.stem for p in SCRIPTS_DIR.glob("*.py") if name.startswith(f"{p.stem}_")]
@@ -260,7 +298,7 @@ def benchmark_section(path: Path) -> str:
             else f"No script `benchmarks/{name}.py` describes this file."
         )
     parts.append(description)
-    parts.append(f"Source: `benchmarks/results/{path.name}`.")
+    parts.append(f"Source: `benchmarks/results/{subdir}{path.name}`.")
     for image in result_images(path):
         parts.append(f"![{image.stem}](assets/benchmarks/{image.name})")
 
@@ -285,12 +323,30 @@ def benchmark_section(path: Path) -> str:
     return "\n\n".join(p for p in parts if p)
 
 
+def device_label(data: Any) -> str:
+    """The device a GPU results file names, flagged when it is the CPU smoke run of the GPU benchmark."""
+    settings = data.get("settings", {}) if isinstance(data, dict) else {}
+    device = settings.get("device", "an unnamed device")
+    if settings.get("tiny_cpu_smoke_run") or settings.get("device_type") == "cpu":
+        return f"{device}: CPU smoke run with tiny shapes (`--tiny`), not a GPU measurement"
+    return str(device)
+
+
+def gpu_part(results_dir: Path) -> str:
+    """The GPU section: how to run the GPU benchmark, then one section per ``results/gpu/*.json`` (or "not measured
+    yet")."""
+    gpu_dir = results_dir / "gpu"
+    files = sorted(gpu_dir.glob("*.json")) if gpu_dir.is_dir() else []
+    sections = [benchmark_section(p, subdir="gpu/") for p in files] or [GPU_NOT_MEASURED.strip()]
+    return GPU_INTRO + "\n" + "\n\n".join(sections)
+
+
 def render_page(results_dir: Path = RESULTS_DIR) -> str:
     files = sorted(results_dir.glob("*.json")) if results_dir.is_dir() else []
     sections = [benchmark_section(p) for p in files]
     if not sections:
         sections = ["No results yet: run a script in `benchmarks/`, then `python docs/gen_benchmarks.py`."]
-    return INTRO + "\n" + "\n\n".join(sections) + "\n"
+    return INTRO + "\n" + "\n\n".join(sections) + "\n\n" + gpu_part(results_dir) + "\n"
 
 
 def sync_images(results_dir: Path, images_dir: Path, check: bool) -> list[str]:

@@ -152,8 +152,9 @@ def test_benchmarks_page_is_generated_from_the_json_files():
     images = ROOT / "docs" / "assets" / "benchmarks"
     assert gen_benchmarks.sync_images(ROOT / "benchmarks" / "results", images, check=True) == []
     results = sorted((ROOT / "benchmarks" / "results").glob("*.json"))
-    numbers = [n for path in results for n in _json_numbers(json.loads(path.read_text()))]
-    for path in results:
+    gpu_results = sorted((ROOT / "benchmarks" / "results" / "gpu").glob("*.json"))
+    numbers = [n for path in results + gpu_results for n in _json_numbers(json.loads(path.read_text()))]
+    for path in results + gpu_results:
         assert f"## `{path.stem}`" in page
     # No invented figure: every numeric cell is, to its 4 printed significant digits, a number of some JSON file.
     for cells in _table_cells(page):
@@ -162,6 +163,20 @@ def test_benchmarks_page_is_generated_from_the_json_files():
                 if _NUMBER.match(token):
                     shown = float(token)
                     assert any(math.isclose(shown, n, rel_tol=6e-4, abs_tol=1e-12) for n in numbers), token
+
+
+def test_gpu_section_says_not_measured_until_a_gpu_file_exists(tmp_path):
+    assert "**Not measured yet**" in gen_benchmarks.render_page(tmp_path)
+    (tmp_path / "gpu").mkdir()
+    payload = {"settings": {"device": "NVIDIA H200", "device_type": "cuda"}, "ops": {"results": [{"median_ms": 2.5}]}}
+    (tmp_path / "gpu" / "bench_gpu.json").write_text(json.dumps(payload))
+    page = gen_benchmarks.render_page(tmp_path)
+    assert "**Not measured yet**" not in page
+    assert "## `bench_gpu` on NVIDIA H200" in page and "Source: `benchmarks/results/gpu/bench_gpu.json`." in page
+    assert ["2.5"] in _table_cells(page)
+    payload["settings"] = {"device": "CPU (x86_64)", "device_type": "cpu", "tiny_cpu_smoke_run": True}
+    (tmp_path / "gpu" / "bench_gpu.json").write_text(json.dumps(payload))
+    assert "not a GPU measurement" in gen_benchmarks.render_page(tmp_path)
 
 
 def test_benchmark_tables_follow_the_json_layout(tmp_path):
