@@ -104,6 +104,21 @@ def test_fused_wrapper_keeps_shape_slices_and_gradient():
     torch.testing.assert_close(full.grad.double(), ref.grad, atol=1e-6, rtol=1e-5)
 
 
+def test_fused_wrapper_recomputes_non_finite_rows_of_a_slice():
+    # The undefined rows are gathered from a non-contiguous 4-D slice, and put back in place.
+    torch.manual_seed(5)
+    full = torch.randn(2, 5, 4, 40) * 2
+    full[1, 2, 0, :7] = float("-inf")
+    full[0, 4, 2, 3] = float("inf")
+    logits = full[:, :, :-1]
+    got = ops._fused_token_entropy(logits, 0.8)
+    torch.testing.assert_close(got, ops._chunked_token_entropy(logits, 0.8), atol=1e-5, rtol=1e-5)
+    assert got[0, 4, 2].item() == pytest.approx(0.0, abs=1e-6)  # a single +inf entry: a point mass
+    torch.testing.assert_close(
+        ops._fused_self_certainty(logits, 0.8), ops._chunked_self_certainty(logits, 0.8), atol=1e-5, rtol=1e-5
+    )
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # CUDA: the fused kernel against the CPU path and float64
 # ---------------------------------------------------------------------------------------------------------------------

@@ -129,7 +129,8 @@ def _replace_undefined_rows(
     if not bool(undefined.any()):
         return fused
     rows = undefined.reshape(-1).nonzero().squeeze(-1)
-    exact = chunked(logits.reshape(-1, logits.size(-1)).index_select(0, rows), temperature)
+    # Boolean indexing copies only the undefined rows (reshape(-1, V) would copy a whole non-contiguous slice).
+    exact = chunked(logits[undefined.reshape(logits.shape[:-1])], temperature)
     kept = fused_on_rows(~undefined).reshape(-1)
     return kept.index_put((rows,), exact).view(fused.shape)
 
