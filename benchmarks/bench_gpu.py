@@ -44,6 +44,7 @@ import os
 import platform
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -603,11 +604,16 @@ def main(argv: list[str] | None = None) -> dict:
             skipped.append(name)  # recorded, never estimated
             progress(f"{name} skipped: the {args.budget_s} s budget is spent")
             return
-        payload[name] = fn()
+        try:
+            payload[name] = fn()
+            progress(f"{name} done")
+        except Exception as err:  # one failing section must not cost the others: a GPU call is scarce
+            payload[name] = {"error": f"{type(err).__name__}: {err}", "traceback": traceback.format_exc()[-4000:]}
+            progress(f"{name} FAILED: {type(err).__name__}: {err}")
         gc.collect()
         if dev.cuda:
             torch.cuda.empty_cache()
-        progress(f"{name} done")
+        write_json(args.out, payload)  # after every section: a run cut short keeps what it measured
 
     run_section("ops", lambda: bench_ops(args, dev, vocab_size))
     if set(args.sections) - {"ops"}:
@@ -620,12 +626,16 @@ def main(argv: list[str] | None = None) -> dict:
         run_section("decode", lambda: bench_decode(args, dev, model, tokenizer))
     payload["settings"]["skipped_sections"] = skipped
     payload["settings"]["wall_s"] = round(time.perf_counter() - _START, 1)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp_path = args.out.with_suffix(".json.tmp")
-    tmp_path.write_text(json.dumps(_finite(payload), indent=2, sort_keys=True, allow_nan=False) + "\n")
-    os.replace(tmp_path, args.out)
+    write_json(args.out, payload)
     progress(f"wrote {args.out}")
     return payload
+
+
+def write_json(path: Path, payload: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp_path = path.with_suffix(".json.tmp")
+    tmp_path.write_text(json.dumps(_finite(payload), indent=2, sort_keys=True, allow_nan=False) + "\n")
+    os.replace(tmp_path, path)
 
 
 def _finite(value):

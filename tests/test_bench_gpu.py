@@ -28,6 +28,8 @@ def test_bench_gpu_tiny_runs_every_section_on_cpu(tmp_path):
     settings = data["settings"]
     assert settings["tiny_cpu_smoke_run"] is True and settings["device_type"] == "cpu"
     assert settings["skipped_sections"] == []
+    failed = {k: v["error"] for k, v in data.items() if isinstance(v, dict) and "error" in v}
+    assert not failed, failed
 
     ops = data["ops"]
     names = [row["op"] for row in ops["results"]]
