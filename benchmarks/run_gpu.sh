@@ -3,7 +3,8 @@
 #   1. installs the wheels found in .whl/ (trl, datasets, dill, multiprocess: see docs/benchmarks.md, "GPU") into
 #      /tmp/site when there are any, for a GPU image that has PyTorch, Triton and transformers but not those;
 #   2. runs the CUDA tests of the fused entropy path (tests/test_ops_cuda.py);
-#   3. runs benchmarks/bench_gpu.py (about 4-6 minutes on one H200), extra arguments passed on.
+#   3. runs benchmarks/bench_gpu.py (sized for at most 6 minutes on one H200; not yet run on one), extra arguments
+#      passed on.
 # Everything it writes goes to $OUT (default /tmp/bench_gpu_out): nvidia_smi.txt, test_ops_cuda.log, bench_gpu.log and
 # bench_gpu.json, which then belongs in benchmarks/results/gpu/ (then run `python docs/gen_benchmarks.py`).
 #

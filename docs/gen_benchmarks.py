@@ -71,7 +71,8 @@ GPU_INTRO = """\
 Measured by `benchmarks/bench_gpu.py` on one GPU (its name heads each section below; `benchmarks/results/gpu/*.json`).
 It compares `token_entropy` and `self_certainty` with TRL's fused Triton kernel, GRPO and RLOO step time and peak CUDA
 memory of the entropy variants, EM-FT against SFT, and EM-INF / adaptive-temperature decoding against plain sampling,
-on a random model in the shape of Qwen2.5-0.5B, in one run of at most about 6 minutes.
+on a random model in the shape of Qwen2.5-0.5B, in one run sized for 6 minutes (a section not started after
+`--budget-s`, 330 s, is skipped and listed as such).
 
 To run it where the GPU image has PyTorch, Triton and transformers but no trl or datasets: fetch the four missing
 wheels once on a machine with PyPI access, from the repository root,
