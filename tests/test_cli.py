@@ -238,9 +238,9 @@ def test_generate_command_with_em_inf(tiny_model_dir, tmp_path, capsys):
 
 def test_generate_command_with_early_stopping(tiny_model_dir, tmp_path):
     output = tmp_path / "early.json"
-    argv = ["generate", "--early_stopping", "--model_name_or_path", tiny_model_dir, "--num_examples", "2"]
+    argv = ["generate", "--early_stopping", "--model_name_or_path", tiny_model_dir, "--num_problems", "2"]
     argv += ["--threshold", "100.0", "--max_step_tokens", "4", "--max_new_tokens", "8", "--max_answer_tokens", "2"]
-    assert main([*argv, "--output_path", str(output)]) == 0
+    assert main([*argv, "--output_file", str(output)]) == 0
     payload = json.loads(output.read_text())
     # A threshold above any entropy makes every first step confident: nothing goes on to extended reasoning.
     results = payload["results"]

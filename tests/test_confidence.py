@@ -10,11 +10,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from trl_entropy.cli.arguments import CalibrateArguments, EarlyStopGenerateArguments
 from trl_entropy.confidence import (
     THRESHOLD_METHODS,
-    CalibrateArguments,
     ConfidenceSignal,
-    EarlyStopGenerateArguments,
     EntropyEarlyStopping,
     EntropyThresholdCalibrator,
     TokenConfidenceRecorder,
@@ -612,8 +611,8 @@ def test_pipeline_argument_validation(tiny):
 
 
 def test_argument_dataclasses_validate():
-    with pytest.raises(ValueError, match="num_examples"):
-        CalibrateArguments(num_examples=0)
+    with pytest.raises(ValueError, match="num_problems"):
+        CalibrateArguments(num_problems=0)
     with pytest.raises(ValueError, match="max_step_tokens"):
         CalibrateArguments(max_step_tokens=500, max_new_tokens=100)
     with pytest.raises(ValueError, match="method"):
@@ -643,7 +642,7 @@ def test_run_early_stop_generate_end_to_end(tiny_model_dir, tmp_path):
     args = EarlyStopGenerateArguments(
         model_name_or_path=str(tiny_model_dir),
         threshold=1.0,
-        num_examples=6,
+        num_problems=6,
         arithmetic_low=1,
         arithmetic_high=9,
         instruction="",
@@ -653,7 +652,7 @@ def test_run_early_stop_generate_end_to_end(tiny_model_dir, tmp_path):
         max_new_tokens=12,
         answer_prompt="the answer",
         max_answer_tokens=2,
-        output_path=str(tmp_path / "out.json"),
+        output_file=str(tmp_path / "out.json"),
     )
     report = run_early_stop_generate(args)
     saved = json.loads((tmp_path / "out.json").read_text())
@@ -673,14 +672,14 @@ def test_run_calibrate_refuses_when_no_answer_is_correct(tiny_model_dir, tmp_pat
     # The random tiny model never answers "what is a + b" right: calibration must refuse, not write a threshold.
     args = CalibrateArguments(
         model_name_or_path=str(tiny_model_dir),
-        num_examples=4,
+        num_problems=4,
         arithmetic_low=1,
         arithmetic_high=9,
         instruction="",
         step_delimiter="?",
         max_step_tokens=4,
         max_new_tokens=6,
-        output_path=str(tmp_path / "cal.json"),
+        output_file=str(tmp_path / "cal.json"),
     )
     with pytest.raises(ValueError, match="at least 2 correct"):
         run_calibrate(args)
