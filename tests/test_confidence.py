@@ -684,3 +684,57 @@ def test_run_calibrate_refuses_when_no_answer_is_correct(tiny_model_dir, tmp_pat
     with pytest.raises(ValueError, match="at least 2 correct"):
         run_calibrate(args)
     assert not (tmp_path / "cal.json").exists()
+
+
+@pytest.mark.parametrize("penalty", [{"repetition_penalty": 2.0}, {"no_repeat_ngram_size": 1}])
+def test_recorded_signal_is_the_models_raw_distribution_whatever_the_logits_processors(
+    tiny_model_and_tokenizer, penalty
+):
+    """issue 13 item 9: repetition_penalty / no_repeat_ngram_size change the scores a logits processor is handed, not
+    the model's own distribution, which is what the recorder must measure (float64 reference on the raw logits)."""
+    model, tokenizer = tiny_model_and_tokenizer
+    signal = ConfidenceSignal("entropy", base=2.0)
+    prompt = "what is 3 + 4 ?"
+    settings = {"do_sample": False, **penalty}
+    (result,) = think_just_enough_generate(
+        model,
+        tokenizer,
+        [prompt],
+        threshold=None,
+        signal=signal,
+        step_delimiter_ids=[tokenizer.pad_token_id],
+        min_step_tokens=8,
+        max_step_tokens=8,
+        max_new_tokens=8,
+        generation_kwargs=settings,
+        show_progress=False,
+    )
+    n = result.first_step_tokens
+    assert n >= 2
+    inputs = tokenizer(prompt, return_tensors="pt")
+    out = model.generate(
+        **inputs,
+        max_new_tokens=n,
+        output_logits=True,
+        output_scores=True,
+        return_dict_in_generate=True,
+        pad_token_id=tokenizer.pad_token_id,
+        **settings,
+    )
+    assert out.sequences[0, inputs["input_ids"].size(1) :].tolist() == result.completion_ids[:n]
+
+    def mean_bits(steps):
+        logp = torch.log_softmax(torch.stack(steps)[:, 0].double(), dim=-1)
+        entropy = -(logp.exp() * logp).nan_to_num().sum(-1) / math.log(2.0)
+        return entropy.mean().item()
+
+    raw, processed = mean_bits(out.logits), mean_bits(out.scores)
+    assert abs(processed - raw) > 1e-3  # the processor moves the scores: the test can tell the two apart
+    assert result.step_signal == pytest.approx(raw, abs=1e-5)
+
+    # The recorder alone, inside `watch`, records the same raw values step by step.
+    recorder = TokenConfidenceRecorder(signal)
+    with recorder.watch(model):
+        model.generate(**inputs, max_new_tokens=n, logits_processor=[recorder], **settings)
+    expected = [mean_bits([step]) for step in out.logits]
+    assert recorder.token_values()[0].tolist() == pytest.approx(expected, abs=1e-5)

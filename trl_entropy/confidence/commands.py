@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -21,7 +22,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["run_calibrate", "run_early_stop_generate"]
+__all__ = ["problems_path", "run_calibrate", "run_early_stop_generate"]
 
 
 def _json_safe(value: Any) -> Any:
@@ -36,7 +37,7 @@ def _json_safe(value: Any) -> Any:
 
 
 def _load_problems(args: _EarlyStopTaskArguments) -> tuple[list[list[dict]], list[str]]:
-    from .tasks import ArithmeticTask, load_task
+    from ..tasks import ArithmeticTask, load_task
 
     if args.task == "arithmetic":
         task = ArithmeticTask(args.arithmetic_low, args.arithmetic_high, tuple(args.arithmetic_operations))
@@ -61,7 +62,7 @@ def _pipeline_kwargs(args: _EarlyStopTaskArguments) -> dict:
 
 
 def _load_model(args: _EarlyStopTaskArguments):
-    from .models import load_model
+    from ..models import load_model
 
     torch.manual_seed(args.seed)
     model, tokenizer = load_model(args.model_name_or_path)
@@ -69,17 +70,56 @@ def _load_model(args: _EarlyStopTaskArguments):
     return model, tokenizer
 
 
+def problems_path(output_file: str | os.PathLike) -> Path:
+    """Where ``calibrate`` writes its per-problem measurements: ``<output_file stem>.problems.jsonl``."""
+    path = Path(output_file)
+    return path.with_name(f"{path.stem}.problems.jsonl")
+
+
+def _fit_advice(correct: list[bool], signals: list[float]) -> str:
+    """What to change when the fit fails, from what was measured."""
+    if not any(correct):
+        return (
+            "no answer was correct: give the model a longer budget (--max_new_tokens), easier problems, or a stronger "
+            "--model_name_or_path"
+        )
+    if all(correct):
+        return "every answer was correct: use more (--num_problems) or harder problems (--arithmetic_high)"
+    if not all(math.isfinite(v) for v in signals):
+        return "some first steps were empty: raise --max_step_tokens or lower --min_step_tokens"
+    return "use more problems (--num_problems), a longer budget (--max_new_tokens) or another model"
+
+
 def run_calibrate(args: CalibrateArguments) -> EntropyThresholdCalibrator:
     """Calibrate the stop threshold on ``args.num_problems`` problems, save it to ``args.output_file`` and print the
-    summary. Returns the fitted calibrator."""
-    from .tasks import grade
+    summary. Returns the fitted calibrator.
+
+    The per-problem measurements (first-step signal, correctness, completion) are written to
+    :func:`problems_path` before the fit, so a failed fit keeps what the generation cost."""
+    from ..tasks import grade
 
     model, tokenizer = _load_model(args)
     prompts, answers = _load_problems(args)
     results = think_just_enough_generate(model, tokenizer, prompts, threshold=None, **_pipeline_kwargs(args))
     correct = [grade(r.completion, a) for r, a in zip(results, answers)]
+    signals = [r.step_signal for r in results]
+    measured = problems_path(args.output_file)
+    measured.parent.mkdir(parents=True, exist_ok=True)
+    with open(measured, "w", encoding="utf-8") as handle:
+        for prompt, answer, result, ok in zip(prompts, answers, results, correct):
+            row = {"prompt": prompt[-1]["content"], "answer": answer, "correct": ok, "step_signal": result.step_signal}
+            row.update(first_step_tokens=result.first_step_tokens, num_tokens=result.num_tokens)
+            row["completion"] = result.completion
+            handle.write(json.dumps(_json_safe(row), allow_nan=False) + "\n")
+    print(f"Per-problem first-step signal and correctness written to {measured}")
     calibrator = EntropyThresholdCalibrator(args.alpha, args.method, args.p_value_method, args.signal)
-    calibrator.fit([r.step_signal for r in results], correct)
+    try:
+        calibrator.fit(signals, correct)
+    except ValueError as err:
+        raise ValueError(
+            f"calibration failed: {err} ({sum(correct)} of {len(correct)} correct; measurements kept in {measured}). "
+            f"To fix: {_fit_advice(correct, signals)}."
+        ) from err
     path = calibrator.save(args.output_file)
     print(calibrator.summary())
     print(f"Saved to {path}")
@@ -89,7 +129,7 @@ def run_calibrate(args: CalibrateArguments) -> EntropyThresholdCalibrator:
 def run_early_stop_generate(args: EarlyStopGenerateArguments) -> dict:
     """Solve ``args.num_problems`` problems with early stopping (and, with ``compare_baseline``, without), grade
     them, print a comparison and write per-problem results to ``args.output_file``. Returns the metrics."""
-    from .tasks import grade
+    from ..tasks import grade
 
     signal, threshold, calibration = args.signal, args.threshold, None
     if args.calibration_path is not None:

@@ -78,15 +78,16 @@ def _generate_rows(
         input_ids = torch.tensor([[pad_token_id] * (width - len(r)) + r for r in batch], device=device)
         attention_mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in batch], device=device)
         stopper = make_stopper(caps)
-        generated = model.generate(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            max_new_tokens=max(caps),
-            logits_processor=[stopper.recorder],
-            stopping_criteria=[stopper],
-            pad_token_id=pad_token_id,
-            **generation_kwargs,
-        )[:, width:]
+        with stopper.recorder.watch(model):  # record the raw distribution, not the penalised scores
+            generated = model.generate(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                max_new_tokens=max(caps),
+                logits_processor=[stopper.recorder],
+                stopping_criteria=[stopper],
+                pad_token_id=pad_token_id,
+                **generation_kwargs,
+            )[:, width:]
         signal = stopper.sequence_signal().tolist()
         reasons, values = stopper.stop_reasons, stopper.stop_values.tolist()
         for i in range(len(batch)):

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Literal
 
 import torch
@@ -19,9 +20,11 @@ __all__ = ["TokenConfidenceRecorder", "EntropyEarlyStopping", "delimiter_token_i
 class TokenConfidenceRecorder(LogitsProcessor):
     """Records a :class:`ConfidenceSignal` of each decoding step's logits; leaves the logits unchanged.
 
-    transformers applies custom logits processors after the built-in logit modifiers (repetition penalty, min
-    length, suppressed tokens) and *before* the sampling warpers (temperature, top-k, top-p), so the recorder sees the
-    model's own distribution at temperature 1 whatever the sampling settings, as the papers measure it.
+    The papers measure the model's own distribution. transformers hands a logits processor the scores *after* its
+    built-in modifiers (``repetition_penalty``, ``no_repeat_ngram_size``, ``min_length``, suppressed tokens...), so
+    inside ``with recorder.watch(model):`` the recorder reads each step's raw logits from the model's forward output
+    instead, whatever the generation settings (custom processors also run before the sampling warpers, so
+    temperature, top-k and top-p never reach it either). Outside ``watch`` it records the scores it is handed.
 
     A new ``generate`` call is detected when the input is not the previous step's input plus one token; a prompt that
     is exactly the previous call's whole output therefore resumes the statistics. Call :meth:`reset` to start fresh.
@@ -31,6 +34,7 @@ class TokenConfidenceRecorder(LogitsProcessor):
     def __init__(self, signal: ConfidenceSignal | None = None):
         self.signal = signal or ConfidenceSignal()
         self.generation_index = 0
+        self._raw_logits: torch.Tensor | None = None
         self.reset()
 
     def reset(self) -> None:
@@ -38,6 +42,26 @@ class TokenConfidenceRecorder(LogitsProcessor):
         self.prompt_length: int | None = None
         self._last_input: torch.Tensor | None = None
         self.generation_index += 1
+
+    @contextmanager
+    def watch(self, model: torch.nn.Module) -> Iterator[TokenConfidenceRecorder]:
+        """Record the raw logits of ``model`` (a causal LM whose output has ``.logits``) while the block runs::
+
+        with recorder.watch(model):
+            model.generate(**inputs, logits_processor=[recorder])
+        """
+
+        def keep_last_logits(module, args, output) -> None:
+            logits = getattr(output, "logits", None)
+            if logits is not None:
+                self._raw_logits = logits[:, -1, :]
+
+        handle = model.register_forward_hook(keep_last_logits)
+        try:
+            yield self
+        finally:
+            handle.remove()
+            self._raw_logits = None
 
     @property
     def num_steps(self) -> int:
@@ -57,7 +81,9 @@ class TokenConfidenceRecorder(LogitsProcessor):
             self.reset()
             self.prompt_length = input_ids.size(1)
         self._last_input = input_ids
-        self.values.append(self.signal(scores).float())
+        raw, self._raw_logits = self._raw_logits, None  # consumed: a stale step never serves the next one
+        logits = raw if raw is not None and raw.shape == scores.shape else scores
+        self.values.append(self.signal(logits).float())
         return scores
 
     def token_values(self) -> torch.Tensor:
@@ -76,7 +102,8 @@ class EntropyEarlyStopping(StoppingCriteria):
     Pass both parts to ``generate``::
 
         stopper = EntropyEarlyStopping(calibrator.threshold(), check_at="delimiter", delimiter="\\n\\n", tokenizer=tok)
-        model.generate(**inputs, logits_processor=[stopper.recorder], stopping_criteria=[stopper])
+        with stopper.recorder.watch(model):  # the model's own distribution, before repetition penalties etc.
+            model.generate(**inputs, logits_processor=[stopper.recorder], stopping_criteria=[stopper])
 
     ``generate`` hands stopping criteria the *processed* scores, and only with ``output_scores=True``; the companion
     :attr:`recorder` reads each step's logits before temperature/top-k/top-p instead. Without it, the criterion falls
