@@ -18,6 +18,15 @@ _TRAINER_REWARD_KWARGS = frozenset(
 )
 
 
+# TRL's named rewards that read `completion[0]["content"]`: they need prompts in the conversational format.
+_CHAT_ONLY_TRL_REWARDS = frozenset({"accuracy_reward", "reasoning_accuracy_reward", "think_format_reward"})
+
+
+def _reads_chat_completions(reward_func: Any) -> bool:
+    module = getattr(reward_func, "__module__", "") or ""
+    return module.startswith("trl.rewards") and getattr(reward_func, "__name__", None) in _CHAT_ONLY_TRL_REWARDS
+
+
 def check_data_file(path: str) -> None:
     """Refuse a data file that does not exist or holds no record (``datasets`` fails on it with a bare
     ``StopIteration``)."""
@@ -80,7 +89,14 @@ def check_training_dataset(
             f"rename the column holding the prompts to {prompt_column!r} (`dataset.rename_column(old, "
             f"{prompt_column!r})`)."
         )
+    first_prompt = dataset[0][prompt_column] if hasattr(dataset, "__getitem__") else None
     for reward_func in reward_funcs:
+        if isinstance(first_prompt, str) and _reads_chat_completions(reward_func):
+            raise ValueError(
+                f"`reward_funcs`: TRL's {_name(reward_func)} reads chat completions, but {where} has plain-text "
+                f"prompts; write each {prompt_column!r} as a list of messages, "
+                '[{"role": "user", "content": "..."}], or choose another reward.'
+            )
         missing = [c for c in reward_columns(reward_func) if c not in columns]
         if missing:
             raise ValueError(
