@@ -7,12 +7,15 @@ check that ran after loading would fail on the model instead.
 
 import json
 import os
+import re
+import shlex
+from pathlib import Path
 
 import pytest
 import torch
 import yaml
 
-from trl_entropy.cli import main
+from trl_entropy.cli import main, make_parser
 from trl_entropy.testing import make_tiny_model_and_tokenizer, tiny_prompts
 
 MISSING_MODEL = "/nonexistent/model-folder"
@@ -281,3 +284,73 @@ def test_calibrate_keeps_the_measurements_and_says_what_to_change(tmp_path, caps
     assert len(rows) == 4 and not any(r["correct"] for r in rows)
     assert all(set(r) >= {"prompt", "answer", "correct", "step_signal", "first_step_tokens"} for r in rows)
     assert not output.exists()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Docs: the commands they show parse; notebooks are linked; no machine path
+# ---------------------------------------------------------------------------------------------------------------------
+
+ROOT = Path(__file__).resolve().parent.parent
+DOC_FILES = sorted(
+    [ROOT / "README.md", ROOT / "examples" / "README.md"]
+    + list((ROOT / "docs").rglob("*.md"))
+    + list((ROOT / "examples").glob("*.py"))
+    + list((ROOT / "examples" / "accelerate").glob("*.yaml"))
+)
+_COMMAND = re.compile(r"^(?:trl-entropy|accelerate launch .*-m trl_entropy\.cli) (\w+)\b(.*)")
+_FENCE = re.compile(r"^```[^\n]*\n(.*?)^```", re.M | re.S)
+
+
+def _code(path: Path) -> str:
+    """The code a reader copies from ``path``: its fenced blocks for Markdown, the whole file otherwise."""
+    text = path.read_text(encoding="utf-8")
+    return "\n".join(_FENCE.findall(text)) if path.suffix == ".md" else text
+
+
+def _documented_commands():
+    """``(file, command, options)`` of every command line in a code block of the docs, a docstring of an example or
+    a comment of an accelerate config."""
+    for path in DOC_FILES:
+        text = re.sub(r"\\\n#?\s*", " ", _code(path))  # join continuation lines (also inside YAML comments)
+        for line in text.splitlines():
+            match = _COMMAND.match(line.strip().lstrip("#").strip())
+            if match:
+                yield str(path.relative_to(ROOT)), match.group(1), match.group(2).split(" #")[0]
+
+
+@pytest.mark.parametrize("where, command, rest", list(_documented_commands()))
+def test_every_documented_command_line_parses(tmp_path, monkeypatch, where, command, rest):
+    """Each `trl-entropy ...` line of the README, docs, example docstrings and accelerate configs is accepted as it is
+    written (files it names are created empty: parsing does not read them)."""
+    argv = shlex.split(rest)
+    if any(token.startswith("[") or token.isupper() for token in argv) or "--config" in argv:
+        pytest.skip("a usage synopsis or a config file, not a command to copy")
+    monkeypatch.chdir(tmp_path)
+    for token in argv:
+        if token.endswith((".jsonl", ".json")) and "/" not in token:
+            (tmp_path / token).write_text('{"prompt": "p"}\n')
+    if command == "plot":  # the folder of a training run
+        (tmp_path / argv[argv.index("--stats_file") + 1]).mkdir()
+        (tmp_path / argv[argv.index("--stats_file") + 1] / "entropy_stats.jsonl").write_text("")
+    make_parser(command, argv).parse_args_and_config(argv)
+
+
+def test_docs_show_no_bare_precision_flag_and_no_required_cpu_flags():
+    for path in DOC_FILES:
+        assert not re.search(r"--(bf16|fp16|tf32)(?! (true|false))(?=[\s`\\]|$)", _code(path), re.M), path
+        assert "--use_cpu --bf16 false" not in path.read_text(encoding="utf-8"), path
+
+
+def test_readme_and_docs_link_the_notebooks():
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    docs = (ROOT / "docs" / "examples.md").read_text(encoding="utf-8")
+    for notebook in sorted((ROOT / "examples" / "notebooks").glob("*.ipynb")):
+        assert f"(examples/notebooks/{notebook.name})" in readme
+        assert f"(notebooks/{notebook.name})" in docs
+        assert (ROOT / "docs" / "notebooks" / notebook.name).resolve() == notebook.resolve()
+    assert "examples.md" in (ROOT / "mkdocs.yml").read_text(encoding="utf-8")
+
+
+def test_benchmarks_page_shows_no_absolute_path():
+    page = (ROOT / "docs" / "benchmarks.md").read_text(encoding="utf-8")
+    assert not re.search(r"(?<![\w.])/(work|home|root|tmp|Users)/", page)

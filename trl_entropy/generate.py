@@ -36,7 +36,6 @@ from .inference import AdaptiveTemperatureLogitsProcessor, EMInfLogitsProcessor
 from .tasks import extract_answer, grade
 
 __all__ = [
-    "GenerateArguments",
     "Completion",
     "load_prompts",
     "render_prompt",
