@@ -164,13 +164,14 @@ def evaluate_setting(setting, calibrator, model, tokenizer, prompts, answers, ch
 
 
 def smollm2_setting(args) -> dict:
-    from trl_entropy.confidence import CalibrateArguments, run_calibrate
+    from trl_entropy.cli.arguments import CalibrateArguments
+    from trl_entropy.confidence import run_calibrate
     from trl_entropy.models import load_default_model
     from trl_entropy.tasks import ArithmeticTask
 
     instruction = "Think step by step."
     calibrate_args = CalibrateArguments(
-        num_examples=args.num_calibrate,
+        num_problems=args.num_calibrate,
         split="train",
         arithmetic_low=10,
         arithmetic_high=99,
@@ -178,7 +179,7 @@ def smollm2_setting(args) -> dict:
         max_step_tokens=args.max_step_tokens,
         max_new_tokens=args.max_new_tokens,
         batch_size=args.batch_size,
-        output_path=str(RESULTS_DIR / f"{NAME}_calibration.json"),
+        output_file=str(RESULTS_DIR / f"{NAME}_calibration.json"),
     )
     t0 = time.perf_counter()
     print(f"[smollm2] calibrating on {args.num_calibrate} training problems", flush=True)

@@ -107,6 +107,18 @@ figure (none is estimated). The CPU path of every op is the one measured above.
 # ---------------------------------------------------------------------------------------------------------------------
 
 
+def repository_path(text: str) -> str:
+    """An absolute path written by a benchmark, relative to the repository it lies in (``benchmarks/...``), so the page
+    does not show the folders of the machine it was generated on; any other text unchanged."""
+    if not text.startswith("/"):
+        return text
+    parts = Path(text).parts
+    for anchor in ("benchmarks", "docs", "examples"):
+        if anchor in parts:
+            return str(Path(*parts[len(parts) - 1 - parts[::-1].index(anchor) :]))
+    return Path(text).name
+
+
 def format_value(value: Any) -> str:
     """One JSON value as table-cell text: floats with 4 significant digits, lists comma-separated, None as a dash."""
     if value is None:
@@ -127,7 +139,7 @@ def format_value(value: Any) -> str:
         return ", ".join(format_value(v) for v in value)
     if isinstance(value, dict):
         return "; ".join(f"{k}: {format_value(v)}" for k, v in value.items())
-    return str(value).replace("|", "\\|").replace("\n", " ")
+    return repository_path(str(value)).replace("|", "\\|").replace("\n", " ")
 
 
 def column_title(key: str) -> str:

@@ -5,7 +5,7 @@ model's next-token distributions over its tokens (EM-RL-token, Agarwal et al., 2
 turns rewards into advantages against the group mean. No answer is ever read: the training prompts carry no label.
 
     python examples/em_rl_grpo.py                                   # embedded SmolLM2-135M-Instruct, 1-2 min on CPU
-    python examples/em_rl_grpo.py --model_name_or_path Qwen/Qwen2.5-Math-1.5B --max_steps 200 --bf16
+    python examples/em_rl_grpo.py --model_name_or_path Qwen/Qwen2.5-Math-1.5B --max_steps 200 --bf16 true
 
 Every EntropyGRPOConfig option (TRL's GRPOConfig plus the entropy fields) is a command-line flag: see `--help`.
 """

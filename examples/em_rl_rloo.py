@@ -4,7 +4,8 @@ The reward is the model's confidence, minus the mean token entropy of each sampl
 completion's reward minus the mean reward of the *other* completions of its prompt. No labels are used.
 
     python examples/em_rl_rloo.py                                   # embedded SmolLM2-135M-Instruct, 1-2 min on CPU
-    python examples/em_rl_rloo.py --model_name_or_path Qwen/Qwen2.5-Math-7B --learning_rate 1e-6 --beta 0.001 --bf16
+    python examples/em_rl_rloo.py --model_name_or_path Qwen/Qwen2.5-Math-7B --learning_rate 1e-6 --beta 0.001 \\
+        --bf16 true
 
 Every EntropyRLOOConfig option (TRL's RLOOConfig plus the entropy fields) is a command-line flag: see `--help`.
 """

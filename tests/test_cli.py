@@ -86,7 +86,7 @@ def test_training_commands_share_model_and_data_options():
     for command in ("grpo", "rloo", "emft"):
         types = _dataclass_types(command)
         assert TrainScriptArguments in types and EntropyModelConfig in types
-    script_args, _, model_args = make_parser("grpo").parse_args_and_config(["--output_dir", "unused"])
+    script_args, _, model_args, _ = make_parser("grpo").parse_args_and_config(["--output_dir", "unused"])
     assert model_args.model_name_or_path == "smollm2"
     assert script_args.dataset_name == "arithmetic"
 
@@ -144,8 +144,10 @@ def test_bad_values_are_reported_with_the_parameter_name(tmp_path, capsys):
         make_parser("grpo").parse_args_and_config(["--forking_token_ratio", "1.5", "--output_dir", str(tmp_path)])
     with pytest.raises(ValueError, match="num_train_prompts"):
         make_parser("grpo").parse_args_and_config(["--num_train_prompts", "0", "--output_dir", str(tmp_path)])
-    with pytest.raises(ValueError, match="reward_funcs"):
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
         main(["emft", "--reward_funcs", "accuracy", "--output_dir", str(tmp_path), "--max_steps", "1"])
+    assert exit_info.value.code == 2 and "reward_funcs" in capsys.readouterr().err
 
 
 def _tiny_training_argv(command, model_dir, output_dir, *extra):
@@ -238,9 +240,9 @@ def test_generate_command_with_em_inf(tiny_model_dir, tmp_path, capsys):
 
 def test_generate_command_with_early_stopping(tiny_model_dir, tmp_path):
     output = tmp_path / "early.json"
-    argv = ["generate", "--early_stopping", "--model_name_or_path", tiny_model_dir, "--num_examples", "2"]
+    argv = ["generate", "--early_stopping", "--model_name_or_path", tiny_model_dir, "--num_problems", "2"]
     argv += ["--threshold", "100.0", "--max_step_tokens", "4", "--max_new_tokens", "8", "--max_answer_tokens", "2"]
-    assert main([*argv, "--output_path", str(output)]) == 0
+    assert main([*argv, "--output_file", str(output)]) == 0
     payload = json.loads(output.read_text())
     # A threshold above any entropy makes every first step confident: nothing goes on to extended reasoning.
     results = payload["results"]

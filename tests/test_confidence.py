@@ -10,11 +10,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from trl_entropy.cli.arguments import CalibrateArguments, EarlyStopGenerateArguments
 from trl_entropy.confidence import (
     THRESHOLD_METHODS,
-    CalibrateArguments,
     ConfidenceSignal,
-    EarlyStopGenerateArguments,
     EntropyEarlyStopping,
     EntropyThresholdCalibrator,
     TokenConfidenceRecorder,
@@ -612,8 +611,8 @@ def test_pipeline_argument_validation(tiny):
 
 
 def test_argument_dataclasses_validate():
-    with pytest.raises(ValueError, match="num_examples"):
-        CalibrateArguments(num_examples=0)
+    with pytest.raises(ValueError, match="num_problems"):
+        CalibrateArguments(num_problems=0)
     with pytest.raises(ValueError, match="max_step_tokens"):
         CalibrateArguments(max_step_tokens=500, max_new_tokens=100)
     with pytest.raises(ValueError, match="method"):
@@ -643,7 +642,7 @@ def test_run_early_stop_generate_end_to_end(tiny_model_dir, tmp_path):
     args = EarlyStopGenerateArguments(
         model_name_or_path=str(tiny_model_dir),
         threshold=1.0,
-        num_examples=6,
+        num_problems=6,
         arithmetic_low=1,
         arithmetic_high=9,
         instruction="",
@@ -653,7 +652,7 @@ def test_run_early_stop_generate_end_to_end(tiny_model_dir, tmp_path):
         max_new_tokens=12,
         answer_prompt="the answer",
         max_answer_tokens=2,
-        output_path=str(tmp_path / "out.json"),
+        output_file=str(tmp_path / "out.json"),
     )
     report = run_early_stop_generate(args)
     saved = json.loads((tmp_path / "out.json").read_text())
@@ -673,15 +672,69 @@ def test_run_calibrate_refuses_when_no_answer_is_correct(tiny_model_dir, tmp_pat
     # The random tiny model never answers "what is a + b" right: calibration must refuse, not write a threshold.
     args = CalibrateArguments(
         model_name_or_path=str(tiny_model_dir),
-        num_examples=4,
+        num_problems=4,
         arithmetic_low=1,
         arithmetic_high=9,
         instruction="",
         step_delimiter="?",
         max_step_tokens=4,
         max_new_tokens=6,
-        output_path=str(tmp_path / "cal.json"),
+        output_file=str(tmp_path / "cal.json"),
     )
     with pytest.raises(ValueError, match="at least 2 correct"):
         run_calibrate(args)
     assert not (tmp_path / "cal.json").exists()
+
+
+@pytest.mark.parametrize("penalty", [{"repetition_penalty": 2.0}, {"no_repeat_ngram_size": 1}])
+def test_recorded_signal_is_the_models_raw_distribution_whatever_the_logits_processors(
+    tiny_model_and_tokenizer, penalty
+):
+    """issue 13 item 9: repetition_penalty / no_repeat_ngram_size change the scores a logits processor is handed, not
+    the model's own distribution, which is what the recorder must measure (float64 reference on the raw logits)."""
+    model, tokenizer = tiny_model_and_tokenizer
+    signal = ConfidenceSignal("entropy", base=2.0)
+    prompt = "what is 3 + 4 ?"
+    settings = {"do_sample": False, **penalty}
+    (result,) = think_just_enough_generate(
+        model,
+        tokenizer,
+        [prompt],
+        threshold=None,
+        signal=signal,
+        step_delimiter_ids=[tokenizer.pad_token_id],
+        min_step_tokens=8,
+        max_step_tokens=8,
+        max_new_tokens=8,
+        generation_kwargs=settings,
+        show_progress=False,
+    )
+    n = result.first_step_tokens
+    assert n >= 2
+    inputs = tokenizer(prompt, return_tensors="pt")
+    out = model.generate(
+        **inputs,
+        max_new_tokens=n,
+        output_logits=True,
+        output_scores=True,
+        return_dict_in_generate=True,
+        pad_token_id=tokenizer.pad_token_id,
+        **settings,
+    )
+    assert out.sequences[0, inputs["input_ids"].size(1) :].tolist() == result.completion_ids[:n]
+
+    def mean_bits(steps):
+        logp = torch.log_softmax(torch.stack(steps)[:, 0].double(), dim=-1)
+        entropy = -(logp.exp() * logp).nan_to_num().sum(-1) / math.log(2.0)
+        return entropy.mean().item()
+
+    raw, processed = mean_bits(out.logits), mean_bits(out.scores)
+    assert abs(processed - raw) > 1e-3  # the processor moves the scores: the test can tell the two apart
+    assert result.step_signal == pytest.approx(raw, abs=1e-5)
+
+    # The recorder alone, inside `watch`, records the same raw values step by step.
+    recorder = TokenConfidenceRecorder(signal)
+    with recorder.watch(model):
+        model.generate(**inputs, max_new_tokens=n, logits_processor=[recorder], **settings)
+    expected = [mean_bits([step]) for step in out.logits]
+    assert recorder.token_values()[0].tolist() == pytest.approx(expected, abs=1e-5)

@@ -22,7 +22,7 @@ import os
 import time
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,12 +30,12 @@ import torch
 from tqdm.auto import tqdm
 from transformers import LogitsProcessor, LogitsProcessorList, PreTrainedModel, PreTrainedTokenizerBase
 
+from .cli.arguments import GenerateArguments
 from .evaluation import wilson_interval
-from .inference import AdaptiveTemperatureConfig, AdaptiveTemperatureLogitsProcessor, EMInfConfig, EMInfLogitsProcessor
+from .inference import AdaptiveTemperatureLogitsProcessor, EMInfLogitsProcessor
 from .tasks import extract_answer, grade
 
 __all__ = [
-    "GenerateArguments",
     "Completion",
     "load_prompts",
     "render_prompt",
@@ -48,131 +48,6 @@ __all__ = [
     "build_logits_processors",
     "run_generate",
 ]
-
-
-@dataclass
-class GenerateArguments:
-    """Arguments of :func:`run_generate` (the ``trl-entropy generate`` subcommand).
-
-    Parameters:
-        model_name_or_path (`str`, *optional*, defaults to `"smollm2"`):
-            `"smollm2"` for the embedded offline SmolLM2-135M-Instruct, or any hub id / local folder.
-        prompts_file (`str` or `None`, *optional*, defaults to `None`):
-            JSONL file, one object per line with `prompt` (a string or a list of chat messages) and optionally
-            `answer`; other fields are copied to the output. When `None`, `task` is used.
-        task (`str`, *optional*, defaults to `"arithmetic"`):
-            Built-in task when no `prompts_file` is given: `"arithmetic"` (offline) or a hub task of
-            `trl_entropy.tasks.load_task` (`"gsm8k"`, `"math500"`; needs a network or a populated cache).
-        num_problems (`int`, *optional*, defaults to `64`):
-            Number of task problems (`>= 1`); for a prompts file, `0` keeps every line, else the first ones.
-        split (`str`, *optional*, defaults to `"test"`):
-            Task split (`"train"` or `"test"` for arithmetic).
-        max_new_tokens (`int`, *optional*, defaults to `64`):
-            Maximum generated tokens per completion, `>= 1`.
-        batch_size (`int`, *optional*, defaults to `16`):
-            Sequences per forward pass, `>= 1`; a batch holds `max(1, batch_size // num_samples)` prompts.
-        do_sample (`bool`, *optional*, defaults to `False`):
-            Sample instead of greedy decoding. Required when `num_samples > 1`.
-        temperature (`float`, *optional*, defaults to `1.0`):
-            Sampling temperature `> 0` (used when `do_sample`). The released EM-INF script samples at 0.1.
-        top_k (`int` or `None`, *optional*, defaults to `None`):
-            Top-k filtering when sampling (`>= 1`); `None` keeps the model's generation config.
-        top_p (`float` or `None`, *optional*, defaults to `None`):
-            Nucleus filtering when sampling, in `(0, 1]`; `None` keeps the model's generation config.
-        num_samples (`int`, *optional*, defaults to `1`):
-            Completions per prompt, `>= 1`; `> 1` is self-consistency: the prediction is the majority vote over
-            the extracted answers (ties: the answer seen first).
-        em_inf (`bool`, *optional*, defaults to `False`):
-            Optimise each step's logits with EM-INF (Agarwal et al., 2025) before the temperature / top-k / top-p.
-        em_inf_threshold (`float`, *optional*, defaults to `0.3`):
-            EM-INF entropy threshold `delta` in nats (paper: 0.1-0.5).
-        em_inf_steps (`int`, *optional*, defaults to `3`):
-            EM-INF optimiser steps per decoding step (released script: 3; paper: 5-15).
-        em_inf_lr (`float`, *optional*, defaults to `0.1`):
-            EM-INF learning rate on the logits.
-        em_inf_kl_weight (`float`, *optional*, defaults to `0.05`):
-            Weight of the KL to the original distribution in the EM-INF objective.
-        em_inf_optimizer (`str`, *optional*, defaults to `"adam"`):
-            `"adam"` or `"sgd"`.
-        adaptive_temperature (`bool`, *optional*, defaults to `False`):
-            Use the paper's adaptive-temperature baseline instead of EM-INF (mutually exclusive with `em_inf`).
-        adaptive_temperature_alpha (`float`, *optional*, defaults to `0.5`):
-            Target fraction of the initial entropy for the adaptive temperature, in `(0, 1]` (paper: 0.4-0.6).
-        apply_chat_template (`bool`, *optional*, defaults to `True`):
-            Render prompts with the tokenizer's chat template (plain strings become one user message). Without a
-            chat template, or when `False`, message lists are joined and strings are used as they are.
-        output_file (`str`, *optional*, defaults to `"outputs/generate.jsonl"`):
-            Where the per-prompt JSONL goes.
-        summary_file (`str` or `None`, *optional*, defaults to `None`):
-            Where the JSON summary goes; `None` uses `output_file` with the suffix `.summary.json`.
-        seed (`int`, *optional*, defaults to `0`):
-            Seed of the task draw and of sampling.
-    """
-
-    model_name_or_path: str = field(default="smollm2", metadata={"help": "'smollm2' (embedded) or a hub id / path."})
-    prompts_file: str | None = field(
-        default=None, metadata={"help": "JSONL with 'prompt' and optional 'answer' per line; else `task` is used."}
-    )
-    task: str = field(default="arithmetic", metadata={"help": "'arithmetic' (offline), 'gsm8k' or 'math500'."})
-    num_problems: int = field(default=64, metadata={"help": "Problems to run (0 = all lines of a prompts file)."})
-    split: str = field(default="test", metadata={"help": "Task split."})
-    max_new_tokens: int = field(default=64, metadata={"help": "Maximum generated tokens per completion (>= 1)."})
-    batch_size: int = field(default=16, metadata={"help": "Sequences per forward pass (>= 1)."})
-    do_sample: bool = field(default=False, metadata={"help": "Sample instead of greedy decoding."})
-    temperature: float = field(default=1.0, metadata={"help": "Sampling temperature (> 0)."})
-    top_k: int | None = field(default=None, metadata={"help": "Top-k when sampling (>= 1)."})
-    top_p: float | None = field(default=None, metadata={"help": "Top-p when sampling, in (0, 1]."})
-    num_samples: int = field(default=1, metadata={"help": "Completions per prompt; > 1 = self-consistency vote."})
-    em_inf: bool = field(default=False, metadata={"help": "Apply EM-INF to every decoding step's logits."})
-    em_inf_threshold: float = field(default=0.3, metadata={"help": "EM-INF entropy threshold (nats)."})
-    em_inf_steps: int = field(default=3, metadata={"help": "EM-INF optimiser steps per decoding step."})
-    em_inf_lr: float = field(default=0.1, metadata={"help": "EM-INF learning rate."})
-    em_inf_kl_weight: float = field(default=0.05, metadata={"help": "EM-INF KL weight."})
-    em_inf_optimizer: str = field(default="adam", metadata={"help": "'adam' or 'sgd'."})
-    adaptive_temperature: bool = field(default=False, metadata={"help": "Use the adaptive-temperature baseline."})
-    adaptive_temperature_alpha: float = field(default=0.5, metadata={"help": "Target entropy fraction (0, 1]."})
-    apply_chat_template: bool = field(default=True, metadata={"help": "Render prompts with the chat template."})
-    output_file: str = field(default="outputs/generate.jsonl", metadata={"help": "Per-prompt JSONL output."})
-    summary_file: str | None = field(default=None, metadata={"help": "JSON summary (default: next to output)."})
-    seed: int = field(default=0, metadata={"help": "Seed of the task draw and of sampling."})
-
-    def __post_init__(self):
-        if self.num_problems < 0 or (self.prompts_file is None and self.num_problems < 1):
-            raise ValueError(
-                f"`num_problems` must be >= 1 for a task (>= 0 for a prompts file), got {self.num_problems}."
-            )
-        for name in ("max_new_tokens", "batch_size", "num_samples"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"`{name}` must be an integer >= 1, got {getattr(self, name)}.")
-        if not (self.temperature > 0 and math.isfinite(self.temperature)):
-            raise ValueError(f"`temperature` must be a finite number > 0, got {self.temperature}.")
-        if self.top_k is not None and self.top_k < 1:
-            raise ValueError(f"`top_k` must be >= 1 or None, got {self.top_k}.")
-        if self.top_p is not None and not (0 < self.top_p <= 1):
-            raise ValueError(f"`top_p` must be in (0, 1] or None, got {self.top_p}.")
-        if self.num_samples > 1 and not self.do_sample:
-            raise ValueError(
-                f"`num_samples` > 1 (got {self.num_samples}) needs `do_sample=True`: greedy samples are identical."
-            )
-        if self.em_inf and self.adaptive_temperature:
-            raise ValueError("`em_inf` and `adaptive_temperature` are alternatives: set at most one of them.")
-        # Validate the method settings now rather than after the model has loaded.
-        self.em_inf_config()
-        self.adaptive_temperature_config()
-
-    def em_inf_config(self) -> EMInfConfig:
-        """The :class:`~trl_entropy.inference.EMInfConfig` these arguments describe."""
-        return EMInfConfig(
-            threshold=self.em_inf_threshold,
-            steps=self.em_inf_steps,
-            lr=self.em_inf_lr,
-            kl_weight=self.em_inf_kl_weight,
-            optimizer=self.em_inf_optimizer,
-        )
-
-    def adaptive_temperature_config(self) -> AdaptiveTemperatureConfig:
-        """The :class:`~trl_entropy.inference.AdaptiveTemperatureConfig` these arguments describe."""
-        return AdaptiveTemperatureConfig(threshold=self.em_inf_threshold, alpha=self.adaptive_temperature_alpha)
 
 
 @dataclass

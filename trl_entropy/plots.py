@@ -96,6 +96,14 @@ class PlotArguments:
             raise ValueError(f"`steps` must be a non-empty list of steps >= 0, got {self.steps}.")
 
 
+# Keys of every record EntropyStatsCallback writes, with the type each must have.
+_STATS_KEYS = {"metrics": dict, "histogram": dict, "num_tokens": int}
+
+
+def _is_stats_record(record: dict[str, Any]) -> bool:
+    return all(isinstance(record.get(key), kind) for key, kind in _STATS_KEYS.items())
+
+
 def load_entropy_stats(path: str | Path) -> list[dict[str, Any]]:
     """The records of an ``entropy_stats.jsonl`` file sorted by step (the last record wins for a repeated step).
     Blank, torn or malformed lines are skipped with a warning."""
@@ -330,6 +338,15 @@ def run_plot(args: PlotArguments) -> list[Path]:
     records = load_entropy_stats(args.stats_file)
     if not records:
         raise ValueError(f"`stats_file` {args.stats_file} holds no entropy stats record.")
+    foreign = [r for r in records if not _is_stats_record(r)]
+    if foreign:
+        # Another JSONL with a "step" field (a trainer log, a generation output) would draw blank figures.
+        keys = ", ".join(sorted(foreign[0])[:8])
+        raise ValueError(
+            f"`stats_file` {args.stats_file} is not an entropy_stats.jsonl of EntropyStatsCallback: "
+            f"{len(foreign)} of {len(records)} records lack {' / '.join(repr(k) for k in _STATS_KEYS)} (step "
+            f"{foreign[0]['step']} has: {keys})."
+        )
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     figures = {

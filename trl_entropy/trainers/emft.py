@@ -18,6 +18,8 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase, TrainerCallba
 from trl import GRPOConfig, GRPOTrainer
 from trl.models.utils import disable_gradient_checkpointing
 
+from ._model_card import EntropyModelCardMixin
+
 __all__ = ["EMFTConfig", "EMFTTrainer"]
 
 ENTROPY_NORMALIZATIONS = ("token", "sequence")
@@ -191,7 +193,7 @@ class _EntropyAfterUpdateCallback(TrainerCallback):
         self.trainer._log_entropy_update()
 
 
-class EMFTTrainer(GRPOTrainer):
+class EMFTTrainer(EntropyModelCardMixin, GRPOTrainer):
     """Entropy-minimisation fine-tuning (EM-FT, Agarwal et al., 2025): minimise the mean token entropy of the model's
     own sampled completions, with no labels and no rewards.
 

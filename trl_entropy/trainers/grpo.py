@@ -8,6 +8,7 @@ import torch
 from trl import GRPOConfig, GRPOTrainer
 
 from ._entropy import EntropyMethodsArguments, EntropyTrainerMixin
+from ._model_card import EntropyModelCardMixin
 
 
 @dataclass
@@ -25,7 +26,7 @@ class EntropyGRPOConfig(EntropyMethodsArguments, GRPOConfig):
         super().__post_init__()
 
 
-class EntropyGRPOTrainer(EntropyTrainerMixin, GRPOTrainer):
+class EntropyGRPOTrainer(EntropyModelCardMixin, EntropyTrainerMixin, GRPOTrainer):
     """Drop-in replacement for [`~trl.GRPOTrainer`] with entropy rewards and forking-token masks.
 
     The constructor is GRPOTrainer's, except that ``reward_funcs`` may be omitted when ``args.entropy_reward`` is set

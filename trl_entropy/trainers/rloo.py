@@ -8,6 +8,7 @@ import torch
 from trl import RLOOConfig, RLOOTrainer
 
 from ._entropy import EntropyMethodsArguments, EntropyTrainerMixin
+from ._model_card import EntropyModelCardMixin
 
 
 @dataclass
@@ -24,7 +25,7 @@ class EntropyRLOOConfig(EntropyMethodsArguments, RLOOConfig):
         super().__post_init__()
 
 
-class EntropyRLOOTrainer(EntropyTrainerMixin, RLOOTrainer):
+class EntropyRLOOTrainer(EntropyModelCardMixin, EntropyTrainerMixin, RLOOTrainer):
     """Drop-in replacement for [`~trl.RLOOTrainer`] with entropy rewards and forking-token masks.
 
     The entropy reward is read from the pass RLOO already makes with the policy before the rewards (its

@@ -1,0 +1,407 @@
+"""The argument dataclasses of every ``trl-entropy`` command, beside the CLI that parses them.
+
+Each field's ``help`` is what ``trl-entropy <command> --help`` prints; each ``__post_init__`` checks ranges, so a
+bad value fails in one line before any model loads. The commands share names for the same things: ``--num_problems``
+(how many problems) and ``--output_file`` (where the results go).
+"""
+
+from __future__ import annotations
+
+import codecs
+import math
+from dataclasses import dataclass, field
+
+from trl import ModelConfig
+from trl.scripts.grpo import GRPOScriptArguments
+
+from ..confidence.calibration import THRESHOLD_METHODS
+from ..confidence.signals import ConfidenceSignal
+from ..inference import AdaptiveTemperatureConfig, EMInfConfig
+from ..models import DEFAULT_MODEL
+
+__all__ = [
+    "TrainScriptArguments",
+    "EntropyModelConfig",
+    "GenerateModeArguments",
+    "GenerateArguments",
+    "CalibrateArguments",
+    "EarlyStopGenerateArguments",
+]
+
+# Fewer problems can not hold the two correct and two incorrect answers the calibration fit needs.
+MIN_CALIBRATION_PROBLEMS = 4
+
+
+@dataclass
+class TrainScriptArguments(GRPOScriptArguments):
+    """Data and reward options of ``trl-entropy grpo|rloo|emft``: those of ``trl grpo`` / ``trl rloo`` (TRL's
+    ``GRPOScriptArguments``, so a TRL config's `reward_funcs` and `reward_model_name_or_path` keep their meaning),
+    with these defaults and additions.
+
+    Parameters:
+        dataset_name (`str`, *optional*, defaults to `"arithmetic"`):
+            `"arithmetic"` (the built-in "What is a + b?" task, offline), a hub dataset id or local folder
+            (`datasets.load_dataset`), or a `.json`/`.jsonl`/`.csv`/`.parquet` file. It needs a `prompt` column.
+        num_train_prompts (`int`, *optional*, defaults to `1024`):
+            Number of prompts drawn for the built-in `arithmetic` task, >= 1 (ignored for other datasets).
+        reward_funcs (`list[str]` or `None`, *optional*, defaults to `None`):
+            Reward functions: TRL's `accuracy_reward` (reads the `solution` column), `reasoning_accuracy_reward`,
+            `think_format_reward`, `get_soft_overlong_punishment` (with `trl grpo`'s settings), `accuracy`
+            (:func:`trl_entropy.tasks.accuracy_reward`, reads the `answer` column) or a dotted import path
+            `my_module.my_reward`. Optional with `--entropy_reward`; not allowed for `emft`.
+        reward_model_name_or_path (`str` or `None`, *optional*, defaults to `None`):
+            A sequence-classification reward model (hub id or folder), scored before the reward functions, as in
+            `trl grpo`. Not allowed for `emft`.
+        entropy_stats (`bool`, *optional*, defaults to `True`):
+            Attach :class:`~trl_entropy.callbacks.EntropyStatsCallback` (entropy quantiles, forking tokens and collapse
+            signals at every log, `entropy_stats.jsonl` and PNG plots in the output folder).
+    """
+
+    dataset_name: str | None = field(
+        default="arithmetic",
+        metadata={
+            "help": "'arithmetic' (built in, offline), a hub dataset id or folder, or a .json/.jsonl/.csv/.parquet "
+            "file, with a 'prompt' column."
+        },
+    )
+    num_train_prompts: int = field(
+        default=1024, metadata={"help": "Prompts drawn for the built-in 'arithmetic' task (>= 1)."}
+    )
+    reward_funcs: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "Reward functions: TRL's 'accuracy_reward' (needs a 'solution' column), "
+            "'reasoning_accuracy_reward', 'think_format_reward', 'get_soft_overlong_punishment', 'accuracy' (needs an "
+            "'answer' column) or a dotted import path. Optional when --entropy_reward is set."
+        },
+    )
+    entropy_stats: bool = field(
+        default=True, metadata={"help": "Log entropy statistics with EntropyStatsCallback (JSONL + PNG plots)."}
+    )
+
+    def __post_init__(self):
+        if self.num_train_prompts < 1:
+            raise ValueError(f"`num_train_prompts` must be >= 1, got {self.num_train_prompts}.")
+        if not self.dataset_name:
+            raise ValueError("`dataset_name` must be 'arithmetic', a hub dataset id, a folder or a data file.")
+
+
+@dataclass
+class EntropyModelConfig(ModelConfig):
+    """TRL's :class:`~trl.ModelConfig` (model loading and LoRA options) with the embedded model as the default.
+
+    Parameters:
+        model_name_or_path (`str`, *optional*, defaults to `"smollm2"`):
+            `"smollm2"` (the embedded SmolLM2-135M-Instruct, offline), a hub model id or a local folder.
+    """
+
+    model_name_or_path: str | None = field(
+        default=DEFAULT_MODEL,
+        metadata={"help": "'smollm2' (embedded SmolLM2-135M-Instruct, offline), a hub model id or a local folder."},
+    )
+
+
+@dataclass
+class GenerateModeArguments:
+    """Which generation pipeline ``trl-entropy generate`` runs.
+
+    Parameters:
+        early_stopping (`bool`, *optional*, defaults to `False`):
+            `False`: batched generation, optionally with EM-INF or the adaptive temperature
+            (:func:`trl_entropy.generate.run_generate`). `True`: Think-Just-Enough entropy early stopping with a
+            calibrated threshold (:func:`trl_entropy.confidence.run_early_stop_generate`); see
+            `trl-entropy generate --early_stopping --help` for its options.
+    """
+
+    early_stopping: bool = field(
+        default=False,
+        metadata={
+            "help": "Run entropy early stopping (Think Just Enough) instead of EM-INF / plain generation. "
+            "`trl-entropy generate --early_stopping --help` lists its options."
+        },
+    )
+
+
+@dataclass
+class GenerateArguments:
+    """Arguments of :func:`run_generate` (the ``trl-entropy generate`` subcommand).
+
+    Parameters:
+        model_name_or_path (`str`, *optional*, defaults to `"smollm2"`):
+            `"smollm2"` for the embedded offline SmolLM2-135M-Instruct, or any hub id / local folder.
+        prompts_file (`str` or `None`, *optional*, defaults to `None`):
+            JSONL file, one object per line with `prompt` (a string or a list of chat messages) and optionally
+            `answer`; other fields are copied to the output. When `None`, `task` is used.
+        task (`str`, *optional*, defaults to `"arithmetic"`):
+            Built-in task when no `prompts_file` is given: `"arithmetic"` (offline) or a hub task of
+            `trl_entropy.tasks.load_task` (`"gsm8k"`, `"math500"`; needs a network or a populated cache).
+        num_problems (`int`, *optional*, defaults to `64`):
+            Number of task problems (`>= 1`); for a prompts file, `0` keeps every line, else the first ones.
+        split (`str`, *optional*, defaults to `"test"`):
+            Task split (`"train"` or `"test"` for arithmetic).
+        max_new_tokens (`int`, *optional*, defaults to `64`):
+            Maximum generated tokens per completion, `>= 1`.
+        batch_size (`int`, *optional*, defaults to `16`):
+            Sequences per forward pass, `>= 1`; a batch holds `max(1, batch_size // num_samples)` prompts.
+        do_sample (`bool`, *optional*, defaults to `False`):
+            Sample instead of greedy decoding. Required when `num_samples > 1`.
+        temperature (`float`, *optional*, defaults to `1.0`):
+            Sampling temperature `> 0` (used when `do_sample`). The released EM-INF script samples at 0.1.
+        top_k (`int` or `None`, *optional*, defaults to `None`):
+            Top-k filtering when sampling (`>= 1`); `None` keeps the model's generation config.
+        top_p (`float` or `None`, *optional*, defaults to `None`):
+            Nucleus filtering when sampling, in `(0, 1]`; `None` keeps the model's generation config.
+        num_samples (`int`, *optional*, defaults to `1`):
+            Completions per prompt, `>= 1`; `> 1` is self-consistency: the prediction is the majority vote over
+            the extracted answers (ties: the answer seen first).
+        em_inf (`bool`, *optional*, defaults to `False`):
+            Optimise each step's logits with EM-INF (Agarwal et al., 2025) before the temperature / top-k / top-p.
+        em_inf_threshold (`float`, *optional*, defaults to `0.3`):
+            EM-INF entropy threshold `delta` in nats (paper: 0.1-0.5).
+        em_inf_steps (`int`, *optional*, defaults to `3`):
+            EM-INF optimiser steps per decoding step (released script: 3; paper: 5-15).
+        em_inf_lr (`float`, *optional*, defaults to `0.1`):
+            EM-INF learning rate on the logits.
+        em_inf_kl_weight (`float`, *optional*, defaults to `0.05`):
+            Weight of the KL to the original distribution in the EM-INF objective.
+        em_inf_optimizer (`str`, *optional*, defaults to `"adam"`):
+            `"adam"` or `"sgd"`.
+        adaptive_temperature (`bool`, *optional*, defaults to `False`):
+            Use the paper's adaptive-temperature baseline instead of EM-INF (mutually exclusive with `em_inf`).
+        adaptive_temperature_alpha (`float`, *optional*, defaults to `0.5`):
+            Target fraction of the initial entropy for the adaptive temperature, in `(0, 1]` (paper: 0.4-0.6).
+        apply_chat_template (`bool`, *optional*, defaults to `True`):
+            Render prompts with the tokenizer's chat template (plain strings become one user message). Without a
+            chat template, or when `False`, message lists are joined and strings are used as they are.
+        output_file (`str`, *optional*, defaults to `"outputs/generate.jsonl"`):
+            Where the per-prompt JSONL goes.
+        summary_file (`str` or `None`, *optional*, defaults to `None`):
+            Where the JSON summary goes; `None` uses `output_file` with the suffix `.summary.json`.
+        seed (`int`, *optional*, defaults to `0`):
+            Seed of the task draw and of sampling.
+    """
+
+    model_name_or_path: str = field(default="smollm2", metadata={"help": "'smollm2' (embedded) or a hub id / path."})
+    prompts_file: str | None = field(
+        default=None, metadata={"help": "JSONL with 'prompt' and optional 'answer' per line; else `task` is used."}
+    )
+    task: str = field(default="arithmetic", metadata={"help": "'arithmetic' (offline), 'gsm8k' or 'math500'."})
+    num_problems: int = field(default=64, metadata={"help": "Problems to run (0 = all lines of a prompts file)."})
+    split: str = field(default="test", metadata={"help": "Task split."})
+    max_new_tokens: int = field(default=64, metadata={"help": "Maximum generated tokens per completion (>= 1)."})
+    batch_size: int = field(default=16, metadata={"help": "Sequences per forward pass (>= 1)."})
+    do_sample: bool = field(default=False, metadata={"help": "Sample instead of greedy decoding."})
+    temperature: float = field(default=1.0, metadata={"help": "Sampling temperature (> 0)."})
+    top_k: int | None = field(default=None, metadata={"help": "Top-k when sampling (>= 1)."})
+    top_p: float | None = field(default=None, metadata={"help": "Top-p when sampling, in (0, 1]."})
+    num_samples: int = field(default=1, metadata={"help": "Completions per prompt; > 1 = self-consistency vote."})
+    em_inf: bool = field(default=False, metadata={"help": "Apply EM-INF to every decoding step's logits."})
+    em_inf_threshold: float = field(default=0.3, metadata={"help": "EM-INF entropy threshold (nats)."})
+    em_inf_steps: int = field(default=3, metadata={"help": "EM-INF optimiser steps per decoding step."})
+    em_inf_lr: float = field(default=0.1, metadata={"help": "EM-INF learning rate."})
+    em_inf_kl_weight: float = field(default=0.05, metadata={"help": "EM-INF KL weight."})
+    em_inf_optimizer: str = field(default="adam", metadata={"help": "'adam' or 'sgd'."})
+    adaptive_temperature: bool = field(default=False, metadata={"help": "Use the adaptive-temperature baseline."})
+    adaptive_temperature_alpha: float = field(default=0.5, metadata={"help": "Target entropy fraction (0, 1]."})
+    apply_chat_template: bool = field(default=True, metadata={"help": "Render prompts with the chat template."})
+    output_file: str = field(default="outputs/generate.jsonl", metadata={"help": "Per-prompt JSONL output."})
+    summary_file: str | None = field(default=None, metadata={"help": "JSON summary (default: next to output)."})
+    seed: int = field(default=0, metadata={"help": "Seed of the task draw and of sampling."})
+
+    def __post_init__(self):
+        if self.num_problems < 0 or (self.prompts_file is None and self.num_problems < 1):
+            raise ValueError(
+                f"`num_problems` must be >= 1 for a task (>= 0 for a prompts file), got {self.num_problems}."
+            )
+        for name in ("max_new_tokens", "batch_size", "num_samples"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"`{name}` must be an integer >= 1, got {getattr(self, name)}.")
+        if not (self.temperature > 0 and math.isfinite(self.temperature)):
+            raise ValueError(f"`temperature` must be a finite number > 0, got {self.temperature}.")
+        if self.top_k is not None and self.top_k < 1:
+            raise ValueError(f"`top_k` must be >= 1 or None, got {self.top_k}.")
+        if self.top_p is not None and not (0 < self.top_p <= 1):
+            raise ValueError(f"`top_p` must be in (0, 1] or None, got {self.top_p}.")
+        if self.num_samples > 1 and not self.do_sample:
+            raise ValueError(
+                f"`num_samples` > 1 (got {self.num_samples}) needs `do_sample=True`: greedy samples are identical."
+            )
+        if self.em_inf and self.adaptive_temperature:
+            raise ValueError("`em_inf` and `adaptive_temperature` are alternatives: set at most one of them.")
+        # Validate the method settings now rather than after the model has loaded.
+        self.em_inf_config()
+        self.adaptive_temperature_config()
+
+    def em_inf_config(self) -> EMInfConfig:
+        """The :class:`~trl_entropy.inference.EMInfConfig` these arguments describe."""
+        return EMInfConfig(
+            threshold=self.em_inf_threshold,
+            steps=self.em_inf_steps,
+            lr=self.em_inf_lr,
+            kl_weight=self.em_inf_kl_weight,
+            optimizer=self.em_inf_optimizer,
+        )
+
+    def adaptive_temperature_config(self) -> AdaptiveTemperatureConfig:
+        """The :class:`~trl_entropy.inference.AdaptiveTemperatureConfig` these arguments describe."""
+        return AdaptiveTemperatureConfig(threshold=self.em_inf_threshold, alpha=self.adaptive_temperature_alpha)
+
+
+@dataclass
+class _EarlyStopTaskArguments:
+    """Model, task and decoding settings shared by `calibrate` and `generate`."""
+
+    model_name_or_path: str = field(
+        default="smollm2",
+        metadata={"help": "Model: 'smollm2' (embedded SmolLM2-135M-Instruct, offline), a hub id or a local folder."},
+    )
+    task: str = field(
+        default="arithmetic",
+        metadata={"help": "Problems: 'arithmetic' (built in, offline), or 'gsm8k' / 'math500' (need the hub)."},
+    )
+    num_problems: int = field(default=20, metadata={"help": "Number of problems, >= 1."})
+    split: str = field(default="train", metadata={"help": "Task split: 'train' or 'test' for 'arithmetic'."})
+    seed: int = field(default=0, metadata={"help": "Seed of the synthetic problems and of sampling."})
+    arithmetic_low: int = field(default=10, metadata={"help": "Smallest arithmetic operand, >= 0."})
+    arithmetic_high: int = field(default=99, metadata={"help": "Largest arithmetic operand, >= arithmetic_low."})
+    arithmetic_operations: str = field(
+        default="+", metadata={"help": "Arithmetic operators to draw from, a string over '+-*' (e.g. '+*')."}
+    )
+    instruction: str = field(
+        default="Think step by step.",
+        metadata={"help": "Text appended to each question, so that there is reasoning to cut (may be empty)."},
+    )
+    signal_kind: str = field(
+        default="topk_entropy",
+        metadata={"help": "Token signal: 'topk_entropy' (Think Just Enough) or 'entropy' (full vocabulary)."},
+    )
+    top_k: int = field(default=20, metadata={"help": "k of the top-k entropy, >= 2; the paper uses 20."})
+    base: float = field(
+        default=2.0, metadata={"help": "Log base of the entropy, > 0 and != 1; 2 (bits) in the paper."}
+    )
+    step_delimiter: str = field(
+        default="\n\n",
+        metadata={"help": "Text that ends a reasoning step; escapes such as '\\n' are decoded (command line)."},
+    )
+    min_step_tokens: int = field(default=4, metadata={"help": "Tokens before a step delimiter counts, >= 1."})
+    max_step_tokens: int = field(default=128, metadata={"help": "Longest first reasoning step, >= 1."})
+    max_new_tokens: int = field(
+        default=384, metadata={"help": "Most output tokens per problem without early stopping, >= max_step_tokens."}
+    )
+    batch_size: int = field(default=8, metadata={"help": "Problems per generate call, >= 1."})
+    do_sample: bool = field(default=False, metadata={"help": "Sample instead of greedy decoding."})
+    temperature: float = field(default=1.0, metadata={"help": "Sampling temperature, > 0 (with do_sample)."})
+
+    def __post_init__(self):
+        for name in ("num_problems", "min_step_tokens", "max_step_tokens", "max_new_tokens", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"`{name}` must be >= 1, got {getattr(self, name)}.")
+        if self.max_step_tokens > self.max_new_tokens:
+            raise ValueError(
+                f"`max_step_tokens` ({self.max_step_tokens}) must be <= `max_new_tokens` ({self.max_new_tokens})."
+            )
+        if self.arithmetic_low < 0 or self.arithmetic_high < self.arithmetic_low:
+            raise ValueError("`arithmetic_low` must be >= 0 and `arithmetic_high` >= `arithmetic_low`.")
+        if not self.arithmetic_operations or set(self.arithmetic_operations) - set("+-*"):
+            raise ValueError(
+                f"`arithmetic_operations` must be a string over '+-*', got {self.arithmetic_operations!r}."
+            )
+        if not (self.temperature > 0):
+            raise ValueError(f"`temperature` must be > 0, got {self.temperature}.")
+        if "\\" in self.step_delimiter:  # "\\n\\n" typed on a command line means two newlines
+            self.step_delimiter = codecs.decode(self.step_delimiter, "unicode_escape")
+        if not self.step_delimiter:
+            raise ValueError("`step_delimiter` must be a non-empty string.")
+        if self.signal_kind not in ("topk_entropy", "entropy"):
+            raise ValueError(f"`signal_kind` must be 'topk_entropy' or 'entropy', got {self.signal_kind!r}.")
+        ConfidenceSignal(self.signal_kind, self.top_k, self.base)  # validates top_k and base
+
+    @property
+    def signal(self) -> ConfidenceSignal:
+        return ConfidenceSignal(self.signal_kind, self.top_k, self.base)
+
+    def generation_kwargs(self) -> dict:
+        return {"do_sample": True, "temperature": self.temperature} if self.do_sample else {"do_sample": False}
+
+
+@dataclass
+class CalibrateArguments(_EarlyStopTaskArguments):
+    """Arguments of ``trl-entropy calibrate``: measure first-step entropy and correctness on a few problems
+    (Think Just Enough calibrates on 5-20) and save the fitted thresholds as JSON.
+
+    Each problem runs the full pipeline without early stopping; its label is whether the final answer is correct.
+    """
+
+    alpha: float = field(default=0.05, metadata={"help": "Significance level of the separation test, in (0, 1)."})
+    method: str = field(
+        default="mean",
+        metadata={"help": "Default threshold saved with the calibration: 'mean', 'info', 'bayes' or 'universal'."},
+    )
+    p_value_method: str = field(
+        default="auto", metadata={"help": "'auto' (scipy Welch t-test if installed), 'scipy' or 'normal'."}
+    )
+    output_file: str = field(default="calibration.json", metadata={"help": "Where to write the calibration JSON."})
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.num_problems < MIN_CALIBRATION_PROBLEMS:
+            raise ValueError(
+                f"`num_problems` must be >= {MIN_CALIBRATION_PROBLEMS} for `calibrate` (the fit needs at least 2 "
+                f"correct and 2 incorrect answers; the paper uses 5-20), got {self.num_problems}."
+            )
+        if not (0 < self.alpha < 1):
+            raise ValueError(f"`alpha` must be in (0, 1), got {self.alpha}.")
+        if self.method not in THRESHOLD_METHODS:
+            raise ValueError(f"`method` must be one of {THRESHOLD_METHODS}, got {self.method!r}.")
+        if self.p_value_method not in ("auto", "scipy", "normal"):
+            raise ValueError(f"`p_value_method` must be 'auto', 'scipy' or 'normal', got {self.p_value_method!r}.")
+
+
+@dataclass
+class EarlyStopGenerateArguments(_EarlyStopTaskArguments):
+    """Arguments of ``trl-entropy generate``: solve problems with entropy early stopping, grade them, and compare
+    tokens and accuracy with the same decoding without early stopping."""
+
+    num_problems: int = field(default=64, metadata={"help": "Number of problems, >= 1."})
+    split: str = field(default="test", metadata={"help": "Task split: held-out 'test' by default."})
+    calibration_path: str | None = field(
+        default=None, metadata={"help": "Calibration JSON from `calibrate`; its signal settings are used."}
+    )
+    threshold: float | None = field(
+        default=None, metadata={"help": "Explicit stop threshold (signal units); overrides the calibration's."}
+    )
+    method: str | None = field(
+        default=None, metadata={"help": "Which calibrated threshold: 'mean', 'info', 'bayes', 'universal'."}
+    )
+    mode: str = field(
+        default="two_stage",
+        metadata={"help": "'two_stage' (decide after the first step, the paper) or 'online' (check every step)."},
+    )
+    answer_prompt: str = field(
+        default="Therefore, the final answer is", metadata={"help": "Text forced to elicit the answer after a stop."}
+    )
+    max_answer_tokens: int = field(default=16, metadata={"help": "Tokens generated after `answer_prompt`, >= 1."})
+    token_budget: int | None = field(
+        default=None,
+        metadata={"help": "Average output tokens per problem; saved tokens go to uncertain problems (two_stage)."},
+    )
+    compare_baseline: bool = field(default=True, metadata={"help": "Also run without early stopping and compare."})
+    require_separation: bool = field(
+        default=False, metadata={"help": "Refuse a calibration whose signal does not separate correct answers."}
+    )
+    output_file: str | None = field(
+        default="early_stop_results.json", metadata={"help": "Where to write per-problem results and metrics."}
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.calibration_path is None and self.threshold is None:
+            raise ValueError("Give `calibration_path` (from `trl-entropy calibrate`) or an explicit `threshold`.")
+        if self.method is not None and self.method not in THRESHOLD_METHODS:
+            raise ValueError(f"`method` must be one of {THRESHOLD_METHODS}, got {self.method!r}.")
+        if self.mode not in ("two_stage", "online"):
+            raise ValueError(f"`mode` must be 'two_stage' or 'online', got {self.mode!r}.")
+        if self.max_answer_tokens < 1:
+            raise ValueError(f"`max_answer_tokens` must be >= 1, got {self.max_answer_tokens}.")
+        if self.token_budget is not None and (self.token_budget < 1 or self.mode != "two_stage"):
+            raise ValueError("`token_budget` must be >= 1 and needs mode='two_stage'.")
