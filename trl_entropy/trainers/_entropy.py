@@ -283,13 +283,17 @@ class EntropyTrainerMixin:
 
     _config_class: type = None  # set by subclasses
     _trl_name: str = ""
+    # Class-level defaults, so an override called on an object built without `__init__` (as TRL's own unit tests
+    # do) finds the state of a trainer with every entropy option off.
+    entropy_reward_func: EntropyReward | None = None
+    _capture_old_logps_pass: bool = False
 
     def __init__(self, model, reward_funcs=None, args=None, *pos_args, **kwargs):
         if args is None:
             model_name = model if isinstance(model, str) else model.config._name_or_path
             args = self._config_class(f"{str(model_name).split('/')[-1]}-{self._trl_name}")
         settings = args if isinstance(args, EntropyMethodsArguments) else _ENTROPY_OFF
-        self.entropy_reward_func: EntropyReward | None = None
+        self.entropy_reward_func = None
         self._capture_old_logps_pass = False
         if settings.entropy_reward == "none":
             # Every entropy option off: TRL's constructor as is, with its own checks and errors.
@@ -332,7 +336,7 @@ class EntropyTrainerMixin:
 
     def _entropy_source(self) -> str | None:
         """``"old_logps"``, ``"generation"``, ``"forward"``, or None when there is no entropy reward."""
-        if getattr(self, "entropy_reward_func", None) is None:  # also a trainer built without `__init__`
+        if self.entropy_reward_func is None:
             return None
         variant = self.args.entropy_reward
         if variant in ("token", "trajectory") and self._makes_old_logps_pass():
