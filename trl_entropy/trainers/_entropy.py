@@ -150,12 +150,16 @@ class EntropyMethodsArguments:
 _ENTROPY_OFF = EntropyMethodsArguments()
 
 
-def entropy_settings(trainer: Any) -> EntropyMethodsArguments:
-    """The entropy fields a trainer runs with: its ``args`` when they carry them, else the defaults (every entropy
-    option off), so a plain ``GRPOConfig``/``RLOOConfig``, or an object TRL's tests build without ``__init__``, gets
-    TRL's own behaviour."""
-    args = getattr(trainer, "args", None)
+def entropy_fields(args: Any) -> EntropyMethodsArguments:
+    """``args`` when it carries the entropy fields, else their defaults (every entropy option off), so a plain
+    ``GRPOConfig``/``RLOOConfig`` gets TRL's own behaviour."""
     return args if isinstance(args, EntropyMethodsArguments) else _ENTROPY_OFF
+
+
+def entropy_settings(trainer: Any) -> EntropyMethodsArguments:
+    """The entropy fields a trainer runs with (:func:`entropy_fields` of its ``args``; the defaults also for an
+    object built without ``__init__``, as TRL's own unit tests build them)."""
+    return entropy_fields(getattr(trainer, "args", None))
 
 
 def forking_normalization_weights(
@@ -274,7 +278,8 @@ class GenerationEntropyRecorder:
 class EntropyTrainerMixin:
     """Adds the entropy reward and the forking-token mask to a TRL online trainer (GRPO or RLOO).
 
-    Subclasses set ``_config_class`` and implement nothing else for the reward. The mixin overrides only:
+    Subclasses set ``_config_class`` and implement nothing else for the reward. The entropy fields are read through
+    :func:`entropy_settings`, so a plain TRL config runs TRL's trainer unchanged. The mixin overrides only:
     ``__init__`` (registers the reward), ``_generate_single_turn`` (records the reward during generation),
     ``_generate`` (falls back to one forward pass when generation gave no logits, e.g. vLLM),
     ``_get_per_token_logps_and_entropies`` (reuses TRL's old-log-probs pass when there is one) and
@@ -292,9 +297,7 @@ class EntropyTrainerMixin:
         if args is None:
             model_name = model if isinstance(model, str) else model.config._name_or_path
             args = self._config_class(f"{str(model_name).split('/')[-1]}-{self._trl_name}")
-        settings = args if isinstance(args, EntropyMethodsArguments) else _ENTROPY_OFF
-        self.entropy_reward_func = None
-        self._capture_old_logps_pass = False
+        settings = entropy_fields(args)
         if settings.entropy_reward == "none":
             # Every entropy option off: TRL's constructor as is, with its own checks and errors.
             super().__init__(model, reward_funcs, args, *pos_args, **kwargs)
@@ -557,6 +560,7 @@ __all__ = [
     "EntropyReward",
     "EntropyTrainerMixin",
     "GenerationEntropyRecorder",
+    "entropy_fields",
     "entropy_settings",
     "forking_normalization_weights",
     "sequence_rewards",
