@@ -7,9 +7,9 @@ completion's reward minus the mean reward of the *other* completions of its prom
     python examples/em_rl_rloo.py --model_name_or_path Qwen/Qwen2.5-Math-7B --learning_rate 1e-6 --bf16
 
 The paper's KL (coefficient 0.001, verl's per-token `low_var_kl` loss term) has no RLOO counterpart in TRL: RLOO's
-`--beta` subtracts `beta * sum_t (log pi_old - log pi_ref)` from each completion's reward, a summed log-ratio that grows
-with length against a length-normalised entropy reward. So `beta` stays 0.0 here (RLOOConfig's default is 0.05); for
-the paper's per-token KL use EntropyGRPOTrainer with `beta=0.001` (docs/methods/em_rl.md, "The KL term").
+`--beta` subtracts `beta * sum_t (log pi_old - log pi_ref)` from each completion's reward, a summed log-ratio that
+grows with length against a length-normalised entropy reward. So `beta` stays 0.0 here (RLOOConfig's default is 0.05);
+for the paper's per-token KL use EntropyGRPOTrainer with `beta=0.001` (docs/methods/em_rl.md, "The KL term").
 
 Every EntropyRLOOConfig option (TRL's RLOOConfig plus the entropy fields) is a command-line flag: see `--help`.
 """
