@@ -242,6 +242,51 @@ def test_rloo_mask_selecting_every_token_is_rlootrainer(tmp_path):
     assert masked._metrics["train"]["forking/selected_fraction"][-1] == 1.0
 
 
+def test_rloo_mask_keeps_the_moe_aux_loss(tmp_path):
+    """A mixture-of-experts policy: RLOO adds its router load-balancing loss inside `_compute_loss`; with every token
+    selected the masked trainer's loss and gradients (aux term included) are RLOOTrainer's."""
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    _, tokenizer, dataset = tiny_setup()
+    config = MixtralConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        output_router_logits=True,
+        router_aux_loss_coef=0.5,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    trainers = []
+    for name, trainer_class, config_class, extra in (
+        ("masked", EntropyRLOOTrainer, EntropyRLOOConfig, {"forking_token_ratio": 0.9999}),
+        ("plain", RLOOTrainer, RLOOConfig, {}),
+    ):
+        torch.manual_seed(0)
+        model = MixtralForCausalLM(config)
+        args = config_class(output_dir=str(tmp_path / name), **{**RLOO_KWARGS, **extra})
+        trainers.append(
+            trainer_class(
+                model, reward_funcs=length_reward, args=args, train_dataset=dataset, processing_class=tokenizer
+            )
+        )
+    masked, plain = trainers
+    assert masked.aux_loss_enabled and plain.aux_loss_enabled
+    masked.model.train()
+    batch = masked._generate_and_score_completions([dataset[0]] * masked.num_generations)
+    reference_loss, reference_grads = _loss_and_grads(plain, batch)
+    loss, grads = _loss_and_grads(masked, batch)
+    torch.testing.assert_close(loss, reference_loss, rtol=1e-5, atol=1e-7)
+    for name in reference_grads:
+        torch.testing.assert_close(grads[name], reference_grads[name], rtol=1e-4, atol=1e-7)
+    assert masked._metrics["train"]["aux_loss"][-1] == plain._metrics["train"]["aux_loss"][-1] > 0
+
+
 def test_rloo_mask_restricts_the_sequence_log_ratio(tmp_path):
     ratio = 0.4
     masked, dataset = _rloo_trainer(
