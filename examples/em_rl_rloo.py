@@ -4,8 +4,12 @@ The reward is the model's confidence, minus the mean token entropy of each sampl
 completion's reward minus the mean reward of the *other* completions of its prompt. No labels are used.
 
     python examples/em_rl_rloo.py                                   # embedded SmolLM2-135M-Instruct, 1-2 min on CPU
-    python examples/em_rl_rloo.py --model_name_or_path Qwen/Qwen2.5-Math-7B --learning_rate 1e-6 --beta 0.001 \\
-        --bf16 true
+    python examples/em_rl_rloo.py --model_name_or_path Qwen/Qwen2.5-Math-7B --learning_rate 1e-6 --bf16 true
+
+The paper's KL (coefficient 0.001, verl's per-token `low_var_kl` loss term) has no RLOO counterpart in TRL: RLOO's
+`--beta` subtracts `beta * sum_t (log pi_old - log pi_ref)` from each completion's reward, a summed log-ratio that
+grows with length against a length-normalised entropy reward. So `beta` stays 0.0 here (RLOOConfig's default is 0.05);
+for the paper's per-token KL use EntropyGRPOTrainer with `beta=0.001` (docs/methods/em_rl.md, "The KL term").
 
 Every EntropyRLOOConfig option (TRL's RLOOConfig plus the entropy fields) is a command-line flag: see `--help`.
 """
@@ -31,7 +35,7 @@ DEFAULTS = {
     "output_dir": "outputs/em-rl-rloo",
     "entropy_reward": "token",
     "temperature": 1.0,  # the paper's rollout temperature
-    "beta": 0.0,  # the paper uses 0.001 (a KL reference model); 0 skips it on a CPU
+    "beta": 0.0,  # RLOO's beta is a summed log-ratio reward penalty, not the paper's per-token KL: keep it off
     "learning_rate": 2e-5,
     "num_generations": 4,  # the paper samples 4 completions per prompt
     "per_device_train_batch_size": 8,

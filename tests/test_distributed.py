@@ -166,6 +166,8 @@ def concatenated_batch(batches: list[dict]) -> dict:
         assert int(out["num_items_in_batch"]) == int(out["completion_mask"].sum())
     if "old_per_token_logps" in batches[0]:
         out["old_per_token_logps"] = pad_right([b["old_per_token_logps"] for b in batches])
+    if "old_logps" in batches[0]:
+        out["old_logps"] = torch.cat([b["old_logps"] for b in batches])
     return out
 
 
@@ -199,12 +201,14 @@ def test_loss_gradient_equals_single_process(dist_results, tmp_path, kind, empty
     torch.testing.assert_close(ranks[0]["mean_grad"], grad, rtol=1e-6, atol=1e-9)
     assert sum(r["loss"] for r in ranks) / 2 == pytest.approx(loss.item(), rel=1e-6, abs=1e-12)
 
-    # The forking selection inside the loss was the global one.
+    # The forking selection inside the loss was the global one (RLOO records the 0/1 selection: "all").
     (e0, m0, w0), (e1, m1, w1) = (r["forking_calls"][0] for r in ranks)
-    expected, _, _ = brute_force_forking([e0, e1], [m0, m1], 0.2, "top", "selected")
+    expected, _, _ = brute_force_forking([e0, e1], [m0, m1], 0.2, "top", "selected" if kind == "grpo" else "all")
     assert torch.allclose(w0.double(), expected[0], rtol=1e-6) and torch.allclose(w1.double(), expected[1], rtol=1e-6)
     if empty_rank1:
-        assert ranks[1]["loss"] == 0.0
+        # GRPO: no token, loss 0. RLOO: every ratio is exp(0) = 1, so the loss is -mean(A) with no gradient.
+        rank1_loss = 0.0 if kind == "grpo" else -ranks[1]["batch"]["advantages"].mean().item()
+        assert ranks[1]["loss"] == pytest.approx(rank1_loss, abs=1e-12)
         assert not ranks[1]["local_grad"].any()
         assert not w1.any()
 
@@ -288,7 +292,8 @@ def test_real_step_with_a_rank_whose_completions_are_all_masked(dist_results, ki
     ranks = [r[kind] for r in load("truncated_rank")]
     (e0, m0, w0), (e1, m1, w1) = (r["forking_calls"][0] for r in ranks)
     assert m0.sum() > 0 and m1.sum() == 0
-    expected, fraction, _ = brute_force_forking([e0, e1], [m0, m1], 0.2, "top", "selected")
+    normalization = "selected" if kind == "grpo" else "all"  # RLOO records its 0/1 selection
+    expected, fraction, _ = brute_force_forking([e0, e1], [m0, m1], 0.2, "top", normalization)
     assert torch.allclose(w0.double(), expected[0], rtol=1e-6) and not w1.any()
     for r in ranks:
         logged = r["log_history"][0]

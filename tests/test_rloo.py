@@ -1,11 +1,10 @@
-"""EntropyRLOOTrainer on the tiny model: rewards vs brute force, the token-level masked loss, drop-in identity."""
+"""EntropyRLOOTrainer on the tiny model: rewards vs brute force, drop-in identity."""
 
 import pytest
 import torch
 from trainer_utils import TINY_KWARGS, RecordingReward, brute_force_rewards, tiny_setup
 from trl import RLOOConfig, RLOOTrainer
 
-from trl_entropy.ops import high_entropy_mask, selected_token_count
 from trl_entropy.trainers import EntropyRLOOConfig, EntropyRLOOTrainer
 
 # RLOO's default KL (beta=0.05) loads a reference model by name; most tests use none.
@@ -58,45 +57,7 @@ def test_entropy_reward_matches_brute_force(tmp_path, variant, trainer_class, so
         assert g == pytest.approx(e, abs=1e-4)
 
 
-class KeepLogpsRLOOTrainer(EntropyRLOOTrainer):
-    def _get_per_token_logps_and_entropies(self, *args, **kwargs):
-        logps, entropies, aux = super()._get_per_token_logps_and_entropies(*args, **kwargs)
-        if torch.is_grad_enabled() and logps.requires_grad:
-            logps.retain_grad()
-            self.kept = (logps, entropies)
-        return logps, entropies, aux
-
-
-@pytest.mark.parametrize("ratio", [0.2, 0.6])
-@pytest.mark.parametrize("normalization", ["selected", "all"])
-def test_masked_token_level_loss(tmp_path, ratio, normalization):
-    model, tokenizer, dataset = tiny_setup()
-    args = EntropyRLOOConfig(
-        output_dir=str(tmp_path),
-        entropy_reward="token",
-        forking_token_ratio=ratio,
-        forking_token_normalization=normalization,
-        **TINY_KWARGS,
-    )
-    trainer = KeepLogpsRLOOTrainer(model, args=args, train_dataset=dataset, processing_class=tokenizer)
-    rows = [dataset[0]] * trainer.num_generations
-    trainer.model.train()
-    batch = trainer._generate_and_score_completions(rows)
-    assert batch["old_per_token_logps"].shape == batch["completion_ids"].shape
-    loss = trainer.compute_loss(trainer.model, batch)
-    loss.backward()
-    logps, entropies = trainer.kept
-    mask = batch["completion_mask"].bool()
-    n_valid = int(mask.sum())
-    selected = high_entropy_mask(entropies.detach(), mask, ratio)
-    assert int(selected.sum()) == selected_token_count(n_valid, ratio)
-    advantages = batch["advantages"].unsqueeze(1).expand_as(mask)
-    assert torch.equal(logps.grad != 0, selected & (advantages != 0))
-    # On-policy the ratio is 1, so l_t = -A: the loss is -sum_selected A / (n_selected or n_valid).
-    expected = -(advantages * selected).sum().item() / (
-        int(selected.sum()) if normalization == "selected" else n_valid
-    )
-    assert loss.item() == pytest.approx(expected, rel=1e-5, abs=1e-7)
+# The forking-token mask inside RLOO's sequence objective is tested against RLOOTrainer in tests/test_dropin.py.
 
 
 def test_drop_in_identity_with_entropy_options_off(tmp_path):

@@ -95,12 +95,12 @@ class RecordingGRPOTrainer(EntropyGRPOTrainer):
 
 
 class RecordingRLOOTrainer(EntropyRLOOTrainer):
-    def forking_token_weights(self, entropies, mask):
-        weights = super().forking_token_weights(entropies, mask)
+    def forking_token_selection(self, entropies, mask):
+        selected, n_valid, n_selected = super().forking_token_selection(entropies, mask)
         self.__dict__.setdefault("forking_calls", []).append(
-            (entropies.detach().clone(), mask.detach().clone(), weights.detach().clone())
+            (entropies.detach().clone(), mask.detach().clone(), selected.detach().clone().float())
         )
-        return weights
+        return selected, n_valid, n_selected
 
 
 class StepRewards(TrainerCallback):
@@ -189,6 +189,8 @@ def check_scored_loss(out: Path, state: PartialState) -> None:
                 if "num_items_in_batch" in batch:
                     local = batch["completion_mask"].sum()
                     batch["num_items_in_batch"] = trainer.accelerator.gather(local.reshape(1)).sum()
+                if "old_logps" in batch:  # RLOO's sequence old log-prob, as TRL computes it under that mask
+                    batch["old_logps"] = (batch["old_per_token_logps"] * batch["completion_mask"]).sum(1)
             loss = trainer.compute_loss(trainer.model, batch)
             loss.backward()
             local_grad = grad_vector(trainer.model)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import importlib.util
+import inspect
 import logging
 import math
 from collections.abc import Callable
@@ -57,9 +58,14 @@ class EntropyMethodsArguments:
             `"global"`: one exact top-k over the tokens of the micro-batch on all ranks together (what a single-GPU
             run would select); `"local"`: per rank, as the paper's code.
         forking_token_normalization (`str`, *optional*, defaults to `"selected"`):
-            `"selected"`: the token-mean loss is divided by the number of selected tokens (paper Eq. 6), so the
-            gradient keeps its scale; `"all"`: divided by all completion tokens, like TRL's `top_entropy_quantile`
-            (the gradient shrinks by about `rho`).
+            `"selected"`: the loss is normalised as the trainer's loss type would normalise it if the unselected
+            tokens were padding: a token-mean loss (GRPO `loss_type` `"dapo"`, `"bnpo"`, `"cispo"`, `"vespo"`)
+            becomes the mean over the selected tokens (paper Eq. 6), so the gradient keeps its scale; a
+            sequence-mean loss (`"grpo"`, `"sapo"`) the mean over each completion's selected tokens; `"dr_grpo"`
+            keeps its constant normaliser. `"all"`: the selected tokens' loss is normalised by all completion tokens,
+            like TRL's `top_entropy_quantile` (the gradient shrinks by about `rho`). RLOO's loss is a sequence
+            log-probability ratio with no token normaliser: it accepts only `"all"` (its default), see
+            docs/methods/forking_tokens.md for the full table.
     """
 
     entropy_reward: str = field(
@@ -97,8 +103,9 @@ class EntropyMethodsArguments:
     forking_token_normalization: str = field(
         default="selected",
         metadata={
-            "help": "'selected': divide the loss by the selected-token count (paper Eq. 6); 'all': by all "
-            "completion tokens (TRL's top_entropy_quantile).",
+            "help": "'selected': normalise the loss as if the unselected tokens were padding (token-mean loss "
+            "types: the mean over selected tokens, paper Eq. 6); 'all': by all completion tokens (TRL's "
+            "top_entropy_quantile). RLOO: 'all' only.",
             "choices": list(FORKING_NORMALIZATIONS),
         },
     )
@@ -138,6 +145,44 @@ class EntropyMethodsArguments:
     @property
     def forking_tokens_enabled(self) -> bool:
         return self.forking_token_ratio < 1.0
+
+
+_ENTROPY_OFF = EntropyMethodsArguments()
+
+
+def entropy_fields(args: Any) -> EntropyMethodsArguments:
+    """``args`` when it carries the entropy fields, else their defaults (every entropy option off), so a plain
+    ``GRPOConfig``/``RLOOConfig`` gets TRL's own behaviour."""
+    return args if isinstance(args, EntropyMethodsArguments) else _ENTROPY_OFF
+
+
+def entropy_settings(trainer: Any) -> EntropyMethodsArguments:
+    """The entropy fields a trainer runs with (:func:`entropy_fields` of its ``args``; the defaults also for an
+    object built without ``__init__``, as TRL's own unit tests build them)."""
+    return entropy_fields(getattr(trainer, "args", None))
+
+
+def forking_normalization_weights(
+    selected: torch.Tensor, mask: torch.Tensor, normalization: str, aggregation: str, n_valid: int, n_selected: int
+) -> torch.Tensor:
+    """Float weights ``[B, T]`` that turn a loss aggregated over ``mask`` into the same loss over ``selected`` only.
+
+    ``aggregation`` says how the trainer's loss normalises: ``"token"`` (a sum over tokens divided by a token count:
+    the weight ``n_valid / n_selected`` makes it the mean over selected tokens, paper Eq. 6), ``"sequence"`` (each
+    completion's mean over its tokens: the weight ``n_valid_i / n_selected_i`` per row makes it the mean over the
+    row's selected tokens; a row with none selected contributes 0, as an empty completion does) or ``"constant"`` (a
+    normaliser that counts no tokens: weight 1). ``normalization="all"`` gives weight 1 on selected tokens always.
+    Unselected tokens get 0.
+    """
+    weights = selected.to(torch.float32)
+    if normalization == "all" or aggregation == "constant":
+        return weights
+    if aggregation == "token":
+        return weights * (n_valid / n_selected) if n_selected > 0 else weights
+    row_valid = mask.to(torch.float32).sum(-1)
+    row_selected = weights.sum(-1)
+    scale = torch.where(row_selected > 0, row_valid / row_selected.clamp(min=1.0), torch.zeros_like(row_valid))
+    return weights * scale.unsqueeze(-1)
 
 
 class EntropyReward:
@@ -233,7 +278,8 @@ class GenerationEntropyRecorder:
 class EntropyTrainerMixin:
     """Adds the entropy reward and the forking-token mask to a TRL online trainer (GRPO or RLOO).
 
-    Subclasses set ``_config_class`` and implement nothing else for the reward. The mixin overrides only:
+    Subclasses set ``_config_class`` and implement nothing else for the reward. The entropy fields are read through
+    :func:`entropy_settings`, so a plain TRL config runs TRL's trainer unchanged. The mixin overrides only:
     ``__init__`` (registers the reward), ``_generate_single_turn`` (records the reward during generation),
     ``_generate`` (falls back to one forward pass when generation gave no logits, e.g. vLLM),
     ``_get_per_token_logps_and_entropies`` (reuses TRL's old-log-probs pass when there is one) and
@@ -242,37 +288,46 @@ class EntropyTrainerMixin:
 
     _config_class: type = None  # set by subclasses
     _trl_name: str = ""
+    # Class-level defaults, so an override called on an object built without `__init__` (as TRL's own unit tests
+    # do) finds the state of a trainer with every entropy option off.
+    entropy_reward_func: EntropyReward | None = None
+    _capture_old_logps_pass: bool = False
 
     def __init__(self, model, reward_funcs=None, args=None, *pos_args, **kwargs):
         if args is None:
             model_name = model if isinstance(model, str) else model.config._name_or_path
             args = self._config_class(f"{str(model_name).split('/')[-1]}-{self._trl_name}")
-        if not isinstance(args, EntropyMethodsArguments):
-            raise TypeError(
-                f"`args` must be an {self._config_class.__name__} (got {type(args).__name__}): it carries the entropy "
-                "fields this trainer reads."
-            )
+        settings = entropy_fields(args)
+        if settings.entropy_reward == "none":
+            # Every entropy option off: TRL's constructor as is, with its own checks and errors.
+            super().__init__(model, reward_funcs, args, *pos_args, **kwargs)
+            return
         user_funcs = reward_funcs_of(reward_funcs)
-        self.entropy_reward_func: EntropyReward | None = None
-        if args.entropy_reward != "none":
-            self.entropy_reward_func = EntropyReward(args.entropy_reward)
-            # A shallow copy, so the caller's config object is not changed by appending the entropy weight.
-            args = copy.copy(args)
-            weights = args.reward_weights if args.reward_weights is not None else [1.0] * len(user_funcs)
-            if len(weights) != len(user_funcs):
-                raise ValueError(
-                    f"`reward_weights` has {len(weights)} entries for {len(user_funcs)} reward functions; the entropy "
-                    "reward's weight is `entropy_reward_weight`, do not list it in `reward_weights`."
-                )
-            args.reward_weights = [*weights, args.entropy_reward_weight]
-            user_funcs = [*user_funcs, self.entropy_reward_func]
-        elif not user_funcs:
+        self.entropy_reward_func = EntropyReward(settings.entropy_reward)
+        # A shallow copy, so the caller's config object is not changed by appending the entropy weight.
+        args = copy.copy(args)
+        weights = args.reward_weights if args.reward_weights is not None else [1.0] * len(user_funcs)
+        if len(weights) != len(user_funcs):
             raise ValueError(
-                "No reward: pass `reward_funcs`, or set `entropy_reward` to 'token', 'trajectory' or 'self_certainty' "
-                "for label-free training."
+                f"`reward_weights` has {len(weights)} entries for {len(user_funcs)} reward functions; the entropy "
+                "reward's weight is `entropy_reward_weight`, do not list it in `reward_weights`."
             )
-        self._capture_old_logps_pass = False
-        super().__init__(model, user_funcs, args, *pos_args, **kwargs)
+        args.reward_weights = [*weights, args.entropy_reward_weight]
+        # Bind to TRL's own signature, so `reward_processing_classes` is found also when passed by position.
+        bound = inspect.signature(super().__init__).bind(
+            model, [*user_funcs, self.entropy_reward_func], args, *pos_args, **kwargs
+        )
+        processing_classes = bound.arguments.get("reward_processing_classes")
+        if processing_classes is not None:
+            if not isinstance(processing_classes, list):
+                processing_classes = [processing_classes]
+            if len(processing_classes) != len(user_funcs):
+                raise ValueError(
+                    f"The number of reward processing classes ({len(processing_classes)}) must match the number of "
+                    f"reward functions ({len(user_funcs)}); the entropy reward needs no entry."
+                )
+            bound.arguments["reward_processing_classes"] = [*processing_classes, None]  # the entropy reward's
+        super().__init__(*bound.args, **bound.kwargs)
 
     # ------------------------------------------------------------------------------------------------------------
     # Where the entropy reward comes from
@@ -424,23 +479,24 @@ class EntropyTrainerMixin:
     # The forking-token mask
     # ------------------------------------------------------------------------------------------------------------
 
-    def forking_token_weights(self, entropies: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Float weights ``[B, T]`` that restrict the token loss to the forking tokens of this micro-batch.
+    def _forking_aggregation(self) -> str:
+        """How the trainer's loss normalises over tokens: ``"token"``, ``"sequence"`` or ``"constant"`` (see
+        :func:`forking_normalization_weights`)."""
+        return "token"
 
-        Selected tokens get ``n_valid / n_selected`` under ``forking_token_normalization="selected"`` (so a loss
-        normalised by all valid tokens becomes a mean over the selected ones, paper Eq. 6) and 1 under ``"all"``;
-        the others get 0. Counts are global over ranks for ``forking_token_scope="global"``.
-        """
-        args = self.args
+    def forking_token_selection(self, entropies: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, int, int]:
+        """``(selected [B, T] bool, n_valid, n_selected)``: the forking tokens of this micro-batch (exact top-k, over
+        all ranks for ``forking_token_scope="global"``), with the counts the selection was made over. Logs
+        ``forking/selected_fraction`` and ``forking/min_selected_entropy``."""
+        settings = entropy_settings(self)
         valid = mask.bool()
-        if args.forking_token_scope == "local" or self.accelerator.num_processes == 1:
-            selected = high_entropy_mask(entropies.detach(), valid, args.forking_token_ratio, args.forking_token_mode)
+        if settings.forking_token_scope == "local" or self.accelerator.num_processes == 1:
+            selected = high_entropy_mask(
+                entropies.detach(), valid, settings.forking_token_ratio, settings.forking_token_mode
+            )
             n_valid, n_selected = int(valid.sum()), int(selected.sum())
         else:
             selected, n_valid, n_selected = self._global_forking_mask(entropies.detach(), valid)
-        weights = selected.to(entropies.dtype)
-        if args.forking_token_normalization == "selected" and n_selected > 0:
-            weights = weights * (n_valid / n_selected)
         mode = "train" if self.model.training else "eval"
         self._metrics[mode]["forking/selected_fraction"].append(n_selected / max(n_valid, 1))
         # Every rank joins the gather, also one with nothing selected (it sends +inf), so none waits forever.
@@ -449,7 +505,26 @@ class EntropyTrainerMixin:
         threshold = self.accelerator.gather(local_min.reshape(1).float()).min().item()
         if math.isfinite(threshold):
             self._metrics[mode]["forking/min_selected_entropy"].append(threshold)
-        return weights
+        return selected, n_valid, n_selected
+
+    def forking_token_weights(self, entropies: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Float weights ``[B, T]`` that restrict the token loss to the forking tokens of this micro-batch.
+
+        Under ``forking_token_normalization="selected"`` the selected tokens are weighted so that the loss is the
+        trainer's own loss over the selected tokens, as if the others were padding (see
+        :func:`forking_normalization_weights`); under ``"all"`` they get 1. The others get 0. Counts are global
+        over ranks for ``forking_token_scope="global"``.
+        """
+        selected, n_valid, n_selected = self.forking_token_selection(entropies, mask)
+        weights = forking_normalization_weights(
+            selected,
+            mask,
+            entropy_settings(self).forking_token_normalization,
+            self._forking_aggregation(),
+            n_valid,
+            n_selected,
+        )
+        return weights.to(entropies.dtype)
 
     def _global_forking_mask(self, entropies: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, int, int]:
         """Exact top-k over all ranks' valid tokens: every rank gathers all valid entropies (padded), selects on the
@@ -461,10 +536,12 @@ class EntropyTrainerMixin:
         gathered = self.accelerator.gather(padded).view(self.accelerator.num_processes, -1)
         width = gathered.size(1)
         gathered_mask = torch.arange(width, device=gathered.device).unsqueeze(0) < counts.unsqueeze(1)
-        args = self.args
+        settings = entropy_settings(self)
         if int(counts.sum()) == 0:
             return torch.zeros_like(valid), 0, 0
-        selected_all = high_entropy_mask(gathered, gathered_mask, args.forking_token_ratio, args.forking_token_mode)
+        selected_all = high_entropy_mask(
+            gathered, gathered_mask, settings.forking_token_ratio, settings.forking_token_mode
+        )
         mine = selected_all[self.accelerator.process_index, : local.numel()]
         selected = torch.zeros_like(valid)
         selected[valid] = mine
@@ -483,5 +560,8 @@ __all__ = [
     "EntropyReward",
     "EntropyTrainerMixin",
     "GenerationEntropyRecorder",
+    "entropy_fields",
+    "entropy_settings",
+    "forking_normalization_weights",
     "sequence_rewards",
 ]

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from trl import RLOOConfig, RLOOTrainer
 
-from ._entropy import EntropyMethodsArguments, EntropyTrainerMixin
+from ._entropy import FORKING_NORMALIZATIONS, EntropyMethodsArguments, EntropyTrainerMixin, entropy_settings
 from ._model_card import EntropyModelCardMixin
 
 
@@ -17,85 +17,89 @@ class EntropyRLOOConfig(EntropyMethodsArguments, RLOOConfig):
 
     The EM paper's strongest label-free result (EM-RL-token, 42.9 average on five maths benchmarks with
     Qwen2.5-Math-7B) uses the RLOO estimator: ``EntropyRLOOConfig(entropy_reward="token", num_generations=4,
-    learning_rate=1e-6, beta=0.001, temperature=1.0)``.
+    learning_rate=1e-6, temperature=1.0, beta=0.0)``. The paper's KL (0.001, a per-token ``low_var_kl`` loss term)
+    has no RLOO counterpart in TRL: RLOO's ``beta`` subtracts ``beta * sum_t (log pi_old - log pi_ref)`` from each
+    completion's reward, a summed log-ratio that grows with length while the entropy reward is a per-token mean;
+    see docs/methods/em_rl.md for what to set.
+
+    ``forking_token_normalization`` defaults to ``"all"`` here and ``"selected"`` is refused with the mask on: RLOO's
+    loss is one importance ratio per completion, with no token count to renormalise (docs/methods/forking_tokens.md).
     """
+
+    forking_token_normalization: str = field(
+        default="all",
+        metadata={
+            "help": "RLOO: 'all' only (the mask restricts which tokens enter the sequence log-probability ratio; "
+            "there is no token normaliser to change).",
+            "choices": list(FORKING_NORMALIZATIONS),
+        },
+    )
 
     def __post_init__(self):
         self._validate_entropy_fields()
+        if self.forking_tokens_enabled and self.forking_token_normalization == "selected":
+            raise ValueError(
+                "`forking_token_normalization='selected'` is not defined for RLOO (its loss has no token normaliser): "
+                f"use 'all' with `forking_token_ratio`={self.forking_token_ratio}."
+            )
         super().__post_init__()
 
 
 class EntropyRLOOTrainer(EntropyModelCardMixin, EntropyTrainerMixin, RLOOTrainer):
     """Drop-in replacement for [`~trl.RLOOTrainer`] with entropy rewards and forking-token masks.
 
-    The entropy reward is read from the pass RLOO already makes with the policy before the rewards (its
-    ``old_logps``), so it costs no extra forward.
+    A plain [`~trl.RLOOConfig`] is accepted and runs RLOOTrainer unchanged. The entropy reward is read from the pass
+    RLOO already makes with the policy before the rewards (its ``old_logps``), so it costs no extra forward.
 
-    RLOO's loss is sequence-level (one importance ratio per completion), which a token mask can not restrict.
-    With ``forking_token_ratio < 1`` the loss becomes the token-level clipped objective
+    RLOO's loss is sequence-level: one clipped ratio per completion, ``r = exp(sum_t m_t (log pi(y_t) - log
+    pi_old(y_t)))`` with ``m`` the completion mask. With ``forking_token_ratio < 1`` the mask restricts which tokens
+    enter that sum: RLOO's own ``_compute_loss`` runs unchanged (aux loss, multimodal inputs, metrics), but the
+    per-token log-probs it receives are ``log pi(y_t)`` on the forking tokens of the micro-batch and the constant
+    ``log pi_old(y_t)`` elsewhere, so an unselected token adds 0 to the log-ratio and no gradient:
 
-        r_t = exp(log pi(y_t) - log pi_old(y_t)),
-        l_t = -min(r_t A, clip(r_t, 1 - eps_low, 1 + eps_high) A),
-        L = sum_t w_t l_t / N,
+        r = exp(sum_{t selected} (log pi(y_t) - log pi_old(y_t))).
 
-    with ``A`` the RLOO advantage of the completion, ``w_t`` the forking-token weights (``n_valid / n_selected``
-    on the selected tokens under ``forking_token_normalization="selected"``, 1 under ``"all"``, 0 elsewhere) and
-    ``N`` the number of valid completion tokens (of this rank for ``forking_token_scope="local"``, the mean per rank
-    over all ranks for ``"global"``). So ``"selected"`` gives the mean over selected tokens (80/20 paper Eq. 6) and
-    ``"all"`` the sum over selected tokens divided by all tokens. With the mask off, RLOO's sequence-level loss runs
-    unchanged.
+    Selecting every token gives RLOOTrainer's loss and gradient exactly. On-policy the gradient is
+    ``-(1/B) sum_i A_i sum_{t selected} grad log pi(y_t)``: the RLOO gradient without the unselected tokens' terms
+    (``forking_token_normalization="all"``, the only value RLOO accepts).
     """
 
     _config_class = EntropyRLOOConfig
     _trl_name = "RLOO"
+    _forking_loss_batch: dict | None = None  # the micro-batch whose loss pass is running, while the mask is on
 
     def _makes_old_logps_pass(self) -> bool:
         return True  # RLOO always scores the completions with the policy before the rewards
 
     def _needs_old_per_token_logps(self) -> bool:
-        return self.args.forking_tokens_enabled
+        return entropy_settings(self).forking_tokens_enabled
 
     def _on_old_logps_pass(self, logps, entropies, completion_mask) -> None:
         super()._on_old_logps_pass(logps, entropies, completion_mask)
-        self._old_per_token_logps = logps if self.args.forking_tokens_enabled else None
+        self._old_per_token_logps = logps if entropy_settings(self).forking_tokens_enabled else None
 
     def _add_to_scored_batch(self, output: dict) -> dict:
-        if self.args.forking_tokens_enabled:
+        if entropy_settings(self).forking_tokens_enabled:
             output["old_per_token_logps"] = self._old_per_token_logps
             self._old_per_token_logps = None
         return output
 
     def _compute_loss(self, model, inputs):
-        if not self.args.forking_tokens_enabled:
+        if not entropy_settings(self).forking_tokens_enabled:
             return super()._compute_loss(model, inputs)
-        completion_ids, completion_mask = inputs["completion_ids"], inputs["completion_mask"]
-        input_ids = torch.cat([inputs["prompt_ids"], completion_ids], dim=1)
-        attention_mask = torch.cat([inputs["prompt_mask"], completion_mask], dim=1)
-        per_token_logps, entropies, _ = self._get_per_token_logps_and_entropies(
-            model, input_ids, attention_mask, completion_ids.size(1), compute_entropy=True
-        )
-        old_per_token_logps = inputs.get("old_per_token_logps")
-        if old_per_token_logps is None:
-            old_per_token_logps = per_token_logps.detach()
-        advantages = inputs["advantages"].unsqueeze(1)
-        ratio = torch.exp(per_token_logps - old_per_token_logps)
-        clipped = torch.clamp(ratio, 1 - self.epsilon_low, 1 + self.epsilon_high)
-        per_token_loss = -torch.min(ratio * advantages, clipped * advantages)
+        self._forking_loss_batch = inputs
+        try:
+            return super()._compute_loss(model, inputs)
+        finally:
+            self._forking_loss_batch = None
 
-        mask = completion_mask.float()
-        weights = self.forking_token_weights(entropies, completion_mask)
-        if self.args.forking_token_scope == "local":
-            normalizer = mask.sum()
-        else:
-            normalizer = self.accelerator.reduce(mask.sum().detach(), reduction="sum") / self.accelerator.num_processes
-        loss = (per_token_loss * weights * mask).sum() / normalizer.clamp(min=1.0)
-
-        mode = "train" if self.model.training else "eval"
-        totals = self.accelerator.reduce(torch.stack([(entropies.detach() * mask).sum(), mask.sum()]), reduction="sum")
-        self._metrics[mode]["entropy"].append((totals[0] / totals[1].clamp(min=1.0)).item())
-        is_clipped = ((ratio < 1 - self.epsilon_low) & (advantages < 0)) | (
-            (ratio > 1 + self.epsilon_high) & (advantages > 0)
+    def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, *args, **kwargs):
+        batch, self._forking_loss_batch = self._forking_loss_batch, None  # only the loss pass's one call
+        logps, entropies, aux_loss = super()._get_per_token_logps_and_entropies(
+            model, input_ids, attention_mask, logits_to_keep, *args, **kwargs
         )
-        clip_totals = self.accelerator.reduce(torch.stack([(is_clipped.float() * mask).sum(), mask.sum()]), "sum")
-        self._metrics[mode]["clip_ratio/region_mean"].append((clip_totals[0] / clip_totals[1].clamp(min=1.0)).item())
-        return loss
+        if batch is None:
+            return logps, entropies, aux_loss
+        selected, _, _ = self.forking_token_selection(entropies, batch["completion_mask"])
+        # Unselected tokens carry the old log-prob, a constant: they add 0 to RLOO's sequence log-ratio.
+        return torch.where(selected, logps, batch["old_per_token_logps"].to(logps.dtype)), entropies, aux_loss
