@@ -186,6 +186,31 @@ def test_model_card_names_base_model_method_settings_and_papers(tmp_path, capsys
     assert "https://huggingface.co/papers/2505.15134" in card
 
 
+@pytest.mark.parametrize(
+    "command, extra, method, bibtex",
+    [
+        (
+            "rloo",
+            ["--entropy_reward", "trajectory"],
+            "RLOO with EM-RL with the `trajectory` entropy reward",
+            "ahmadian",
+        ),
+        ("emft", [], "EM-FT (entropy minimisation on the model's own samples)", "agarwal2025unreasonable"),
+    ],
+)
+def test_rloo_and_emft_model_cards_name_their_method(tmp_path, capsys, tiny_model_dir, command, extra, method, bibtex):
+    argv = [command, "--model_name_or_path", tiny_model_dir, "--output_dir", str(tmp_path), "--num_train_prompts", "8"]
+    argv += ["--max_steps", "1", "--per_device_train_batch_size", "4", "--max_completion_length", "8"]
+    argv += ["--save_strategy", "no", "--report_to", "none", "--entropy_stats", "false", *extra]
+    argv += ["--num_generations", "2"] if command == "rloo" else []
+    status, lines = _run(argv, capsys)
+    assert status == 0, lines
+    card = (tmp_path / "README.md").read_text()
+    assert "trl-entropy" in yaml.safe_load(card.split("---")[1])["tags"]
+    assert method in card and bibtex in card and "[None]" not in card
+    assert card.count("@article{agarwal2025unreasonable") == 1  # the EM paper once, whoever cites it
+
+
 def test_model_card_base_model_of_the_embedded_model_is_its_hub_id(tmp_path):
     """The embedded SmolLM2 loads from a converted local folder; TRL's card would read "[None]" for it."""
     from types import SimpleNamespace
