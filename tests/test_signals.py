@@ -245,6 +245,8 @@ def test_environment_tokens_are_left_out_of_the_mask_and_the_entropy_reward(tmp_
     for i, (prompt, completion) in enumerate(zip(call["prompts"], call["completion_ids"])):
         mask = call["kwargs"]["token_mask"][i]
         assert mask.tolist() == [True] * (len(completion) - ENV_TOKENS) + [False] * ENV_TOKENS
+        # The built-in reward is minus the masked mean of exactly the values a user reward receives.
+        assert got[i] == pytest.approx(-call["kwargs"]["token_entropy"][i][mask].double().mean().item(), rel=1e-6)
         entropy = float64_signals(trainer.model, tokenizer, prompt, completion, TEMPERATURE)["token_entropy"]
         assert got[i] == pytest.approx(-entropy[: len(completion) - ENV_TOKENS].mean().item(), abs=1e-5)
         assert got[i] != pytest.approx(-entropy.mean().item(), abs=1e-4)  # what averaging over env tokens gives
