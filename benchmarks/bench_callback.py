@@ -1,13 +1,15 @@
 """EntropyStatsCallback cost: step-time overhead on GRPO steps of the default model, and memory over 200 logs.
 
-1. Overhead. One plain ``trl.GRPOTrainer`` on the embedded SmolLM2-135M (8 completions x 32 tokens per step, CPU,
-   logging every step, TensorBoard on) alternates steps with and without the callback in an ABBA pattern; a step is
-   timed from one ``on_step_begin`` to the next, so it includes the callback's logging work. Reported: median step
-   time per arm (wall clock, and this process's CPU time, which other jobs on a shared machine disturb less), their
-   ratios, and the time spent inside the callback itself (tap observations + ``on_log``).
-2. Memory. The micro-batches the tap saw in part 1 (entropies, masks, token ids) are replayed, in a fresh process,
-   through the callback for 200 logging steps (4 micro-batches each, a TensorBoard histogram and a JSONL line every
-   step). After 20 warm-up logs the kernel's peak-RSS mark is reset; pass: the peak over logs 21-200 stays within
+1. Overhead. One ``EntropyGRPOTrainer`` (no entropy option: GRPO with a rule reward) on the embedded SmolLM2-135M
+   (8 completions x 32 tokens per step, CPU, logging every step, TensorBoard on) alternates steps with and without
+   the callback in an ABBA pattern; on "without" steps nobody asks for the entropies, so the trainer computes none. A
+   step is timed from one ``on_step_begin`` to the next, so it includes the entropy capture during generation and the
+   callback's logging work. Reported: median step time per arm (wall clock, and this process's CPU time, which other
+   jobs on a shared machine disturb less), their ratios, and the time spent inside the callback itself (observations
+   + ``on_log``).
+2. Memory. The generation batches the callback saw in part 1 (entropies, masks, token ids) are replayed, in a fresh
+   process, through the callback for 200 logging steps (4 batches each, a TensorBoard histogram and a JSONL line
+   every step). After 20 warm-up logs the kernel's peak-RSS mark is reset; pass: the peak over logs 21-200 stays within
    1 MiB of the RSS at log 20.
 
     python benchmarks/bench_callback.py [--pairs 10] [--log-steps 200] [--threads N] [--keep-dir DIR]
@@ -28,11 +30,11 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 from transformers import TrainerCallback
-from trl import GRPOConfig, GRPOTrainer
 
 from trl_entropy.callbacks import EntropyStatsCallback, linear_trend_slope
 from trl_entropy.models import load_default_model
 from trl_entropy.tasks import ArithmeticTask, accuracy_reward
+from trl_entropy.trainers import EntropyGRPOConfig, EntropyGRPOTrainer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import current_rss_mib, peak_rss_mib, print_table, reset_peak_rss, write_results  # noqa: E402
@@ -45,7 +47,9 @@ class ArmSwitch(TrainerCallback):
     """Runs the stats callback only on the steps of the "with" arm and times every step.
 
     The switch sits first in the callback list (so the stats reach the reporters, as the callback arranges for
-    itself); on "without" steps the tap is removed and no event reaches the callback.
+    itself) and is the trainer's signal observer on the callback's behalf: on "with" steps it asks for the entropies
+    and forwards them, on "without" steps it asks for nothing, so no entropy is computed and no event reaches the
+    callback.
     """
 
     def __init__(self, stats: EntropyStatsCallback, arms: list[bool], progress):
@@ -65,6 +69,14 @@ class ArmSwitch(TrainerCallback):
 
         stats.observe = timed_observe
 
+    @property
+    def requested_signals(self) -> tuple[str, ...]:
+        return self.stats.requested_signals if self.enabled else ()
+
+    def on_signals(self, signals, trainer) -> None:
+        if self.enabled:
+            self.stats.on_signals(signals, trainer)
+
     def on_train_begin(self, args, state, control, **kwargs):
         self.stats.on_train_begin(args, state, control, **kwargs)
 
@@ -73,10 +85,6 @@ class ArmSwitch(TrainerCallback):
         self.step_cpu_starts.append(time.process_time())
         index = state.global_step  # the step about to run, 0-based
         self.enabled = self.arms[index] if index < len(self.arms) else False
-        if self.enabled:
-            self.stats.attach(self.stats.trainer)
-        else:
-            self.stats.detach()
         self.progress.update(1)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
@@ -99,8 +107,8 @@ def step_times(starts: list[float], arms: list[bool], warmup: int) -> tuple[list
     return with_arm, without_arm
 
 
-def make_trainer(model, tokenizer, output_dir: str, max_steps: int) -> GRPOTrainer:
-    args = GRPOConfig(
+def make_trainer(model, tokenizer, output_dir: str, max_steps: int) -> EntropyGRPOTrainer:
+    args = EntropyGRPOConfig(
         output_dir=output_dir,
         report_to=["tensorboard"],
         max_steps=max_steps,
@@ -117,7 +125,7 @@ def make_trainer(model, tokenizer, output_dir: str, max_steps: int) -> GRPOTrain
         disable_tqdm=True,
     )
     dataset = ArithmeticTask().dataset(4 * max_steps, seed=0)
-    return GRPOTrainer(
+    return EntropyGRPOTrainer(
         model=model, reward_funcs=accuracy_reward, args=args, train_dataset=dataset, processing_class=tokenizer
     )
 
@@ -174,7 +182,7 @@ def memory(recorded: list, log_steps: int, per_log: int, output_dir: str) -> dic
     stats = EntropyStatsCallback(trainer, plot_on_train_end=False)
     trainer.add_callback(stats)
     args, state, control = trainer.args, trainer.state, trainer.control
-    trainer.callback_handler.on_train_begin(args, state, control)  # opens the TensorBoard writer, binds the tap
+    trainer.callback_handler.on_train_begin(args, state, control)  # opens the TensorBoard writer, binds the callback
     warm = 20
     rss, log_seconds = [], []
     for step in tqdm(range(1, log_steps + 1), desc="replayed logging steps"):
@@ -191,7 +199,7 @@ def memory(recorded: list, log_steps: int, per_log: int, output_dir: str) -> dic
             base = current_rss_mib()
         rss.append(current_rss_mib())
     peak = peak_rss_mib()
-    trainer.callback_handler.on_train_end(args, state, control)  # closes the writer, removes the tap
+    trainer.callback_handler.on_train_end(args, state, control)  # closes the writer
     lines = sum(1 for _ in open(stats.stats_path(args)))
     return {
         "logging_steps": log_steps,

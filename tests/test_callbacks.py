@@ -1,5 +1,5 @@
-"""EntropyStatsCallback: pure helpers against brute force, the entropy tap, and real tiny GRPO/RLOO runs checked
-against TRL's own logged metrics, the recorded entropies, TensorBoard event files and the checkpoint state."""
+"""EntropyStatsCallback: pure helpers against brute force, the observer interface, and real tiny GRPO/RLOO runs checked
+against TRL's own logged metrics, the observed signals, TensorBoard event files and the checkpoint state."""
 
 import json
 import math
@@ -11,8 +11,10 @@ import numpy as np
 import pytest
 import torch
 from datasets import Dataset
-from trl import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer
+from transformers import TrainerCallback
+from trl import GRPOConfig, GRPOTrainer
 
+from trl_entropy import EntropyGRPOConfig, EntropyGRPOTrainer, EntropyRLOOConfig, EntropyRLOOTrainer
 from trl_entropy.callbacks import (
     STATE_FILE_NAME,
     EntropyStatsCallback,
@@ -118,9 +120,13 @@ def test_merge_window_states_equals_single_window():
         ranks[index % 2].observe(*batch)
     whole = merge_window_states([single._window.state_dict()])
     merged = merge_window_states([json.loads(json.dumps(r._window.state_dict())) for r in ranks])
-    np.testing.assert_array_equal(merged["sketch"].histogram()[0], whole["sketch"].histogram()[0])
+    np.testing.assert_array_equal(merged["distribution"].histogram()[0], whole["distribution"].histogram()[0])
     qs = [0.1, 0.5, 0.9, 0.99]
-    np.testing.assert_allclose(merged["sketch"].quantiles(qs), whole["sketch"].quantiles(qs), rtol=1e-12)
+    np.testing.assert_allclose(merged["distribution"].quantiles(qs), whole["distribution"].quantiles(qs), rtol=1e-12)
+    values = torch.cat([e[m] for e, m, _ in batches]).double()
+    np.testing.assert_allclose(
+        whole["distribution"].quantiles(qs), torch.quantile(values, torch.tensor(qs, dtype=torch.float64))
+    )
     merged_top, whole_top = merged["tokens"].top(64), whole["tokens"].top(64)
     assert [row[:2] for row in merged_top] == [row[:2] for row in whole_top]
     np.testing.assert_allclose([row[2] for row in merged_top], [row[2] for row in whole_top], rtol=1e-12)
@@ -142,7 +148,6 @@ def test_merge_window_states_equals_single_window():
     [
         ({"quantiles": (0.5, 1.0)}, "quantiles"),
         ({"bins": 0}, "bins"),
-        ({"summary_size": 8}, "summary_size"),
         ({"top_tokens": -1}, "top_tokens"),
         ({"forking_token_ratio": 0.0}, "forking_token_ratio"),
         ({"forking_threshold": -1.0}, "forking_threshold"),
@@ -167,7 +172,7 @@ def test_unknown_option_and_unbound_observe_raise():
         EntropyStatsCallback(vocab_size=10).observe(torch.rand(2, 3), torch.ones(3, 2))
 
 
-# ---- the tap and real training runs -------------------------------------------------------------------------------
+# ---- the observer interface and real training runs ---------------------------------------------------------------
 
 
 def accuracy_reward(completions, **kwargs):
@@ -180,7 +185,7 @@ def entropy_proxy(completions, **kwargs):
     return [-float(len(set(c.split()))) for c in completions]
 
 
-def grpo_args(output_dir, **overrides):
+def grpo_args(output_dir, config_class=EntropyGRPOConfig, **overrides):
     kwargs = dict(
         output_dir=str(output_dir),
         report_to=["tensorboard"],
@@ -195,24 +200,24 @@ def grpo_args(output_dir, **overrides):
         seed=0,
     )
     kwargs.update(overrides)
-    return GRPOConfig(**kwargs)
+    return config_class(**kwargs)
 
 
 def tiny_dataset(n=16):
     return Dataset.from_dict({"prompt": tiny_prompts(n)})
 
 
-class RecordingGRPOTrainer(GRPOTrainer):
-    """A GRPOTrainer subclass (like this package's trainers) that keeps the training-pass entropies it computed."""
+class SignalRecorder(TrainerCallback):
+    """A second observer (a callback with `on_signals` and `requested_signals`) that keeps what the trainer passed."""
 
-    def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, *args, **kwargs):
-        out = super()._get_per_token_logps_and_entropies(
-            model, input_ids, attention_mask, logits_to_keep, *args, **kwargs
-        )
-        if torch.is_grad_enabled() and out[1] is not None:
-            self.recorded = getattr(self, "recorded", [])
-            self.recorded.append((out[1].detach().clone(), attention_mask[:, -logits_to_keep:].bool().clone()))
-        return out
+    requested_signals = ("token_entropy",)
+
+    def __init__(self):
+        self.batches = []
+
+    def on_signals(self, signals, trainer):
+        if trainer.model.training:
+            self.batches.append((torch.cat(signals.token_entropy), torch.cat(signals.token_mask)))
 
 
 def read_jsonl(path):
@@ -221,11 +226,11 @@ def read_jsonl(path):
 
 @pytest.fixture(scope="module")
 def grpo_run(tmp_path_factory):
-    """Plain trl.GRPOTrainer, callback given to the constructor without the trainer (found from the call stack)."""
+    """EntropyGRPOTrainer, callback given to the constructor without the trainer (handed over with the signals)."""
     output_dir = tmp_path_factory.mktemp("grpo")
     model, tokenizer = make_tiny_model_and_tokenizer(seed=0)
     callback = EntropyStatsCallback(top_tokens=5)
-    trainer = GRPOTrainer(
+    trainer = EntropyGRPOTrainer(
         model=model,
         reward_funcs=[accuracy_reward, entropy_proxy],
         args=grpo_args(output_dir),
@@ -245,7 +250,8 @@ def test_grpo_run_writes_jsonl_matching_trl_metrics(grpo_run):
     for record in records:
         trl_logged = history[record["step"]]
         metrics = record["metrics"]
-        # TRL's own "entropy" is the masked mean of the same training-pass entropies (one micro-batch per step).
+        # TRL's own "entropy" is the masked mean of the training pass's entropies over the same completions, under
+        # the weights that sampled them (one generation batch per step): the callback's come from generation.
         assert metrics["entropy/mean"] == pytest.approx(trl_logged["entropy"], rel=1e-5)
         assert metrics["entropy/completion_length"] == pytest.approx(trl_logged["completions/mean_length"])
         assert record["num_tokens"] == round(trl_logged["completions/mean_length"] * 4)
@@ -272,7 +278,7 @@ def test_grpo_run_binds_and_unbinds_cleanly(grpo_run):
     trainer, callback, _ = grpo_run
     assert callback.trainer is trainer
     assert trainer.callback_handler.callbacks[0] is callback
-    assert "_get_per_token_logps_and_entropies" not in trainer.__dict__  # the tap is gone after training
+    assert not any(callable(v) for v in trainer.__dict__.values() if getattr(v, "__self__", None) is callback)
 
 
 def test_grpo_run_writes_tensorboard_histograms(grpo_run):
@@ -311,7 +317,7 @@ def test_resume_truncates_jsonl_and_restores_state(grpo_run, tmp_path):
     shutil.copytree(original_dir, output_dir)
     original_lines = (output_dir / "entropy_stats.jsonl").read_text().splitlines()
     model, tokenizer = make_tiny_model_and_tokenizer(seed=0)
-    trainer = GRPOTrainer(
+    trainer = EntropyGRPOTrainer(
         model=model,
         reward_funcs=[accuracy_reward, entropy_proxy],
         args=grpo_args(output_dir),
@@ -328,79 +334,80 @@ def test_resume_truncates_jsonl_and_restores_state(grpo_run, tmp_path):
     assert records[2]["forking"]["reference_threshold"] == records[0]["forking"]["threshold"]
 
 
-def test_recorded_entropies_give_the_same_statistics(tmp_path):
-    """Quantiles, mean and forking fraction against torch.quantile over the very tokens the trainer computed, with a
-    two-step logging window (two micro-batches merged) and a fixed forking threshold."""
+def test_observed_entropies_give_the_same_statistics(tmp_path):
+    """Quantiles, mean and forking fraction against torch.quantile over the very tokens the trainer passed to its
+    observers, with a two-step logging window (two generation batches merged) and a fixed forking threshold."""
     model, tokenizer = make_tiny_model_and_tokenizer(seed=1)
-    trainer = RecordingGRPOTrainer(
+    recorder = SignalRecorder()
+    trainer = EntropyGRPOTrainer(
         model=model,
         reward_funcs=accuracy_reward,
         args=grpo_args(tmp_path, max_steps=2, logging_steps=2, report_to=[], save_strategy="no"),
         train_dataset=tiny_dataset(),
         processing_class=tokenizer,
+        callbacks=[recorder],
     )
     threshold = 4.03
     trainer.add_callback(EntropyStatsCallback(trainer, forking_threshold=threshold, plot_on_train_end=False))
     trainer.train()
     (record,) = read_jsonl(tmp_path / "entropy_stats.jsonl")
-    values = torch.cat([e[m] for e, m in trainer.recorded]).double()
-    assert len(trainer.recorded) == 2 and record["num_tokens"] == values.numel()
-    assert record["quantile_rank_error_bound"] == 0.0  # chunks this small are kept whole: exact quantiles
+    values = torch.cat([e[m] for e, m in recorder.batches]).double()
+    assert len(recorder.batches) == 2 and record["num_tokens"] == values.numel()
     for p in (10, 25, 50, 75, 90, 99):
-        assert record["metrics"][f"entropy/p{p}"] == pytest.approx(torch.quantile(values, p / 100).item(), abs=1e-6)
-    assert record["metrics"]["entropy/mean"] == pytest.approx(values.mean().item(), rel=1e-6)
+        assert record["metrics"][f"entropy/p{p}"] == pytest.approx(torch.quantile(values, p / 100).item(), abs=1e-12)
+    assert record["metrics"]["entropy/mean"] == pytest.approx(values.mean().item(), rel=1e-12)
     assert record["metrics"]["entropy/frac_above_forking_threshold"] == pytest.approx(
         (values > threshold).double().mean().item()
     )
-    assert record["forking"]["threshold"] == pytest.approx(torch.quantile(values, 0.8).item(), abs=1e-6)
+    assert record["forking"]["threshold"] == pytest.approx(torch.quantile(values, 0.8).item(), abs=1e-12)
 
 
-def test_tap_observes_only_grad_enabled_calls_and_adds_no_forward(tmp_path):
-    model, tokenizer = make_tiny_model_and_tokenizer(seed=0)
-    trainer = GRPOTrainer(
-        model=model,
-        reward_funcs=accuracy_reward,
-        args=grpo_args(tmp_path, report_to=[], save_strategy="no"),
-        train_dataset=tiny_dataset(),
-        processing_class=tokenizer,
-    )
-    callback = EntropyStatsCallback(trainer)
-    forwards = []
-    handle = model.register_forward_pre_hook(lambda module, args: forwards.append(torch.is_grad_enabled()))
-    input_ids = torch.randint(3, 50, (3, 10))
-    attention_mask = torch.ones_like(input_ids)
-    attention_mask[0, -2:] = 0
-
-    def call():
-        return trainer._get_per_token_logps_and_entropies(model, input_ids, attention_mask, 4, compute_entropy=True)
-
-    callback.attach(trainer)
-    assert "_get_per_token_logps_and_entropies" in trainer.__dict__
-    with torch.no_grad():
-        call()  # a generation / reference / evaluation pass: not observed
-    assert callback._window.sketch.count == 0
-    _, entropies, _ = call()
-    assert callback._window.sketch.count == int(attention_mask[:, -4:].sum())
-    assert callback._window.sketch.mean == pytest.approx(entropies[attention_mask[:, -4:].bool()].mean().item())
-    assert len(forwards) == 2  # one model forward per call: the tap never runs the model itself
-    # An evaluation log leaves the window alone; the next training log reports it and starts a new one.
+def test_callback_adds_no_forward_and_leaves_evaluation_out(tmp_path):
+    """The same seeded run with and without the callback makes the same model forwards (it never runs the model; the
+    entropies come from generation), and an evaluation log leaves the window alone."""
+    counts = {}
+    for with_callback in (False, True):
+        model, tokenizer = make_tiny_model_and_tokenizer(seed=0)
+        forwards = []
+        model.register_forward_pre_hook(lambda module, args, seen=forwards: seen.append(torch.is_grad_enabled()))
+        trainer = EntropyGRPOTrainer(
+            model=model,
+            reward_funcs=accuracy_reward,
+            args=grpo_args(tmp_path / str(with_callback), max_steps=2, report_to=[], save_strategy="no"),
+            train_dataset=tiny_dataset(),
+            processing_class=tokenizer,
+        )
+        if with_callback:
+            callback = EntropyStatsCallback(trainer, plot_on_train_end=False)
+            trainer.add_callback(callback)
+        trainer.train()
+        counts[with_callback] = (forwards.count(True), forwards.count(False))
+    assert counts[True] == counts[False]
+    callback.observe(torch.rand(2, 3) + 1, torch.ones(2, 3, dtype=torch.bool))
     logs = {"eval_loss": 1.0}
     callback.on_log(trainer.args, trainer.state, trainer.control, logs=logs)
-    assert callback._window.sketch.count == int(attention_mask[:, -4:].sum()) and "entropy/mean" not in logs
-    trainer.state.global_step = 7
+    assert callback._window.distribution.count == 6 and "entropy/mean" not in logs
     logs = {"loss": 0.0}
     callback.on_log(trainer.args, trainer.state, trainer.control, logs=logs)
-    assert callback._window.sketch.count == 0
-    assert logs["entropy/mean"] == pytest.approx(entropies[attention_mask[:, -4:].bool()].mean().item())
-    assert [r["step"] for r in read_jsonl(callback.stats_path(trainer.args))] == [7]
-    callback.detach()
-    handle.remove()
-    assert "_get_per_token_logps_and_entropies" not in trainer.__dict__
+    assert callback._window.distribution.count == 0 and logs["entropy/num_tokens"] == 6
 
 
-def test_plain_rloo_trainer(tmp_path):
+def test_plain_trl_trainer_gets_a_one_line_error(tmp_path):
     model, tokenizer = make_tiny_model_and_tokenizer(seed=0)
-    args = RLOOConfig(
+    args = grpo_args(tmp_path, config_class=GRPOConfig, max_steps=1, report_to=[], save_strategy="no")
+    trainer = GRPOTrainer(
+        model=model, reward_funcs=accuracy_reward, args=args, train_dataset=tiny_dataset(), processing_class=tokenizer
+    )
+    with pytest.raises(TypeError, match="GRPOTrainer passes no per-token entropies.*EntropyGRPOTrainer"):
+        EntropyStatsCallback(trainer)
+    trainer.add_callback(EntropyStatsCallback(plot_on_train_end=False))
+    with pytest.raises(RuntimeError, match="passes no per-token entropies.*EntropyGRPOTrainer"):
+        trainer.train()
+
+
+def test_rloo_trainer(tmp_path):
+    model, tokenizer = make_tiny_model_and_tokenizer(seed=0)
+    args = EntropyRLOOConfig(
         output_dir=str(tmp_path),
         report_to=[],
         max_steps=2,
@@ -413,7 +420,7 @@ def test_plain_rloo_trainer(tmp_path):
         seed=0,
         beta=0.0,  # RLOO's default KL would load a reference model by name
     )
-    trainer = RLOOTrainer(
+    trainer = EntropyRLOOTrainer(
         model=model, reward_funcs=accuracy_reward, args=args, train_dataset=tiny_dataset(), processing_class=tokenizer
     )
     trainer.add_callback(EntropyStatsCallback(trainer, plot_on_train_end=False))

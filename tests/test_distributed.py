@@ -19,7 +19,7 @@ from dist_scripts.references import brute_force_forking
 from trainer_utils import TINY_KWARGS, brute_force_rewards, tiny_setup
 
 from trl_entropy.callbacks import STATE_FILE_NAME
-from trl_entropy.sketch import EntropySketch
+from trl_entropy.distribution import EntropyDistribution
 from trl_entropy.testing import make_tiny_model_and_tokenizer
 from trl_entropy.trainers import EntropyGRPOConfig, EntropyGRPOTrainer, EntropyRLOOConfig, EntropyRLOOTrainer
 
@@ -251,16 +251,17 @@ def test_training_ranks_select_globally_and_stay_in_sync(dist_results):
 
 
 def test_stats_callback_equals_single_process(dist_results):
-    """Rank 0's JSONL holds, per step, the statistics of both ranks' training-pass entropies: the same as one
-    process's sketch fed the same micro-batches, and as torch.quantile / a float64 histogram over those tokens."""
+    """Rank 0's JSONL holds, per step, the statistics of both ranks' generation-batch entropies (the signals the
+    trainer passed its observers): the same as one process's distribution fed the same batches, and as torch.quantile
+    / a float64 histogram over those tokens."""
     out, load = dist_results
     ranks = load("train_run")
     records = [json.loads(line) for line in (out / "train_run" / "entropy_stats.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2]
     quantiles = (0.1, 0.25, 0.5, 0.75, 0.9, 0.99)
     for step, record in enumerate(records):
-        passes = [r["training_passes"][step] for r in ranks]
-        sketch = EntropySketch(math.log(57), bins=100, summary_size=256)
+        passes = [r["observed_signals"][step] for r in ranks]
+        sketch = EntropyDistribution(math.log(57), bins=100)
         for entropies, mask, _ in passes:
             sketch.update(entropies, mask)
         values = torch.cat([e[m.bool()] for e, m, _ in passes]).double()

@@ -32,6 +32,7 @@ from transformers import TrainerCallback
 
 from trl_entropy import ops
 from trl_entropy.callbacks import EntropyStatsCallback, append_jsonl_record, truncate_jsonl
+from trl_entropy.rewards import entropy_token_reward
 from trl_entropy.testing import make_tiny_model_and_tokenizer
 from trl_entropy.trainers import EntropyGRPOConfig, EntropyGRPOTrainer, EntropyRLOOConfig, EntropyRLOOTrainer
 from trl_entropy.trainers._entropy import GenerationEntropyRecorder, sequence_rewards
@@ -312,18 +313,21 @@ def test_recorder_and_forward_path_with_empty_and_full_length_completions(tmp_pa
     prompt = tokenizer("what is 3 + 4 ?", add_special_tokens=False)["input_ids"]
     full = [5, 9, 12, 40, 41, 7]  # max_completion_length tokens, no EOS: truncated
     short = [5, 1]
-    values, mask = trainer._entropy_by_forward([prompt, prompt, prompt], [full, [], short])
-    assert mask.tolist() == [[True] * 6, [False] * 6, [True, True] + [False] * 4]
-    rewards = sequence_rewards("token", values, mask)
+    rows = trainer._signals_by_forward([prompt, prompt, prompt], [full, [], short], ("token_entropy",))
+    assert [len(r) for r in rows["token_entropy"]] == [6, 0, 2]
+    rewards = entropy_token_reward(
+        [None] * 3, rows["token_entropy"], [torch.ones(len(r), dtype=bool) for r in rows["token_entropy"]]
+    )
     expected = brute_force_rewards(
         reference_model, tokenizer, ["what is 3 + 4 ?"] * 3, [full, [], short], 0.8, "token"
     )
     assert rewards[1] is None and math.isnan(expected[1])
     assert rewards[0] == pytest.approx(expected[0], abs=1e-5) and rewards[2] == pytest.approx(expected[2], abs=1e-5)
     # The generation recorder aligns the same way (no decoding step at all for an empty completion).
-    recorder = GenerationEntropyRecorder(model, 0.8, "token")
-    values, mask = recorder.per_token([[], []])
-    assert values.shape == (2, 0) and sequence_rewards("token", values, mask) == [None, None]
+    recorder = GenerationEntropyRecorder(model, 0.8, ("token_entropy",))
+    rows = recorder.per_completion([[], []])["token_entropy"]
+    assert [r.numel() for r in rows] == [0, 0]
+    assert entropy_token_reward([None] * 2, rows, [torch.ones(0, dtype=bool)] * 2) == [None, None]
 
 
 @pytest.mark.parametrize(

@@ -63,10 +63,11 @@ def test_generation_capture_matches_a_forward_pass_per_token():
     model, tokenizer = make_tiny_model_and_tokenizer(seed=1)
     inputs = tokenizer(["what is 1 + 2 ?", "what is 3 ?"], return_tensors="pt", padding=True, padding_side="left")
     torch.manual_seed(0)
-    with GenerationEntropyRecorder(model, temperature=0.9, variant="token") as recorder:
+    with GenerationEntropyRecorder(model, temperature=0.9, signals=("token_entropy",)) as recorder:
         out = model.generate(**inputs, do_sample=True, temperature=0.9, max_new_tokens=7, pad_token_id=0)
     completion = out[:, inputs["input_ids"].size(1) :]
-    values, mask = recorder.per_token(completion.tolist())
+    values = torch.stack(recorder.per_completion(completion.tolist())["token_entropy"])
+    mask = torch.ones_like(values, dtype=torch.bool)
     with torch.no_grad():
         full = model(out, attention_mask=torch.cat([inputs["attention_mask"], torch.ones_like(completion)], 1))
     reference = token_entropy(full.logits[:, inputs["input_ids"].size(1) - 1 : -1].double(), 0.9)
@@ -235,10 +236,10 @@ def test_recorder_is_removed_and_processors_still_compose():
     """The recording hook comes off after generation and does not disturb other logits processors."""
     model, tokenizer = make_tiny_model_and_tokenizer(seed=2)
     inputs = tokenizer(["what is 4 ?"], return_tensors="pt")
-    with GenerationEntropyRecorder(model, 1.0, "token") as recorder:
+    with GenerationEntropyRecorder(model, 1.0, ("token_entropy",)) as recorder:
         model.generate(
             **inputs, do_sample=False, max_new_tokens=3, pad_token_id=0, logits_processor=LogitsProcessorList()
         )
-    assert len(recorder.steps) == 3
+    assert len(recorder.steps["token_entropy"]) == 3
     model(**inputs)
-    assert len(recorder.steps) == 3  # no longer recording
+    assert len(recorder.steps["token_entropy"]) == 3  # no longer recording

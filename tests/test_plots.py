@@ -11,6 +11,7 @@ import torch
 pytest.importorskip("matplotlib")
 
 from trl_entropy.callbacks import append_jsonl_record  # noqa: E402
+from trl_entropy.distribution import EntropyDistribution  # noqa: E402
 from trl_entropy.plots import (  # noqa: E402
     PlotArguments,
     load_entropy_stats,
@@ -20,7 +21,6 @@ from trl_entropy.plots import (  # noqa: E402
     plot_quantile_bands,
     run_plot,
 )
-from trl_entropy.sketch import EntropySketch  # noqa: E402
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 QUANTILES = (0.1, 0.25, 0.5, 0.75, 0.9, 0.99)
@@ -34,7 +34,7 @@ def synthetic_records(steps: int = 12) -> list[dict]:
         scale = 2.0 * 0.85**step
         values = torch.exp(torch.randn(4000, generator=g) * 2.0 - 3.0) * scale * 10
         values = values.clamp(max=math.log(1000))
-        sketch = EntropySketch(math.log(1000), bins=50)
+        sketch = EntropyDistribution(math.log(1000), bins=50)
         sketch.update(values)
         quantiles = sketch.quantiles(list(QUANTILES) + [0.8])
         counts, edges = sketch.histogram()

@@ -33,6 +33,7 @@ _LAZY = {
     "EMFTConfig": "trainers",
     "EMFTTrainer": "trainers",
     "EntropyStatsCallback": "callbacks",
+    "CompletionSignals": "signals",
     "EMInfLogitsProcessor": "inference",
     "AdaptiveTemperatureLogitsProcessor": "inference",
     "EntropyThresholdCalibrator": "confidence",

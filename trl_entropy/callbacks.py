@@ -8,25 +8,20 @@ backend that has one, and collapse signals (entropy trend, n-gram repetition, co
 an entropy reward and an accuracy reward; Agarwal et al., 2025, arXiv 2505.15134, report entropy collapse and
 repetition as the failure modes of confidence rewards).
 
-Getting the trainer. ``TrainerCallback.on_log`` does not receive the trainer, so pass it to the constructor, as for
-TRL's ``LogCompletionsCallback(trainer)``. When it is not passed (``callbacks=[EntropyStatsCallback()]`` in the
-trainer's constructor) the callback finds it in ``on_train_begin`` by walking up the call stack to the ``Trainer``
-whose callback list holds it (``Trainer.train`` is always on that stack).
+Where the entropies come from. The callback is an observer of the trainers of this package
+(:mod:`trl_entropy.signals`): it declares ``requested_signals = ("token_entropy",)`` and ``on_signals(signals,
+trainer)``, which ``EntropyGRPOTrainer``, ``EntropyRLOOTrainer`` and ``EMFTTrainer`` call once per generation batch, on
+every rank, with the per-token entropies at the sampling temperature of the completions just sampled and the mask of
+the tokens the policy generated (tool and environment tokens left out). The trainer computes them from the cheapest
+exact source (the generation's own logits, or TRL's old-log-probs pass; one forward only for vLLM, tools or a
+``rollout_func``), replaces no method and the callback never runs the model. Training-mode batches are observed,
+evaluation batches are not. A plain TRL ``GRPOTrainer``/``RLOOTrainer`` passes no signals: the callback then stops
+at the end of the first step with a one-line error, unless entropies were fed by hand through
+:meth:`EntropyStatsCallback.observe` (the public path for any other trainer).
 
-The entropy tap. TRL 1.16's ``GRPOTrainer`` and ``RLOOTrainer`` both compute, in ``_compute_loss``,
-``self._get_per_token_logps_and_entropies(model, input_ids, attention_mask, logits_to_keep, compute_entropy=True)``
--> ``(logps, entropies [B, logits_to_keep], aux)``; the completion tokens are ``input_ids[:, -logits_to_keep:]`` and
-their mask ``attention_mask[:, -logits_to_keep:]``. On ``on_train_begin`` the callback shadows that bound method on the
-trainer *instance* (never the class) with a wrapper that calls it unchanged and, when entropies were computed while
-``torch.is_grad_enabled()`` (the training pass; generation, reference and evaluation passes run under ``no_grad``),
-feeds the detached entropies to the window's sketches. ``on_train_end`` removes the wrapper. Trainers that compute
-entropies another way can feed :meth:`EntropyStatsCallback.observe` directly.
-
-Cost and memory. Observation runs on the training device without a host synchronisation (two sorts, a bucketize
-and a few ``index_add_`` over the micro-batch's tokens); state is read back once per logging step. Everything kept
-between two logging steps is a fixed-size histogram, a ``vocab_size`` counter and ``summary_size + 1`` order
-statistics per micro-batch (see :mod:`trl_entropy.sketch`), and it is dropped at every log, so memory does not grow
-over a run.
+Cost and memory. Each generation batch adds its valid entropies to the window (8 bytes per token on the host, see
+:mod:`trl_entropy.distribution`), a ``vocab_size`` counter of forking tokens and a few counts; all statistics are exact
+and everything is dropped at every log.
 
 Ordering. The callback moves itself to the front of the trainer's callback list, so the scalars it adds to ``logs``
 reach every reporting callback (TensorBoard, W&B, the console) that runs after it; it also adds them to the last entry
@@ -38,6 +33,9 @@ threshold and the observations not yet logged). On ``resume_from_checkpoint`` th
 cut back to the checkpoint's step, so no line is duplicated; a fresh run (step 0) starts a new JSONL. At the end of
 training, PNG plots go to ``output_dir/entropy_plots/`` when matplotlib is installed.
 
+Resuming. The checkpoint folder is ``args.resume_from_checkpoint`` when it is set and holds the resumed step, else
+``output_dir/checkpoint-<step>``: set ``args.resume_from_checkpoint`` when resuming from a folder elsewhere.
+
 Multi-rank. At each log every rank's window is collected with ``accelerate.utils.gather_object`` and merged with
 :func:`merge_window_states`, so every rank computes the same numbers; ``on_log`` runs on every rank, which keeps the
 collective in step.
@@ -46,13 +44,10 @@ collective in step.
 from __future__ import annotations
 
 import dataclasses
-import functools
-import inspect
 import json
 import logging
 import math
 import os
-import sys
 import tempfile
 from collections import deque
 from collections.abc import Mapping, Sequence
@@ -61,9 +56,11 @@ from typing import Any
 
 import numpy as np
 import torch
+from accelerate import PartialState
 from transformers import Trainer, TrainerCallback
 
-from .sketch import EntropySketch, TokenEntropyCounter, merge_sketches, merge_token_counters
+from .distribution import EntropyDistribution, TokenEntropyCounter, merge_distributions, merge_token_counters
+from .signals import CompletionSignals
 
 logger = logging.getLogger(__name__)
 
@@ -82,7 +79,6 @@ __all__ = [
 
 STATS_FILE_NAME = "entropy_stats.jsonl"
 STATE_FILE_NAME = "entropy_stats_state.json"
-_TAPPED_METHOD = "_get_per_token_logps_and_entropies"
 _ENTROPY_REWARD_HINTS = ("entropy", "certainty", "confidence")
 _ACCURACY_REWARD_HINTS = ("accuracy", "correct")
 _HISTOGRAM_TAG = "train/entropy/histogram"
@@ -98,9 +94,6 @@ class EntropyStatsConfig:
             Entropy quantiles to log as ``entropy/p10`` etc., each in (0, 1).
         bins (`int`, *optional*, defaults to `100`):
             Linear histogram bins over ``[0, log V]`` sent to the logging backends and the JSONL, in [1, 512].
-        summary_size (`int`, *optional*, defaults to `256`):
-            Order statistics kept per micro-batch; quantiles are within ``1 / summary_size`` rank error. In
-            [16, 65536].
         top_tokens (`int`, *optional*, defaults to `20`):
             Number of most frequent forking tokens to record per logging step, in [0, 1000].
         forking_token_ratio (`float` or `None`, *optional*, defaults to `None`):
@@ -136,9 +129,6 @@ class EntropyStatsConfig:
         default=(0.1, 0.25, 0.5, 0.75, 0.9, 0.99), metadata={"help": "Entropy quantiles to log, each in (0, 1)."}
     )
     bins: int = field(default=100, metadata={"help": "Linear histogram bins over [0, log V], in [1, 512]."})
-    summary_size: int = field(
-        default=256, metadata={"help": "Order statistics per micro-batch; rank error <= 1/summary_size. [16, 65536]."}
-    )
     top_tokens: int = field(default=20, metadata={"help": "Forking tokens to record per log, in [0, 1000]."})
     forking_token_ratio: float | None = field(
         default=None, metadata={"help": "Forking-token fraction rho in (0, 1]; None: from the trainer args or 0.2."}
@@ -159,7 +149,6 @@ class EntropyStatsConfig:
         if not self.quantiles or not all(0.0 < q < 1.0 for q in self.quantiles):
             raise ValueError(f"`quantiles` must be a non-empty sequence of values in (0, 1), got {self.quantiles}.")
         _check_int("bins", self.bins, 1, 512)
-        _check_int("summary_size", self.summary_size, 16, 65536)
         _check_int("top_tokens", self.top_tokens, 0, 1000)
         _check_int("trend_window", self.trend_window, 2, 100_000)
         _check_int("repetition_ngram", self.repetition_ngram, 1, 64)
@@ -319,14 +308,14 @@ def truncate_jsonl(path: str | os.PathLike, max_step: int) -> int:
 class _EntropyWindow:
     """Everything observed since the last logging step on one rank (device tensors until read)."""
 
-    def __init__(self, vocab_size: int, bins: int, summary_size: int):
+    def __init__(self, vocab_size: int, bins: int):
         self.vocab_size = vocab_size
-        self.sketch = EntropySketch(math.log(vocab_size), bins=bins, summary_size=summary_size)
+        self.distribution = EntropyDistribution(math.log(vocab_size), bins=bins)
         self.tokens = TokenEntropyCounter(vocab_size)
         self.reset()
 
     def reset(self) -> None:
-        self.sketch.reset()
+        self.distribution.reset()
         self.tokens.reset()
         self._counters: dict[str, torch.Tensor | int] = {
             "repeated_ngrams": 0,
@@ -347,7 +336,7 @@ class _EntropyWindow:
         entropies = entropies.detach()
         mask = mask.bool()
         valid = mask & torch.isfinite(entropies)
-        self.sketch.update(entropies, mask)
+        self.distribution.update(entropies, mask)
         if token_ids is not None:
             selected = _forking_selection(entropies, valid, forking_ratio)
             self.tokens.update(token_ids, selected, torch.where(valid, entropies, torch.zeros_like(entropies)))
@@ -359,7 +348,7 @@ class _EntropyWindow:
 
     def state_dict(self) -> dict[str, Any]:
         counters = {k: int(v) for k, v in self._counters.items()}
-        return {"sketch": self.sketch.state_dict(), "tokens": self.tokens.state_dict(), **counters}
+        return {"distribution": self.distribution.state_dict(), "tokens": self.tokens.state_dict(), **counters}
 
 
 @torch.no_grad()
@@ -380,12 +369,12 @@ def _forking_selection(entropies: torch.Tensor, valid: torch.Tensor, ratio: floa
 
 def merge_window_states(states: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     """Merge per-rank window states (each from one rank's ``state_dict()``) into host objects:
-    ``{"sketch": EntropySketch, "tokens": TokenEntropyCounter, "repeated_ngrams", "total_ngrams",
+    ``{"distribution": EntropyDistribution, "tokens": TokenEntropyCounter, "repeated_ngrams", "total_ngrams",
     "completion_tokens", "completions"}``. The result does not depend on how the data was split across ranks."""
     if not states:
         raise ValueError("`states` must hold at least one window state.")
     merged: dict[str, Any] = {
-        "sketch": merge_sketches([EntropySketch.from_state_dict(s["sketch"]) for s in states]),
+        "distribution": merge_distributions([EntropyDistribution.from_state_dict(s["distribution"]) for s in states]),
         "tokens": merge_token_counters([TokenEntropyCounter.from_state_dict(s["tokens"]) for s in states]),
     }
     for key in ("repeated_ngrams", "total_ngrams", "completion_tokens", "completions"):
@@ -395,7 +384,7 @@ def merge_window_states(states: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
 
 def _merged_to_state_dict(merged: Mapping[str, Any]) -> dict[str, Any]:
     return {
-        "sketch": merged["sketch"].state_dict(),
+        "distribution": merged["distribution"].state_dict(),
         "tokens": merged["tokens"].state_dict(),
         **{k: merged[k] for k in ("repeated_ngrams", "total_ngrams", "completion_tokens", "completions")},
     }
@@ -409,19 +398,35 @@ def _is_training_log(logs: Mapping[str, Any]) -> bool:
     return not any(str(key).startswith(("eval_", "test_")) for key in logs)
 
 
+def _processing_class(trainer: Any) -> Any:
+    return getattr(trainer, "processing_class", None)
+
+
 def _tokenizer_of(trainer: Any) -> Any:
-    processing_class = getattr(trainer, "processing_class", None)
+    processing_class = _processing_class(trainer)
     return getattr(processing_class, "tokenizer", processing_class)
 
 
-def _infer_vocab_size(trainer: Any) -> int:
+_NEEDS_SIGNALS = (
+    "{name} passes no per-token entropies to EntropyStatsCallback: use EntropyGRPOTrainer, EntropyRLOOTrainer or "
+    "EMFTTrainer (drop-in subclasses of TRL's trainers), or feed `EntropyStatsCallback.observe` yourself."
+)
+
+
+def _passes_signals(trainer: Any) -> bool:
+    from .trainers._signals import CompletionSignalsMixin
+
+    return isinstance(trainer, CompletionSignalsMixin)
+
+
+def _infer_vocab_size(model: Any, processing_class: Any) -> int:
     sizes = []
-    config = getattr(getattr(trainer, "model", None), "config", None)
+    config = getattr(model, "config", None)
     if config is not None:
         text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
         if isinstance(getattr(text_config, "vocab_size", None), int):
             sizes.append(text_config.vocab_size)
-    tokenizer = _tokenizer_of(trainer)
+    tokenizer = getattr(processing_class, "tokenizer", processing_class)
     if tokenizer is not None:
         try:
             sizes.append(len(tokenizer))
@@ -434,30 +439,15 @@ def _infer_vocab_size(trainer: Any) -> int:
     return max(sizes)
 
 
-def _find_trainer_in_stack(callback: TrainerCallback) -> Trainer | None:
-    """The ``Trainer`` up the call stack whose callback list holds ``callback`` (None if there is none)."""
-    frame = sys._getframe(1)
-    while frame is not None:
-        candidate = frame.f_locals.get("self")
-        if isinstance(candidate, Trainer) and any(
-            cb is callback for cb in getattr(candidate.callback_handler, "callbacks", [])
-        ):
-            return candidate
-        frame = frame.f_back
-    return None
-
-
-def _find_resume_checkpoint(trainer: Trainer, output_dir: str, global_step: int) -> str | None:
-    """The folder training resumed from: ``Trainer.train``'s ``resume_from_checkpoint`` when it is on the call stack,
-    else ``output_dir/checkpoint-<global_step>`` when that exists."""
-    frame = sys._getframe(1)
-    while frame is not None:
-        local = frame.f_locals
-        path = local.get("resume_from_checkpoint")
-        if local.get("self") is trainer and isinstance(path, (str, os.PathLike)) and os.path.isdir(path):
-            return os.fspath(path)
-        frame = frame.f_back
-    default = os.path.join(output_dir, f"checkpoint-{global_step}")
+def _resume_checkpoint(args: Any, global_step: int) -> str | None:
+    """The folder training resumed from: ``args.resume_from_checkpoint`` when it holds ``global_step``'s state, else
+    ``output_dir/checkpoint-<global_step>`` when that exists."""
+    given = getattr(args, "resume_from_checkpoint", None)
+    if isinstance(given, (str, os.PathLike)) and os.path.isfile(os.path.join(given, "trainer_state.json")):
+        with open(os.path.join(given, "trainer_state.json"), encoding="utf-8") as handle:
+            if json.load(handle).get("global_step") == global_step:
+                return os.fspath(given)
+    default = os.path.join(args.output_dir, f"checkpoint-{global_step}")
     return default if os.path.isdir(default) else None
 
 
@@ -466,8 +456,8 @@ class EntropyStatsCallback(TrainerCallback):
     """Logs per-token entropy distributions, forking tokens and collapse signals at every logging step.
 
     Args:
-        trainer: the trainer to watch (``GRPOTrainer``, ``RLOOTrainer`` or a subclass). Optional when the callback is
-            passed to the trainer's constructor: it is then found in ``on_train_begin``.
+        trainer: the trainer to watch: an ``EntropyGRPOTrainer``, ``EntropyRLOOTrainer`` or ``EMFTTrainer`` (they call
+            :meth:`on_signals`). Optional: the trainer hands itself over with the first generation batch.
         config: an :class:`EntropyStatsConfig`; keyword arguments override its fields, e.g.
             ``EntropyStatsCallback(trainer, quantiles=(0.5, 0.9), bins=64, top_tokens=10)``.
 
@@ -479,8 +469,8 @@ class EntropyStatsCallback(TrainerCallback):
     Example:
 
     ```python
-    trainer = GRPOTrainer(model=model, reward_funcs=reward, args=args, train_dataset=dataset)
-    trainer.add_callback(EntropyStatsCallback(trainer))
+    trainer = EntropyGRPOTrainer(model=model, reward_funcs=reward, args=args, train_dataset=dataset)
+    trainer.add_callback(EntropyStatsCallback())
     trainer.train()  # -> output_dir/entropy_stats.jsonl, output_dir/entropy_plots/*.png
     ```
     """
@@ -500,67 +490,32 @@ class EntropyStatsCallback(TrainerCallback):
         self._history: deque[tuple[int, float]] = deque(maxlen=config.trend_window)
         self._reference_threshold: float | None = config.forking_threshold
         self._forking_ratio = config.forking_token_ratio or _DEFAULT_FORKING_RATIO
-        self._tap: tuple[Any, Any, Any] | None = None  # (trainer, installed wrapper, instance attribute it shadowed)
+        self._observed = False  # whether anything reached the window since training began
         self._warned: set[str] = set()
+        if trainer is not None and not _passes_signals(trainer):
+            raise TypeError(_NEEDS_SIGNALS.format(name=type(trainer).__name__))
+
+    requested_signals = ("token_entropy",)
+    """What the callback asks the trainer for (see :mod:`trl_entropy.signals`)."""
 
     # ---- binding -------------------------------------------------------------------------------------------------
     def attach(self, trainer: Trainer) -> None:
-        """Bind to ``trainer``: install the entropy tap and move this callback to the front of its callback list.
-        Called by ``on_train_begin``; call it yourself only to drive the callback by hand."""
+        """Bind to ``trainer`` and move this callback to the front of its callback list (so the scalars it adds to
+        ``logs`` reach the reporting callbacks). Done with the first generation batch; call it yourself only to drive
+        the callback by hand."""
         self.trainer = trainer
-        self._forking_ratio = self._resolve_forking_ratio(getattr(trainer, "args", None))
-        vocab_size = self.config.vocab_size or _infer_vocab_size(trainer)
-        if self._window is None or self._window.vocab_size != vocab_size:
-            self._window = _EntropyWindow(vocab_size, self.config.bins, self.config.summary_size)
-        self._install_tap(trainer)
+        self._setup(getattr(trainer, "args", None), getattr(trainer, "model", None), _processing_class(trainer))
         callbacks = getattr(getattr(trainer, "callback_handler", None), "callbacks", None)
         if callbacks and any(cb is self for cb in callbacks) and callbacks[0] is not self:
             # Safe inside the handler's own loop: the callbacks after this one keep their positions.
             callbacks.remove(self)
             callbacks.insert(0, self)
 
-    def detach(self) -> None:
-        """Remove the entropy tap (``on_train_end`` does it)."""
-        if self._tap is None:
-            return
-        trainer, wrapper, shadowed = self._tap
-        wrapper.active = False
-        if trainer.__dict__.get(_TAPPED_METHOD) is wrapper:
-            if shadowed is None:
-                del trainer.__dict__[_TAPPED_METHOD]
-            else:
-                trainer.__dict__[_TAPPED_METHOD] = shadowed
-        # Otherwise something wrapped the method after us: our wrapper stays in its chain but no longer observes.
-        self._tap = None
-
-    def _install_tap(self, trainer: Trainer) -> None:
-        self.detach()
-        original = getattr(trainer, _TAPPED_METHOD, None)
-        if original is None:
-            self._warn_once(
-                "no-tap",
-                f"{type(trainer).__name__} has no `{_TAPPED_METHOD}`: feed entropies through `observe` instead.",
-            )
-            return
-        signature = inspect.signature(original)
-        callback = self
-
-        @functools.wraps(original)
-        def entropy_tap(*args, **kwargs):
-            outputs = original(*args, **kwargs)
-            if entropy_tap.active and torch.is_grad_enabled() and outputs[1] is not None:
-                arguments = signature.bind(*args, **kwargs).arguments
-                input_ids, attention_mask = arguments.get("input_ids"), arguments.get("attention_mask")
-                if input_ids is None or attention_mask is None:
-                    callback._warn_once("tap-args", f"`{_TAPPED_METHOD}` has no input_ids/attention_mask arguments.")
-                else:
-                    width = outputs[1].shape[-1]
-                    callback.observe(outputs[1], attention_mask[:, -width:], input_ids[:, -width:])
-            return outputs
-
-        entropy_tap.active = True
-        self._tap = (trainer, entropy_tap, trainer.__dict__.get(_TAPPED_METHOD))
-        trainer.__dict__[_TAPPED_METHOD] = entropy_tap
+    def _setup(self, args: Any, model: Any, processing_class: Any) -> None:
+        self._forking_ratio = self._resolve_forking_ratio(args)
+        vocab_size = self.config.vocab_size or _infer_vocab_size(model, processing_class)
+        if self._window is None or self._window.vocab_size != vocab_size:
+            self._window = _EntropyWindow(vocab_size, self.config.bins)
 
     def _resolve_forking_ratio(self, args: Any) -> float:
         ratio = self.config.forking_token_ratio
@@ -580,6 +535,20 @@ class EntropyStatsCallback(TrainerCallback):
             logger.warning(message)
 
     # ---- observation ---------------------------------------------------------------------------------------------
+    def on_signals(self, signals: CompletionSignals, trainer: Trainer) -> None:
+        """Observe one generation batch's entropies (called by the trainer on every rank; evaluation batches are
+        left out)."""
+        if self.trainer is not trainer:
+            self.attach(trainer)
+        model = getattr(trainer, "model", None)
+        if (model is not None and not model.training) or signals.token_entropy is None:
+            return
+        entropies, mask = signals.padded("token_entropy")
+        ids = torch.zeros(mask.shape, dtype=torch.long)
+        for row, completion in enumerate(signals.completion_ids):
+            ids[row, : len(completion)] = torch.tensor(completion, dtype=torch.long)
+        self.observe(entropies, mask, ids)
+
     def observe(
         self,
         entropies: torch.Tensor,
@@ -602,21 +571,20 @@ class EntropyStatsCallback(TrainerCallback):
         if self._window is None:
             if self.config.vocab_size is None:
                 raise RuntimeError("Attach the callback to a trainer (or set `vocab_size`) before observing.")
-            self._window = _EntropyWindow(self.config.vocab_size, self.config.bins, self.config.summary_size)
+            self._window = _EntropyWindow(self.config.vocab_size, self.config.bins)
+        self._observed = True
         self._window.observe(
             entropies, completion_mask, completion_ids, self._forking_ratio, self.config.repetition_ngram
         )
 
     # ---- events --------------------------------------------------------------------------------------------------
-    def on_train_begin(self, args, state, control, **kwargs):
-        trainer = self.trainer or _find_trainer_in_stack(self)
-        if trainer is None:
-            raise RuntimeError(
-                "EntropyStatsCallback could not find its trainer: pass it, `EntropyStatsCallback(trainer)`, or give "
-                "the callback to the trainer's constructor (`callbacks=[EntropyStatsCallback()]`)."
-            )
-        self.attach(trainer)
+    def on_train_begin(self, args, state, control, model=None, processing_class=None, **kwargs):
+        if self.trainer is not None:
+            self.attach(self.trainer)
+        else:
+            self._setup(args, model, processing_class)
         self._window.reset()
+        self._observed = False
         self._carry_over = None
         self._history.clear()
         self._reference_threshold = self.config.forking_threshold
@@ -627,19 +595,25 @@ class EntropyStatsCallback(TrainerCallback):
             # Resumed: drop lines logged after the checkpoint; fresh run (step 0): start a new file.
             truncate_jsonl(self.stats_path(args), state.global_step)
 
+    def on_step_end(self, args, state, control, **kwargs):
+        if not self._observed:
+            # Every training step starts from a generation batch: no signals by now means the trainer passes none.
+            name = type(self.trainer).__name__ if self.trainer is not None else "This trainer"
+            raise RuntimeError(_NEEDS_SIGNALS.format(name=name))
+
     def on_log(self, args, state, control, logs=None, **kwargs):
-        if self.trainer is None or self._window is None or logs is None or not _is_training_log(logs):
+        if self._window is None or logs is None or not _is_training_log(logs):
             return
         merged = self._gather_window()
         self._window.reset()
-        sketch = merged["sketch"]
-        if sketch.invalid_count:
+        distribution = merged["distribution"]
+        if distribution.invalid_count:
             logger.warning(
                 "Step %d: %d completion tokens had a non-finite entropy and were left out of the entropy statistics.",
                 state.global_step,
-                sketch.invalid_count,
+                distribution.invalid_count,
             )
-        if sketch.count == 0:
+        if distribution.count == 0:
             return
         scalars, record = self._summarize(merged, state)
         logs.update(scalars)
@@ -648,10 +622,10 @@ class EntropyStatsCallback(TrainerCallback):
         if state.is_world_process_zero:
             record["top_tokens"] = self._decode_top_tokens(merged["tokens"])
             append_jsonl_record(self.stats_path(args), record)
-            self._send_histograms(sketch, record, state.global_step)
+            self._send_histograms(distribution, record, state.global_step)
 
     def on_save(self, args, state, control, **kwargs):
-        if self.trainer is None or self._window is None:
+        if self._window is None:
             return
         pending = _merged_to_state_dict(self._gather_window(consume=False))  # collective: every rank calls on_save
         if not state.is_world_process_zero:
@@ -672,7 +646,6 @@ class EntropyStatsCallback(TrainerCallback):
         _write_atomically(os.path.join(folder, STATE_FILE_NAME), data)
 
     def on_train_end(self, args, state, control, **kwargs):
-        self.detach()
         path = self.stats_path(args)
         if not (state.is_world_process_zero and self.config.plot_on_train_end and os.path.isfile(path)):
             return
@@ -697,15 +670,14 @@ class EntropyStatsCallback(TrainerCallback):
             local.append(self._carry_over)
             if consume:
                 self._carry_over = None
-        accelerator = getattr(self.trainer, "accelerator", None)
-        if accelerator is not None and accelerator.num_processes > 1:
+        if PartialState().num_processes > 1:
             from accelerate.utils import gather_object
 
             local = gather_object(local)
         return merge_window_states(local)
 
     def _restore(self, args: Any, state: Any) -> None:
-        checkpoint = _find_resume_checkpoint(self.trainer, args.output_dir, state.global_step)
+        checkpoint = _resume_checkpoint(args, state.global_step)
         path = os.path.join(checkpoint, STATE_FILE_NAME) if checkpoint else None
         if path is None or not os.path.isfile(path):
             logger.warning(
@@ -721,28 +693,28 @@ class EntropyStatsCallback(TrainerCallback):
             self._reference_threshold = payload.get("reference_threshold")
         pending = payload.get("pending_window")
         if pending is not None and state.is_world_process_zero:
-            if pending["sketch"]["max_value"] == self._window.sketch.max_value:
+            if pending["distribution"]["max_value"] == self._window.distribution.max_value:
                 self._carry_over = pending
             else:
                 logger.warning("The checkpoint's pending entropy observations are for another vocabulary; dropped.")
 
     def _summarize(self, merged: Mapping[str, Any], state: Any) -> tuple[dict[str, float], dict[str, Any]]:
-        sketch: EntropySketch = merged["sketch"]
+        distribution: EntropyDistribution = merged["distribution"]
         quantiles = list(self.config.quantiles)
-        values = sketch.quantiles(quantiles + [1.0 - self._forking_ratio])
+        values = distribution.quantiles(quantiles + [1.0 - self._forking_ratio])
         threshold = values.pop()
         if self._reference_threshold is None:
             self._reference_threshold = threshold
-        mean = sketch.mean
+        mean = distribution.mean
         self._history.append((state.global_step, mean))
         steps, means = zip(*self._history)
         slope = linear_trend_slope(steps, means)
 
-        scalars: dict[str, float] = {"entropy/mean": mean, "entropy/std": sketch.std}
+        scalars: dict[str, float] = {"entropy/mean": mean, "entropy/std": distribution.std}
         scalars.update({f"entropy/{_quantile_name(q)}": v for q, v in zip(quantiles, values)})
         scalars["entropy/forking_threshold"] = threshold
-        scalars["entropy/frac_above_forking_threshold"] = sketch.fraction_above(self._reference_threshold)
-        scalars["entropy/num_tokens"] = float(sketch.count)
+        scalars["entropy/frac_above_forking_threshold"] = distribution.fraction_above(self._reference_threshold)
+        scalars["entropy/num_tokens"] = float(distribution.count)
         if slope is not None:
             scalars["entropy/trend_slope"] = slope
         if merged["total_ngrams"]:
@@ -753,16 +725,15 @@ class EntropyStatsCallback(TrainerCallback):
         if correlation is not None and correlation["pearson"] is not None:
             scalars["entropy/reward_correlation"] = correlation["pearson"]
 
-        counts, edges = sketch.histogram()
+        counts, edges = distribution.histogram()
         record = {
             "step": state.global_step,
             "epoch": state.epoch,
-            "num_tokens": sketch.count,
-            "invalid_tokens": sketch.invalid_count,
-            "min": sketch.min,
-            "max": sketch.max,
+            "num_tokens": distribution.count,
+            "invalid_tokens": distribution.invalid_count,
+            "min": distribution.min,
+            "max": distribution.max,
             "metrics": dict(scalars),
-            "quantile_rank_error_bound": sketch.rank_error_bound(),
             "forking": {
                 "ratio": self._forking_ratio,
                 "threshold": threshold,
@@ -813,10 +784,10 @@ class EntropyStatsCallback(TrainerCallback):
             rows.append({"id": token_id, "token": text, "count": count, "mean_entropy": mean_entropy})
         return rows
 
-    def _send_histograms(self, sketch: EntropySketch, record: Mapping[str, Any], step: int) -> None:
+    def _send_histograms(self, distribution: EntropyDistribution, record: Mapping[str, Any], step: int) -> None:
         """Send the histogram to every reporting callback of the trainer that can take one."""
-        counts, edges = sketch.histogram()
-        moments = sketch.moments()
+        counts, edges = distribution.histogram()
+        moments = distribution.moments()
         for reporter in getattr(getattr(self.trainer, "callback_handler", None), "callbacks", []):
             name = type(reporter).__name__
             if name == "TensorBoardCallback" and getattr(reporter, "tb_writer", None) is not None:

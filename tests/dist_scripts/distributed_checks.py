@@ -70,7 +70,7 @@ def case_data(case: dict, index: int) -> list[tuple[torch.Tensor, torch.Tensor]]
 
 
 class RecordingGRPOTrainer(EntropyGRPOTrainer):
-    """Keeps every forking-mask call (inputs and weights) and every grad-enabled entropy pass of this rank."""
+    """Keeps every forking-mask call (inputs and weights) of this rank."""
 
     def forking_token_weights(self, entropies, mask):
         weights = super().forking_token_weights(entropies, mask)
@@ -79,19 +79,20 @@ class RecordingGRPOTrainer(EntropyGRPOTrainer):
         )
         return weights
 
-    def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, *args, **kwargs):
-        out = super()._get_per_token_logps_and_entropies(
-            model, input_ids, attention_mask, logits_to_keep, *args, **kwargs
-        )
-        if torch.is_grad_enabled() and out[1] is not None:
-            self.__dict__.setdefault("training_passes", []).append(
-                (
-                    out[1].detach().clone(),
-                    attention_mask[:, -logits_to_keep:].detach().clone(),
-                    input_ids[:, -logits_to_keep:].detach().clone(),
-                )
-            )
-        return out
+
+class SignalRecorder(TrainerCallback):
+    """An observer of the trainer's per-token signals: keeps this rank's training batches (what the stats callback
+    sees)."""
+
+    requested_signals = ("token_entropy",)
+
+    def __init__(self):
+        self.batches = []
+
+    def on_signals(self, signals, trainer):
+        if trainer.model.training:
+            entropies, mask = signals.padded("token_entropy")
+            self.batches.append((entropies, mask, None))
 
 
 class RecordingRLOOTrainer(EntropyRLOOTrainer):
@@ -224,7 +225,9 @@ def check_train_run(out: Path, state: PartialState) -> None:
     )
     step_rewards = StepRewards(trainer)
     trainer.add_callback(step_rewards)
-    trainer.add_callback(EntropyStatsCallback(trainer, plot_on_train_end=False, summary_size=256))
+    signal_recorder = SignalRecorder()
+    trainer.add_callback(signal_recorder)
+    trainer.add_callback(EntropyStatsCallback(trainer, plot_on_train_end=False))
     trainer.train()
     save(
         out,
@@ -236,7 +239,7 @@ def check_train_run(out: Path, state: PartialState) -> None:
             "first_rewards": step_rewards.first,
             "log_history": trainer.state.log_history,
             "forking_calls": trainer.forking_calls,
-            "training_passes": trainer.training_passes,
+            "observed_signals": signal_recorder.batches,
             "initial_params": initial,
             "final_params": param_vector(trainer.accelerator.unwrap_model(trainer.model)),
         },

@@ -14,7 +14,9 @@ from typing import Any
 
 import torch
 
-from ..ops import high_entropy_mask, masked_sequence_reduce, self_certainty, token_entropy
+from ..ops import high_entropy_mask
+from ..rewards import entropy_token_reward, entropy_trajectory_reward, self_certainty_reward
+from ._signals import CompletionSignalsMixin, GenerationEntropyRecorder
 
 ENTROPY_REWARDS = ("none", "token", "trajectory", "self_certainty")
 FORKING_MODES = ("top", "bottom")
@@ -185,105 +187,53 @@ def forking_normalization_weights(
     return weights * scale.unsqueeze(-1)
 
 
-class EntropyReward:
-    """A TRL reward function that returns the entropy reward the trainer computed for the current batch.
+_BUILTIN_REWARDS = {
+    "token": entropy_token_reward,
+    "trajectory": entropy_trajectory_reward,
+    "self_certainty": self_certainty_reward,
+}
 
-    Reward functions never see the policy's logits, so the trainer computes per-completion values from data it
-    already has (generation, or the old-log-probs pass) and this object hands them to TRL, which weights, logs
-    (`rewards/<name>/mean`) and tabulates them like any other reward.
+
+class EntropyReward:
+    """The reward function that ``entropy_reward`` appends: one of :mod:`trl_entropy.rewards`' functions under the
+    logged name ``entropy_token``, ``entropy_trajectory`` or ``self_certainty``.
+
+    It declares the signals its function declares (same signature), so the trainer computes exactly those and passes
+    them like to any other reward function; the only difference is the name TRL logs it under
+    (``rewards/<name>/mean``).
     """
 
     def __init__(self, variant: str):
+        if variant not in _BUILTIN_REWARDS:
+            raise ValueError(f"`entropy_reward` must be one of {list(_BUILTIN_REWARDS)}, got {variant!r}.")
         self.variant = variant
+        self.func = _BUILTIN_REWARDS[variant]
         self.__name__ = f"entropy_{variant}" if variant != "self_certainty" else "self_certainty"
-        self.values: list[float | None] | None = None
+        self.__signature__ = inspect.signature(self.func)
 
-    def __call__(self, completions: list, **kwargs) -> list[float | None]:
-        if self.values is None or len(self.values) != len(completions):
-            got = None if self.values is None else len(self.values)
-            raise RuntimeError(
-                f"The {self.__name__} reward has {got} values for {len(completions)} completions: it must be used by "
-                "an entropy trainer, which computes the values during generation."
-            )
-        values, self.values = self.values, None
-        return values
+    def __call__(self, *args, **kwargs) -> list[float | None]:
+        return self.func(*args, **kwargs)
 
 
 def sequence_rewards(variant: str, per_token: torch.Tensor, mask: torch.Tensor) -> list[float | None]:
-    """Per-completion reward from per-token values: ``-mean H`` ("token"), ``mean log p`` ("trajectory") or
-    ``mean KL(U||p)`` ("self_certainty"). Empty completions (no valid token) and non-finite values (NaN or infinite
-    logits) give ``None``: they can not be scored, and an infinite reward would poison the group's advantages."""
-    means = masked_sequence_reduce(per_token, mask, "mean")
-    if variant == "token":
-        means = -means
-    return [v if math.isfinite(v) else None for v in means.tolist()]
+    """The built-in reward ``variant`` of padded per-token values ``[B, L]`` under ``mask`` (tests and tools that hold
+    padded tensors): ``-mean H`` ("token"), ``mean log p`` ("trajectory") or ``mean KL(U||p)`` ("self_certainty").
+    Empty completions and non-finite values give ``None``."""
+    signal = {"token": "token_entropy", "trajectory": "token_logprob", "self_certainty": "token_self_certainty"}
+    rows = list(per_token.float())
+    masks = list(mask.bool())
+    return _BUILTIN_REWARDS[variant]([None] * len(rows), **{signal[variant]: rows, "token_mask": masks})
 
 
-class GenerationEntropyRecorder:
-    """Records, during ``model.generate``, what the entropy reward needs from each decoding step's raw logits.
-
-    A forward hook on the causal LM sees each step's logits ``[B, 1, V]``; the entropy (or self-certainty) of
-    ``softmax(logits / T)`` is reduced to ``[B]`` at once, so memory stays ``O(B * steps)`` plus one ``[B, V]`` row
-    of log-probs for the "trajectory" variant: the token sampled at step ``s`` is fed back as the input of step
-    ``s + 1``, where its log-prob is read.
-    """
-
-    def __init__(self, module: torch.nn.Module, temperature: float, variant: str):
-        self.module, self.temperature, self.variant = module, temperature, variant
-        self.steps: list[torch.Tensor] = []
-        self._previous_logprobs: torch.Tensor | None = None
-        self._handle = None
-
-    def __enter__(self) -> GenerationEntropyRecorder:
-        self._handle = self.module.register_forward_hook(self._hook, with_kwargs=True)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._handle.remove()
-
-    def _hook(self, module, args, kwargs, output) -> None:
-        logits = getattr(output, "logits", None)
-        if logits is None:  # not a generation step (e.g. a fused-head scoring call)
-            return
-        scaled = logits[:, -1, :].float() / self.temperature
-        if self.variant == "token":
-            self.steps.append(token_entropy(scaled))
-        elif self.variant == "self_certainty":
-            self.steps.append(self_certainty(scaled))
-        else:
-            fed = kwargs.get("input_ids", args[0] if args else None)
-            if self._previous_logprobs is not None:
-                self.steps.append(self._previous_logprobs.gather(-1, fed[:, -1:].to(scaled.device)).squeeze(-1))
-            self._previous_logprobs = torch.log_softmax(scaled, dim=-1)
-
-    def per_token(self, completion_ids: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(values [B, L], mask [B, L])`` aligned with the (EOS-trimmed) completions."""
-        steps = list(self.steps)
-        if self.variant == "trajectory" and self._previous_logprobs is not None:
-            # The last sampled token is never fed back: read its log-prob from the completions.
-            last = torch.tensor([ids[len(steps)] if len(ids) > len(steps) else 0 for ids in completion_ids])
-            steps.append(
-                self._previous_logprobs.gather(-1, last.unsqueeze(-1).to(self._previous_logprobs.device)).squeeze(-1)
-            )
-        width = max([len(ids) for ids in completion_ids] + [0])
-        values = torch.zeros(len(completion_ids), width)
-        if steps:
-            stacked = torch.stack(steps, dim=1).cpu()[:, :width]
-            values[:, : stacked.size(1)] = stacked
-        lengths = torch.tensor([len(ids) for ids in completion_ids])
-        mask = torch.arange(width).unsqueeze(0) < lengths.unsqueeze(1)
-        return values, mask
-
-
-class EntropyTrainerMixin:
+class EntropyTrainerMixin(CompletionSignalsMixin):
     """Adds the entropy reward and the forking-token mask to a TRL online trainer (GRPO or RLOO).
 
-    Subclasses set ``_config_class`` and implement nothing else for the reward. The entropy fields are read through
-    :func:`entropy_settings`, so a plain TRL config runs TRL's trainer unchanged. The mixin overrides only:
-    ``__init__`` (registers the reward), ``_generate_single_turn`` (records the reward during generation),
-    ``_generate`` (falls back to one forward pass when generation gave no logits, e.g. vLLM),
-    ``_get_per_token_logps_and_entropies`` (reuses TRL's old-log-probs pass when there is one) and
-    ``_generate_and_score_completions`` (marks the start of a batch).
+    Subclasses set ``_config_class`` and implement nothing else for the reward. The entropy fields are read
+    through :func:`entropy_settings`, so a plain TRL config runs TRL's trainer unchanged. The mixin overrides
+    only ``__init__`` (appends the entropy reward, one of :mod:`trl_entropy.rewards`' functions) and
+    ``_calculate_rewards`` (an unscorable entropy reward makes the whole row unscorable); the per-token signals
+    that reward reads come from :class:`~trl_entropy.trainers._signals.CompletionSignalsMixin`, like those of
+    any user reward function that declares them.
     """
 
     _config_class: type = None  # set by subclasses
@@ -301,6 +251,7 @@ class EntropyTrainerMixin:
         if settings.entropy_reward == "none":
             # Every entropy option off: TRL's constructor as is, with its own checks and errors.
             super().__init__(model, reward_funcs, args, *pos_args, **kwargs)
+            self._check_signal_columns(getattr(self, "train_dataset", None), getattr(self, "eval_dataset", None))
             return
         user_funcs = reward_funcs_of(reward_funcs)
         self.entropy_reward_func = EntropyReward(settings.entropy_reward)
@@ -328,108 +279,18 @@ class EntropyTrainerMixin:
                 )
             bound.arguments["reward_processing_classes"] = [*processing_classes, None]  # the entropy reward's
         super().__init__(*bound.args, **bound.kwargs)
+        self._check_signal_columns(getattr(self, "train_dataset", None), getattr(self, "eval_dataset", None))
 
     # ------------------------------------------------------------------------------------------------------------
-    # Where the entropy reward comes from
+    # The entropy reward (the signals themselves come from CompletionSignalsMixin)
     # ------------------------------------------------------------------------------------------------------------
-
-    def _makes_old_logps_pass(self) -> bool:
-        """Whether TRL runs the policy over the completions before the rewards (the "old log-probs" pass)."""
-        raise NotImplementedError
-
-    def _entropy_source(self) -> str | None:
-        """``"old_logps"``, ``"generation"``, ``"forward"``, or None when there is no entropy reward."""
-        if self.entropy_reward_func is None:
-            return None
-        variant = self.args.entropy_reward
-        if variant in ("token", "trajectory") and self._makes_old_logps_pass():
-            return "old_logps"  # TRL's own pass over the completions: exact and free
-        plain_generate = not (
-            self.use_vllm
-            or getattr(self, "use_transformers_continuous_batching", False)
-            or getattr(self, "rollout_func", None) is not None
-            or getattr(self, "tools", None)
-        )
-        return "generation" if plain_generate else "forward"
-
-    def _causal_lm(self) -> torch.nn.Module:
-        unwrapped = self.accelerator.unwrap_model(self.model)
-        return unwrapped.get_base_model() if hasattr(unwrapped, "get_base_model") else unwrapped
-
-    def _generate_single_turn(self, *args, **kwargs):
-        if self._entropy_source() != "generation":
-            return super()._generate_single_turn(*args, **kwargs)
-        with GenerationEntropyRecorder(self._causal_lm(), self.temperature, self.args.entropy_reward) as recorder:
-            result = super()._generate_single_turn(*args, **kwargs)
-        completion_ids = result[0] if isinstance(result, tuple) else result
-        values, mask = recorder.per_token(completion_ids)
-        self.entropy_reward_func.values = sequence_rewards(self.args.entropy_reward, values, mask)
-        return result
-
-    def _generate(self, prompts: list):
-        result = super()._generate(prompts)
-        if self._entropy_source() == "forward":
-            prompt_ids, completion_ids = result[0], result[1]
-            values, mask = self._entropy_by_forward(prompt_ids, completion_ids)
-            self.entropy_reward_func.values = sequence_rewards(self.args.entropy_reward, values, mask)
-        return result
-
-    @torch.no_grad()
-    def _entropy_by_forward(
-        self, prompt_ids: list[list[int]], completion_ids: list[list[int]]
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """One batched, chunked policy forward over prompt + completion, for generators that return no logits."""
-        device = self.accelerator.device
-        pad_id = self.processing_class.pad_token_id if hasattr(self.processing_class, "pad_token_id") else 0
-        pad_id = 0 if pad_id is None else pad_id
-        width = max([len(c) for c in completion_ids] + [1])
-        rows, masks = [], []
-        prompt_width = max(len(p) for p in prompt_ids)
-        for p, c in zip(prompt_ids, completion_ids):
-            # Left-pad prompts, right-pad completions: the completion block is then the last `width` positions.
-            rows.append([pad_id] * (prompt_width - len(p)) + list(p) + list(c) + [pad_id] * (width - len(c)))
-            masks.append([0] * (prompt_width - len(p)) + [1] * (len(p) + len(c)) + [0] * (width - len(c)))
-        input_ids = torch.tensor(rows, device=device)
-        attention_mask = torch.tensor(masks, device=device)
-        completion_mask = attention_mask[:, -width:]
-        variant = self.args.entropy_reward
-        batch_size = self.args.per_device_train_batch_size
-        if variant == "self_certainty":
-            # The fused head returns no full distribution: take the logits of the completion block, chunk by chunk.
-            out = []
-            for start in range(0, input_ids.size(0), batch_size):
-                logits = self.model(
-                    input_ids=input_ids[start : start + batch_size],
-                    attention_mask=attention_mask[start : start + batch_size],
-                    logits_to_keep=width + 1,
-                ).logits[:, :-1]
-                out.append(self_certainty(logits, self.temperature))
-            values = torch.cat(out)
-        else:
-            logps, entropies, _ = self._get_per_token_logps_and_entropies(
-                self.model,
-                input_ids,
-                attention_mask,
-                width,
-                batch_size=batch_size,
-                compute_entropy=variant == "token",
-            )
-            values = entropies if variant == "token" else logps
-        return values.float().cpu(), completion_mask.bool().cpu()
-
-    def _generate_and_score_completions(self, inputs):
-        self._capture_old_logps_pass = self._entropy_source() == "old_logps" or self._needs_old_per_token_logps()
-        try:
-            output = super()._generate_and_score_completions(inputs)
-        finally:
-            self._capture_old_logps_pass = False
-        return self._add_to_scored_batch(output)
 
     def _calculate_rewards(self, *args, **kwargs):
         rewards_per_func = super()._calculate_rewards(*args, **kwargs)  # [N, funcs], gathered over all ranks
-        if self.entropy_reward_func is None:
+        entropy_reward_func = getattr(self, "entropy_reward_func", None)
+        if entropy_reward_func is None:
             return rewards_per_func
-        column = next(i for i, f in enumerate(self.reward_funcs) if f is self.entropy_reward_func)
+        column = next(i for i, f in enumerate(self.reward_funcs) if f is entropy_reward_func)
         unscorable = torch.isnan(rewards_per_func[:, column])
         if unscorable.any():
             # TRL sums rewards with nansum, so a None entropy reward would count as 0, the best possible value,
@@ -442,38 +303,9 @@ class EntropyTrainerMixin:
                     "this batch's update and of the logged reward means.",
                     int(unscorable.sum()),
                     unscorable.numel(),
-                    self.entropy_reward_func.__name__,
+                    entropy_reward_func.__name__,
                 )
         return rewards_per_func
-
-    def _needs_old_per_token_logps(self) -> bool:
-        """Whether the loss needs TRL's per-token old log-probs kept in the batch (RLOO's token-level loss)."""
-        return False
-
-    def _add_to_scored_batch(self, output: dict) -> dict:
-        return output
-
-    def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, *args, **kwargs):
-        capture = self._capture_old_logps_pass and model is self.model and not torch.is_grad_enabled()
-        if not capture:
-            return super()._get_per_token_logps_and_entropies(
-                model, input_ids, attention_mask, logits_to_keep, *args, **kwargs
-            )
-        self._capture_old_logps_pass = False  # only the first pass of the batch: later ones score the reference
-        wanted_entropy = kwargs.get("compute_entropy", False)
-        kwargs["compute_entropy"] = True
-        logps, entropies, aux = super()._get_per_token_logps_and_entropies(
-            model, input_ids, attention_mask, logits_to_keep, *args, **kwargs
-        )
-        self._on_old_logps_pass(logps, entropies, attention_mask[:, -logits_to_keep:])
-        return logps, entropies if wanted_entropy else None, aux
-
-    def _on_old_logps_pass(self, logps: torch.Tensor, entropies: torch.Tensor, completion_mask: torch.Tensor) -> None:
-        if self._entropy_source() == "old_logps":
-            values = entropies if self.args.entropy_reward == "token" else logps
-            self.entropy_reward_func.values = sequence_rewards(
-                self.args.entropy_reward, values.float(), completion_mask.bool()
-            )
 
     # ------------------------------------------------------------------------------------------------------------
     # The forking-token mask

@@ -19,6 +19,7 @@ from trl import GRPOConfig, GRPOTrainer
 from trl.models.utils import disable_gradient_checkpointing
 
 from ._model_card import EntropyModelCardMixin
+from ._signals import CompletionSignalsMixin
 
 __all__ = ["EMFTConfig", "EMFTTrainer"]
 
@@ -193,7 +194,7 @@ class _EntropyAfterUpdateCallback(TrainerCallback):
         self.trainer._log_entropy_update()
 
 
-class EMFTTrainer(EntropyModelCardMixin, GRPOTrainer):
+class EMFTTrainer(EntropyModelCardMixin, CompletionSignalsMixin, GRPOTrainer):
     """Entropy-minimisation fine-tuning (EM-FT, Agarwal et al., 2025): minimise the mean token entropy of the model's
     own sampled completions, with no labels and no rewards.
 
@@ -204,7 +205,9 @@ class EMFTTrainer(EntropyModelCardMixin, GRPOTrainer):
       so an internal placeholder is registered);
     * ``_compute_loss`` takes the token entropies from TRL's fused LM head through
       ``_get_per_token_logps_and_entropies(..., compute_entropy=True)`` (differentiable, at ``logits / temperature``,
-      no ``[B, T, V]`` logits materialised), so callbacks observing that method see the training pass.
+      no ``[B, T, V]`` logits materialised);
+    * callbacks that observe per-token signals (e.g. :class:`~trl_entropy.callbacks.EntropyStatsCallback`, see
+      :mod:`trl_entropy.signals`) get them once per generation batch, as from the other trainers of this package.
 
     Logged metrics, besides TRL's (``completions/mean_length``...): ``entropy`` (mean token entropy of each
     micro-batch), ``emft/entropy_before`` and ``emft/entropy_after`` (the optimisation window's mean token entropy
@@ -382,13 +385,9 @@ class EMFTTrainer(EntropyModelCardMixin, GRPOTrainer):
     def _window_entropy_after(self) -> torch.Tensor:
         """Entropy sum and token count of the window's micro-batches under the just-updated weights."""
         stats = torch.zeros(2, device=self.accelerator.device)
-        # Through the class's method rather than the instance attribute: observers that wrap the instance's method
-        # (e.g. an entropy-statistics callback) then see the training pass only, not this measurement.
-        measure = type(self)._get_per_token_logps_and_entropies
         with torch.no_grad(), disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs):
             for batch in self._window_batches:
-                _, entropies, _ = measure(
-                    self,
+                _, entropies, _ = self._get_per_token_logps_and_entropies(
                     self._window_model,
                     batch["input_ids"],
                     batch["attention_mask"],

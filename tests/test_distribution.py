@@ -1,4 +1,4 @@
-"""EntropySketch / TokenEntropyCounter against brute-force float64 references (numpy.histogram, torch.quantile,
+"""EntropyDistribution / TokenEntropyCounter against brute-force float64 references (numpy.histogram, torch.quantile,
 collections.Counter)."""
 
 import json
@@ -11,15 +11,20 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from trl_entropy.sketch import EntropySketch, TokenEntropyCounter, merge_sketches, merge_token_counters
+from trl_entropy.distribution import (
+    EntropyDistribution,
+    TokenEntropyCounter,
+    merge_distributions,
+    merge_token_counters,
+)
 
 MAX_ENTROPY = math.log(49152)
 QUANTILES = [0.0, 0.01, 0.1, 0.25, 0.5, 0.75, 0.9, 0.99, 1.0]
 
 
-def feed(sketch: EntropySketch, values: torch.Tensor, chunk_sizes) -> None:
+def feed(distribution: EntropyDistribution, values: torch.Tensor, chunk_sizes) -> None:
     for chunk in torch.split(values, chunk_sizes):
-        sketch.update(chunk)
+        distribution.update(chunk)
 
 
 def random_chunk_sizes(n: int, generator: torch.Generator, low: int = 1, high: int = 5000) -> list[int]:
@@ -51,57 +56,34 @@ def distributions():
     }
 
 
-def rank_interval_contains(values: torch.Tensor, estimate: float, q: float, tolerance: float) -> bool:
-    """Whether ``estimate`` lies between the exact quantiles ``q - tolerance`` and ``q + tolerance``."""
-    x = values.double()
-    low = torch.quantile(x, max(q - tolerance, 0.0)).item()
-    high = torch.quantile(x, min(q + tolerance, 1.0)).item()
-    return low - 1e-12 <= estimate <= high + 1e-12
-
-
 @pytest.mark.parametrize("name", list(distributions()))
-def test_quantiles_within_one_percent_rank_error(name):
+def test_quantiles_are_exact(name):
     values = distributions()[name]
-    sketch = EntropySketch(MAX_ENTROPY)
-    feed(sketch, values, random_chunk_sizes(values.numel(), torch.Generator().manual_seed(2)))
-    assert sketch.rank_error_bound() <= 1 / sketch.summary_size
-    for q, estimate in zip(QUANTILES, sketch.quantiles(QUANTILES)):
-        assert rank_interval_contains(values, estimate, q, 0.01), (name, q, estimate)
-        # The reported bound itself holds (plus one rank for the interpolation between order statistics).
-        bound = sketch.rank_error_bound() + 1 / values.numel()
-        assert rank_interval_contains(values, estimate, q, bound), (name, q, estimate, bound)
-
-
-def test_small_chunks_are_kept_whole_and_quantiles_are_exact():
-    values = realistic_entropies(5000, seed=4).double()
-    sketch = EntropySketch(MAX_ENTROPY, summary_size=256)
-    feed(sketch, values, random_chunk_sizes(values.numel(), torch.Generator().manual_seed(5), high=257))
-    assert sketch.rank_error_bound() == 0.0
-    expected = torch.quantile(values, torch.tensor(QUANTILES, dtype=torch.float64)).tolist()
-    np.testing.assert_allclose(sketch.quantiles(QUANTILES), expected, rtol=1e-12, atol=1e-15)
+    distribution = EntropyDistribution(MAX_ENTROPY)
+    feed(distribution, values, random_chunk_sizes(values.numel(), torch.Generator().manual_seed(2)))
+    expected = torch.quantile(values.double(), torch.tensor(QUANTILES, dtype=torch.float64)).tolist()
+    np.testing.assert_allclose(distribution.quantiles(QUANTILES), expected, rtol=1e-12, atol=1e-15)
 
 
 @settings(max_examples=40, deadline=None)
 @given(
     data=st.lists(st.floats(0.0, 12.0, allow_nan=False, width=32), min_size=1, max_size=3000),
     chunk=st.integers(1, 700),
-    summary_size=st.sampled_from([16, 64, 256]),
     q=st.floats(0.0, 1.0),
 )
-def test_rank_error_bound_holds_for_any_data(data, chunk, summary_size, q):
+def test_quantile_equals_torch_quantile_for_any_data(data, chunk, q):
     values = torch.tensor(data, dtype=torch.float32)
-    sketch = EntropySketch(MAX_ENTROPY, summary_size=summary_size)
-    feed(sketch, values, chunk)
-    (estimate,) = sketch.quantiles([q])
-    bound = sketch.rank_error_bound() + 1 / values.numel()
-    assert sketch.rank_error_bound() <= 1 / summary_size
-    assert rank_interval_contains(values, estimate, q, bound)
+    distribution = EntropyDistribution(MAX_ENTROPY)
+    feed(distribution, values, chunk)
+    (got,) = distribution.quantiles([q])
+    expected = torch.quantile(values.double(), torch.tensor(q, dtype=torch.float64)).item()
+    assert got == pytest.approx(expected, rel=1e-12, abs=1e-15)
 
 
 def test_histogram_counts_are_exact():
     g = torch.Generator().manual_seed(6)
-    sketch = EntropySketch(MAX_ENTROPY, bins=64)
-    edges = sketch.edges
+    distribution = EntropyDistribution(MAX_ENTROPY, bins=64)
+    edges = distribution.edges
     # Values exactly on every edge, just around them, outside the range, and non-finite / masked ones.
     on_edges = torch.tensor(edges, dtype=torch.float32)
     around = torch.cat([on_edges + 1e-6, on_edges - 1e-6])
@@ -110,95 +92,94 @@ def test_histogram_counts_are_exact():
     values = torch.cat([on_edges, around, random, special]).float()
     mask = torch.rand(values.shape, generator=g) > 0.1
     for chunk, chunk_mask in zip(values.split(997), mask.split(997)):
-        sketch.update(chunk.view(-1, 1), chunk_mask.view(-1, 1))
+        distribution.update(chunk.view(-1, 1), chunk_mask.view(-1, 1))
     kept = values[mask & torch.isfinite(values)].double().numpy()
     expected, _ = np.histogram(np.clip(kept, 0.0, edges[-1]), bins=edges)
-    counts, returned_edges = sketch.histogram()
+    counts, returned_edges = distribution.histogram()
     np.testing.assert_array_equal(counts, expected)
     np.testing.assert_array_equal(returned_edges, edges)
-    assert sketch.count == kept.size
-    assert sketch.invalid_count == int((mask & ~torch.isfinite(values)).sum())
+    assert distribution.count == kept.size
+    assert distribution.invalid_count == int((mask & ~torch.isfinite(values)).sum())
 
 
 def test_moments_match_float64():
     values = realistic_entropies(10_000, seed=7)
-    sketch = EntropySketch(MAX_ENTROPY)
-    feed(sketch, values, 1234)
+    distribution = EntropyDistribution(MAX_ENTROPY)
+    feed(distribution, values, 1234)
     x = values.double()
-    assert sketch.count == x.numel()
-    assert sketch.mean == pytest.approx(x.mean().item(), rel=1e-12)
-    assert sketch.std == pytest.approx(x.std(unbiased=False).item(), rel=1e-9)
-    assert sketch.min == x.min().item()
-    assert sketch.max == x.max().item()
+    assert distribution.count == x.numel()
+    assert distribution.mean == pytest.approx(x.mean().item(), rel=1e-12)
+    assert distribution.std == pytest.approx(x.std(unbiased=False).item(), rel=1e-9)
+    assert distribution.min == x.min().item()
+    assert distribution.max == x.max().item()
 
 
-def test_fraction_above_matches_brute_force_within_bound():
+def test_fraction_above_matches_brute_force():
     values = realistic_entropies(50_000, seed=8)
-    sketch = EntropySketch(MAX_ENTROPY)
-    feed(sketch, values, 4096)
+    distribution = EntropyDistribution(MAX_ENTROPY)
+    feed(distribution, values, 4096)
     x = values.double()
     for threshold in [0.0, 1e-3, 0.05, 0.5, 2.0, 5.9, 7.0]:
         exact = (x > threshold).double().mean().item()
-        assert abs(sketch.fraction_above(threshold) - exact) <= sketch.rank_error_bound() + 1e-12
+        assert distribution.fraction_above(threshold) == exact
 
 
 def test_merge_equals_single_process_on_same_chunks():
     values = realistic_entropies(40_000, seed=9)
     chunks = list(values.split(random_chunk_sizes(values.numel(), torch.Generator().manual_seed(10))))
-    single = EntropySketch(MAX_ENTROPY)
+    single = EntropyDistribution(MAX_ENTROPY)
     for chunk in chunks:
         single.update(chunk)
-    ranks = [EntropySketch(MAX_ENTROPY) for _ in range(3)]
+    ranks = [EntropyDistribution(MAX_ENTROPY) for _ in range(3)]
     for index, chunk in enumerate(chunks):  # round-robin over three "ranks"
         ranks[index % 3].update(chunk)
-    merged = merge_sketches(ranks)
-    merged_reversed = merge_sketches(ranks[::-1])
+    merged = merge_distributions(ranks)
+    merged_reversed = merge_distributions(ranks[::-1])
     np.testing.assert_array_equal(merged.histogram()[0], single.histogram()[0])
     assert merged.count == single.count
     assert (merged.min, merged.max) == (single.min, single.max)
     assert merged.mean == pytest.approx(single.mean, rel=1e-12)
-    assert merged.rank_error_bound() == pytest.approx(single.rank_error_bound(), rel=1e-12)
-    for sketch in (merged, merged_reversed):
-        np.testing.assert_allclose(sketch.quantiles(QUANTILES), single.quantiles(QUANTILES), rtol=1e-12)
-        assert sketch.fraction_above(1.0) == pytest.approx(single.fraction_above(1.0), rel=1e-12)
+    for distribution in (merged, merged_reversed):
+        np.testing.assert_allclose(distribution.quantiles(QUANTILES), single.quantiles(QUANTILES), rtol=1e-12)
+        assert distribution.fraction_above(1.0) == pytest.approx(single.fraction_above(1.0), rel=1e-12)
 
 
 def test_state_dict_round_trip_through_json():
     values = realistic_entropies(3000, seed=11)
-    sketch = EntropySketch(MAX_ENTROPY, bins=32, summary_size=64)
-    feed(sketch, values, 700)
-    restored = EntropySketch.from_state_dict(json.loads(json.dumps(sketch.state_dict())))
-    np.testing.assert_array_equal(restored.histogram()[0], sketch.histogram()[0])
-    assert restored.quantiles(QUANTILES) == sketch.quantiles(QUANTILES)
+    distribution = EntropyDistribution(MAX_ENTROPY, bins=32)
+    feed(distribution, values, 700)
+    restored = EntropyDistribution.from_state_dict(json.loads(json.dumps(distribution.state_dict())))
+    np.testing.assert_array_equal(restored.histogram()[0], distribution.histogram()[0])
+    assert restored.quantiles(QUANTILES) == distribution.quantiles(QUANTILES)
     assert (restored.count, restored.mean, restored.min, restored.max) == (
-        sketch.count,
-        sketch.mean,
-        sketch.min,
-        sketch.max,
+        distribution.count,
+        distribution.mean,
+        distribution.min,
+        distribution.max,
     )
 
 
 def test_empty_and_fully_masked_inputs_never_corrupt_statistics():
-    sketch = EntropySketch(MAX_ENTROPY)
-    assert math.isnan(sketch.mean) and math.isnan(sketch.quantiles(0.5)[0]) and sketch.count == 0
-    sketch.update(torch.empty(0))
-    sketch.update(torch.full((4, 3), math.nan), torch.zeros(4, 3, dtype=torch.bool))  # masked NaNs are padding
-    sketch.update(torch.tensor([[math.nan, math.inf]]), torch.ones(1, 2, dtype=torch.bool))
-    assert sketch.count == 0 and sketch.invalid_count == 2
-    assert all(math.isnan(v) for v in sketch.quantiles(QUANTILES))
-    assert math.isnan(sketch.min) and math.isnan(sketch.fraction_above(1.0))
-    sketch.update(torch.tensor([[2.0, math.nan]]), torch.tensor([[True, True]]))
-    assert sketch.quantiles([0.0, 0.5, 1.0]) == [2.0, 2.0, 2.0]
-    assert sketch.mean == 2.0 and sketch.invalid_count == 3
-    state = sketch.state_dict()
+    distribution = EntropyDistribution(MAX_ENTROPY)
+    assert math.isnan(distribution.mean) and math.isnan(distribution.quantiles(0.5)[0]) and distribution.count == 0
+    distribution.update(torch.empty(0))
+    distribution.update(torch.full((4, 3), math.nan), torch.zeros(4, 3, dtype=torch.bool))  # masked NaNs are padding
+    distribution.update(torch.tensor([[math.nan, math.inf]]), torch.ones(1, 2, dtype=torch.bool))
+    assert distribution.count == 0 and distribution.invalid_count == 2
+    assert all(math.isnan(v) for v in distribution.quantiles(QUANTILES))
+    assert math.isnan(distribution.min) and math.isnan(distribution.fraction_above(1.0))
+    distribution.update(torch.tensor([[2.0, math.nan]]), torch.tensor([[True, True]]))
+    assert distribution.quantiles([0.0, 0.5, 1.0]) == [2.0, 2.0, 2.0]
+    assert distribution.mean == 2.0 and distribution.invalid_count == 3
+    state = distribution.state_dict()
     assert json.loads(json.dumps(state, allow_nan=False)) == state
 
 
 def test_reset_forgets_everything():
-    sketch = EntropySketch(MAX_ENTROPY)
-    sketch.update(torch.rand(100))
-    sketch.reset()
-    assert sketch.count == 0 and sketch.histogram()[0].sum() == 0 and sketch.rank_error_bound() == 0.0
+    distribution = EntropyDistribution(MAX_ENTROPY)
+    distribution.update(torch.rand(100))
+    distribution.reset()
+    assert distribution.count == 0 and distribution.histogram()[0].sum() == 0 and distribution.invalid_count == 0
 
 
 @pytest.mark.parametrize(
@@ -208,24 +189,23 @@ def test_reset_forgets_everything():
         ({"max_value": math.inf}, "max_value"),
         ({"max_value": 5.0, "bins": 0}, "bins"),
         ({"max_value": 5.0, "bins": 513}, "bins"),
-        ({"max_value": 5.0, "summary_size": 0}, "summary_size"),
     ],
 )
 def test_invalid_arguments_name_the_parameter(kwargs, name):
     with pytest.raises(ValueError, match=name):
-        EntropySketch(**kwargs)
+        EntropyDistribution(**kwargs)
 
 
 def test_bad_calls_raise_clear_errors():
-    sketch = EntropySketch(MAX_ENTROPY)
+    distribution = EntropyDistribution(MAX_ENTROPY)
     with pytest.raises(ValueError, match="quantile"):
-        sketch.quantiles([1.5])
+        distribution.quantiles([1.5])
     with pytest.raises(ValueError, match="mask"):
-        sketch.update(torch.rand(3, 2), torch.ones(2, 3, dtype=torch.bool))
+        distribution.update(torch.rand(3, 2), torch.ones(2, 3, dtype=torch.bool))
     with pytest.raises(ValueError, match="bins"):
-        merge_sketches([EntropySketch(MAX_ENTROPY, bins=10), EntropySketch(MAX_ENTROPY, bins=20)])
+        merge_distributions([EntropyDistribution(MAX_ENTROPY, bins=10), EntropyDistribution(MAX_ENTROPY, bins=20)])
     with pytest.raises(ValueError, match="at least one"):
-        merge_sketches([])
+        merge_distributions([])
 
 
 def token_stream(seed: int, n: int = 3000, vocab: int = 50):
