@@ -161,7 +161,11 @@ def _load_datasets(script_args: TrainScriptArguments, seed: int, with_eval: bool
 
 
 def run_train(
-    method: str, script_args: TrainScriptArguments, training_args: Any, model_args: EntropyModelConfig
+    method: str,
+    script_args: TrainScriptArguments,
+    training_args: Any,
+    model_args: EntropyModelConfig,
+    guard_args: Any = None,
 ) -> Any:
     """Train with ``method`` in ``{"grpo", "rloo", "emft"}``, save the model to ``training_args.output_dir`` and return
     the trainer. This is what ``trl-entropy grpo|rloo|emft`` runs."""
@@ -201,6 +205,8 @@ def run_train(
             trainer.accelerator.print("EntropyStatsCallback is not available; training without entropy statistics.")
         else:
             trainer.add_callback(EntropyStatsCallback(trainer))
+    if guard_args is not None and guard_args.collapse_guard:  # after the stats: it reads their repetition rate
+        trainer.add_callback(guard_args.build(script_args.dataset_name, training_args.seed))
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     trainer.save_model(training_args.output_dir)
     trainer.accelerator.print(f"Model saved to {training_args.output_dir}.")
@@ -278,8 +284,12 @@ def make_parser(command: str, argv: Sequence[str] = ()) -> TrlParser:
     if command in _TRAINERS:
         module, config_name, _ = _TRAINERS[command]
         config_class = _import(module, config_name)
+        from .collapse_guard import CollapseGuardArguments
+
         parser = TrlParser(
-            (TrainScriptArguments, config_class, EntropyModelConfig), prog=prog, description=_HELP[command]
+            (TrainScriptArguments, config_class, EntropyModelConfig, CollapseGuardArguments),
+            prog=prog,
+            description=_HELP[command],
         )
         # TRL trains in bf16 by default, which needs an accelerator: on a CPU-only machine default to the CPU instead
         # of failing (a --config file or the command line still override it).
@@ -322,8 +332,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         top.error(f"unknown command {command!r} (choose from {', '.join(_HELP)})")
     parsed = make_parser(command, rest).parse_args_and_config(rest)
     if command in _TRAINERS:
-        script_args, training_args, model_args = parsed
-        run_train(command, script_args, training_args, model_args)
+        script_args, training_args, model_args, guard_args = parsed
+        run_train(command, script_args, training_args, model_args, guard_args)
         return 0
     module, _, run_name = _SIMPLE[_command_key(command, rest)]
     result = _import(module, run_name)(parsed[-1])
