@@ -330,3 +330,22 @@ def test_cli_flag_parses_and_wires_the_guard(tmp_path):
     # Without the flag nothing is attached.
     assert main(["grpo", *argv[: -len(guard_options)], "--output_dir", str(tmp_path / "plain")]) == 0
     assert not (tmp_path / "plain" / "collapse_guard.jsonl").exists()
+
+
+@pytest.mark.multiprocess
+def test_two_ranks_take_the_main_process_decision(tmp_path):
+    from dist_scripts.launcher import LaunchError, launch
+
+    try:
+        launch("collapse_guard_checks.py", str(tmp_path), timeout=420)
+    except LaunchError as err:
+        pytest.fail(str(err))
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    # Rank 1's own probe can never be right (0% throughout): alone it would never fire. Both ranks follow rank 0.
+    assert ranks[0]["fired_step"] is not None
+    for key in ("global_step", "fired_step", "best_step", "restored_step", "probe_accuracies"):
+        assert ranks[0][key] == ranks[1][key], key
+    assert ranks[0]["probe_accuracies"][0] == 1.0
+    assert ranks[0]["global_step"] == ranks[0]["fired_step"]
+    assert all(r["restored_equals_best"] for r in ranks)
+    assert all(torch.equal(ranks[0]["final"][k], ranks[1]["final"][k]) for k in ranks[0]["final"])
