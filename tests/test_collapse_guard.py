@@ -349,3 +349,19 @@ def test_two_ranks_take_the_main_process_decision(tmp_path):
     assert ranks[0]["global_step"] == ranks[0]["fired_step"]
     assert all(r["restored_equals_best"] for r in ranks)
     assert all(torch.equal(ranks[0]["final"][k], ranks[1]["final"][k]) for k in ranks[0]["final"])
+
+
+def test_demo_option_attaches_the_guard(tmp_path):
+    from trl_entropy.demo import DemoArguments, _train
+    from trl_entropy.tasks import ArithmeticTask
+    from trl_entropy.testing import make_tiny_model_and_tokenizer
+
+    model, tokenizer = make_tiny_model_and_tokenizer(seed=0)
+    args = DemoArguments(
+        output_dir=str(tmp_path), max_steps=1, prompts_per_step=1, num_generations=2, max_completion_length=4,
+        collapse_guard=True,
+    )  # fmt: skip
+    trainer = _train(model, tokenizer, ArithmeticTask().dataset(4).select_columns(["prompt"]), args)
+    guards = [cb for cb in trainer.callback_handler.callbacks if isinstance(cb, CollapseGuardCallback)]
+    assert len(guards) == 1 and len(guards[0].probe_problems) == 32 and guards[0].probe_steps == [0]
+    assert (tmp_path / "training" / "collapse_guard.jsonl").is_file()
