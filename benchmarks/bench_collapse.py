@@ -31,7 +31,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import RESULTS_DIR, print_table, write_results  # noqa: E402
 
 NAME = "bench_collapse"
-RUNS = (("5e-5", "warn"), ("5e-5", "stop_and_restore"), ("2e-5", "warn"), ("2e-5", "stop_and_restore"))
+# The guarded 5e-5 run first (it stops early), then the 60-step observed runs; the guarded 2e-5 run last (skipped with
+# --skip-identical when its observed twin never fired: the two would be the same computation).
+RUNS = (("5e-5", "stop_and_restore"), ("2e-5", "warn"), ("5e-5", "warn"), ("2e-5", "stop_and_restore"))
 COLUMNS = ["lr", "guard", "steps_run", "fired_step", "restored_step", "heldout_acc", "acc_95ci", "truncated"]
 
 
@@ -264,10 +266,15 @@ def main() -> None:
     if results:
         plot(results, base, png)
     payload = {
+        "table": rows,
         "settings": {k: v for k, v in vars(args).items() if k != "out"},
         "base_heldout": base,
         "runs": {
-            name: {k: v for k, v in run.items() if k not in ("training_log", "guard_events")}
+            name: {
+                **{k: v for k, v in run.items() if k not in ("training_log", "guard_events")},
+                # Steps where log signals fired while the probe held (the guard then only probed).
+                "suspicions": [[e["step"], e["signals"]] for e in run["guard_events"] if e["event"] == "suspect"],
+            }
             for name, run in results.items()
         },
         "png": str(png.relative_to(RESULTS_DIR.parent.parent)) if results else None,

@@ -33,6 +33,8 @@ _LAZY = {
     "EMFTConfig": "trainers",
     "EMFTTrainer": "trainers",
     "EntropyStatsCallback": "callbacks",
+    "CollapseGuardCallback": "collapse_guard",
+    "CollapseGuardConfig": "collapse",
     "EMInfLogitsProcessor": "inference",
     "AdaptiveTemperatureLogitsProcessor": "inference",
     "EntropyThresholdCalibrator": "confidence",
