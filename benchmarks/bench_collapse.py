@@ -167,6 +167,26 @@ def run_one(lr: str, guard: str, args, sets, out: Path) -> dict:
     }
 
 
+def first_firings(run: dict) -> dict:
+    """Replay of each default log-signal trigger on the run's logged signals: the first step it fires at, or None
+    (the pure functions of ``trl_entropy.collapse`` on growing prefixes, as the guard calls them)."""
+    from trl_entropy.collapse import CollapseGuardConfig, signal_triggers
+    from trl_entropy.collapse_guard import SIGNAL_KEYS
+
+    config = CollapseGuardConfig()
+    history: dict[str, list] = {key: [] for key in SIGNAL_KEYS}
+    first: dict[str, int | None] = dict.fromkeys(
+        ("entropy_floor", "entropy_decay", "length_collapse", "repetition", "identical_completions")
+    )
+    for entry in run["training_log"]:
+        for key in SIGNAL_KEYS:
+            history[key].append(entry.get(key))
+        for name in signal_triggers(history, config):
+            if first[name] is None:
+                first[name] = entry["step"]
+    return first
+
+
 def plot(results: dict, base: dict, path: Path) -> None:
     from matplotlib.figure import Figure
 
@@ -188,13 +208,17 @@ def plot(results: dict, base: dict, path: Path) -> None:
         )
         steps = [e["step"] for e in run["training_log"]]
         ax_entropy.plot(steps, [e["entropy"] for e in run["training_log"]], style, color=colours[lr], label=label)
+        if run.get("restored_step") is not None:
+            restored = {p["step"]: p["accuracy"] for p in run["probe"]}[run["restored_step"]]
+            ax_probe.plot([run["fired_step"]], [restored], "*", color=colours[lr], markersize=12)
         if run["fired_step"] is not None:
             for ax in (ax_probe, ax_entropy):
                 ax.axvline(run["fired_step"], color=colours[lr], linestyle=":" if guard == "warn" else "-", alpha=0.5)
     ax_probe.axhline(base["accuracy"], color="grey", linewidth=0.8)
     ax_probe.set_xlabel("step")
     ax_probe.set_ylabel(f"probe accuracy (greedy, {len(results) and base['max_new_tokens']} tokens)")
-    ax_probe.set_title("Probe accuracy (grey: base model on held-out)")
+    ax_probe.set_ylim(0, 1)
+    ax_probe.set_title("Probe accuracy (grey: base model, held-out; star: restored)")
     ax_entropy.set_yscale("log")
     ax_entropy.set_xlabel("step")
     ax_entropy.set_ylabel("training token entropy (nats, log scale)")
@@ -274,6 +298,9 @@ def main() -> None:
                 **{k: v for k, v in run.items() if k not in ("training_log", "guard_events")},
                 # Steps where log signals fired while the probe held (the guard then only probed).
                 "suspicions": [[e["step"], e["signals"]] for e in run["guard_events"] if e["event"] == "suspect"],
+                "first_signal_firings": first_firings(run),
+                "min_entropy": min(e["entropy"] for e in run["training_log"]),
+                "final_entropy": run["training_log"][-1]["entropy"],
             }
             for name, run in results.items()
         },
