@@ -25,7 +25,10 @@ import json
 import os
 import sys
 import time
+from datetime import UTC, datetime
 from pathlib import Path
+
+from transformers import TrainerCallback
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import RESULTS_DIR, print_table, write_results  # noqa: E402
@@ -51,6 +54,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--runs", default="all", help="comma-separated run names (e.g. 5e-5_warn) or 'all'")
     parser.add_argument("--skip-identical", action="store_true")
+    parser.add_argument("--deadline", default=None, help="UTC HH:MM after which a run stops training (shared machine)")
     parser.add_argument("--out", default=str(RESULTS_DIR / NAME))
     return parser.parse_args()
 
@@ -96,6 +100,19 @@ def heldout_eval(model, tokenizer, problems, args) -> dict:
     }
 
 
+class _Deadline(TrainerCallback):
+    """Ends training at a wall-clock time (UTC ``HH:MM``) on a shared machine, so the run still gets its final
+    evaluation; the result then says how many of the planned steps ran (``steps_run``)."""
+
+    def __init__(self, deadline: str):
+        hours, minutes = (int(x) for x in deadline.split(":"))
+        self.end = datetime.now(UTC).replace(hour=hours, minute=minutes, second=0, microsecond=0).timestamp()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if time.time() >= self.end:
+            control.should_training_stop = True
+
+
 def run_one(lr: str, guard: str, args, sets, out: Path) -> dict:
     import torch
     from transformers import set_seed
@@ -136,6 +153,8 @@ def run_one(lr: str, guard: str, args, sets, out: Path) -> dict:
         probe_max_new_tokens=args.eval_max_new_tokens,
     )
     trainer.add_callback(guard_cb)
+    if args.deadline:
+        trainer.add_callback(_Deadline(args.deadline))
     trainer.train()
     train_s = time.perf_counter() - start
     final = heldout_eval(trainer.model, tokenizer, heldout, args)
@@ -153,6 +172,7 @@ def run_one(lr: str, guard: str, args, sets, out: Path) -> dict:
         "lr": float(lr),
         "guard": guard,
         "steps_run": trainer.state.global_step,
+        "steps_planned": args.steps,
         "fired_step": guard_cb.fired_step,
         "fired_reason": guard_cb.fired_reason,
         "restored_step": guard_cb.restored_step,
