@@ -365,3 +365,24 @@ def test_demo_option_attaches_the_guard(tmp_path):
     guards = [cb for cb in trainer.callback_handler.callbacks if isinstance(cb, CollapseGuardCallback)]
     assert len(guards) == 1 and len(guards[0].probe_problems) == 32 and guards[0].probe_steps == [0]
     assert (tmp_path / "training" / "collapse_guard.jsonl").is_file()
+
+
+def test_log_signals_with_a_probe_only_trigger_an_evaluation(tmp_path):
+    # The tiny model's reward spread is ~1e-4, so `identical_completions` fires at every step; the probe (scheduled
+    # only at step 0 here) is then evaluated at once, holds, and training goes on to the end.
+    _, _, dataset = tiny_setup(16)
+    probe = [{"prompt": p, "answer": "3"} for p in dataset["prompt"][:4]]
+    guard = CollapseGuardCallback(
+        probe_problems=probe, action="stop", probe_every=1000, probe_max_new_tokens=6,
+        **{**OFF, "min_reward_std": 0.01, "patience": 1},
+    )  # fmt: skip
+    trainer = guarded_trainer(tmp_path, guard, max_steps=3, learning_rate=1e-6)
+    trainer.train()
+    assert trainer.state.global_step == 3 and guard.fired_step is None
+    assert guard.probe_steps == [0, 1, 2, 3]
+    events = [json.loads(line) for line in open(tmp_path / "collapse_guard.jsonl")]
+    suspects = [e for e in events if e["event"] == "suspect"]
+    assert [e["step"] for e in suspects] == [1, 2, 3]
+    assert all(e["signals"] == ["identical_completions"] for e in suspects)
+    logged = [e for e in trainer.state.log_history if "collapse_guard/identical_completions" in e]
+    assert [e["step"] for e in logged] == [1, 2, 3]
