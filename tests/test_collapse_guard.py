@@ -386,3 +386,31 @@ def test_log_signals_with_a_probe_only_trigger_an_evaluation(tmp_path):
     assert all(e["signals"] == ["identical_completions"] for e in suspects)
     logged = [e for e in trainer.state.log_history if "collapse_guard/identical_completions" in e]
     assert [e["step"] for e in logged] == [1, 2, 3]
+
+
+def test_restore_after_resume_loads_the_saved_best_weights(tmp_path):
+    model, tokenizer, dataset = tiny_setup(16)
+    probe = self_consistent_probe(model, tokenizer, dataset["prompt"])
+    initial = {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    def guard(max_probe_drop):
+        return CollapseGuardCallback(
+            probe_problems=probe, action="stop_and_restore", probe_every=1, probe_max_new_tokens=6,
+            max_probe_drop=max_probe_drop, **OFF,
+        )  # fmt: skip
+
+    saving = dict(save_strategy="steps", save_steps=1)
+    first, recorder = guard(None), WeightRecorder()  # it keeps the best weights but cannot fire before the resume
+    guarded_trainer(tmp_path, first, recorder, max_steps=1, **saving).train()
+    assert first.best_step in (0, 1) and (tmp_path / "collapse_guard_best.pt").is_file()
+    saved_best = initial if first.best_step == 0 else recorder.weights[1]
+
+    resumed = guard(0.2)
+    trainer = guarded_trainer(tmp_path, resumed, max_steps=12, **saving)
+    trainer.train(resume_from_checkpoint=str(tmp_path / "checkpoint-1"))
+    assert resumed.fired_step is not None and resumed.probe_steps[:2] == first.probe_steps
+    final = trainer.model.state_dict()
+    # The best was found before the interruption, so its weights come from collapse_guard_best.pt.
+    assert resumed.best_step == first.best_step, (first.probe_accuracies, resumed.probe_accuracies)
+    assert all(torch.equal(final[k], saved_best[k]) for k in saved_best)
+    assert resumed.restored_step == resumed.best_step

@@ -194,7 +194,7 @@ class CollapseGuardCallback(TrainerCallback):
         if self._best_state is not None and self._best_written_step != self.best_step:
             path = os.path.join(args.output_dir, BEST_WEIGHTS_FILE)
             tmp = path + ".tmp"
-            torch.save(self._best_state, tmp)
+            torch.save({"step": self.best_step, "state_dict": self._best_state}, tmp)
             os.replace(tmp, path)
             self._best_written_step = self.best_step
         data = json.dumps(_json_safe(self.state_dict()), allow_nan=False).encode("utf-8")
@@ -307,10 +307,11 @@ class CollapseGuardCallback(TrainerCallback):
             best = self._best_state
             if best is None:  # resumed run: the best weights are on disk
                 path = os.path.join(args.output_dir, BEST_WEIGHTS_FILE)
-                if os.path.isfile(path):
-                    best = torch.load(path, map_location="cpu", weights_only=True)
+                saved = torch.load(path, map_location="cpu", weights_only=True) if os.path.isfile(path) else {}
+                # A later checkpoint of an abandoned branch may have overwritten the file with another step's weights.
+                best = saved.get("state_dict") if saved.get("step") == self.best_step else None
             if best is None:
-                logger.warning("No best weights to restore (they were not saved before the resume); stopped only.")
+                logger.warning("No saved weights of the best step %s to restore; stopped only.", self.best_step)
             else:
                 model.load_state_dict(best)
                 restored = self.restored_step = self.best_step
