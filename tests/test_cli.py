@@ -86,7 +86,7 @@ def test_training_commands_share_model_and_data_options():
     for command in ("grpo", "rloo", "emft"):
         types = _dataclass_types(command)
         assert TrainScriptArguments in types and EntropyModelConfig in types
-    script_args, _, model_args, _ = make_parser("grpo").parse_args_and_config(["--output_dir", "unused"])
+    script_args, _, model_args, *_ = make_parser("grpo").parse_args_and_config(["--output_dir", "unused"])
     assert model_args.model_name_or_path == "smollm2"
     assert script_args.dataset_name == "arithmetic"
 

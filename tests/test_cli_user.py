@@ -117,7 +117,7 @@ def test_quantisation_flag_reaches_the_model_as_trl_grpo_passes_it(tmp_path):
     from trl_entropy.cli import make_parser, prepare_training
 
     argv = ["--load_in_4bit", "--entropy_reward", "token", "--output_dir", str(tmp_path), "--num_train_prompts", "4"]
-    script_args, training_args, model_args, dataset_args = make_parser("grpo").parse_args_and_config(argv)
+    script_args, training_args, model_args, dataset_args, _ = make_parser("grpo").parse_args_and_config(argv)
     job = prepare_training("grpo", script_args, training_args, model_args, dataset_args)
     expected = get_quantization_config(model_args).to_dict()
     assert job.training_args.model_init_kwargs["quantization_config"].to_dict() == expected

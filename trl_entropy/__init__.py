@@ -34,6 +34,8 @@ _LAZY = {
     "EMFTTrainer": "trainers",
     "EntropyStatsCallback": "callbacks",
     "CompletionSignals": "signals",
+    "CollapseGuardCallback": "collapse_guard",
+    "CollapseGuardConfig": "collapse",
     "EMInfLogitsProcessor": "inference",
     "AdaptiveTemperatureLogitsProcessor": "inference",
     "EntropyThresholdCalibrator": "confidence",

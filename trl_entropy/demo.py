@@ -80,6 +80,10 @@ class DemoArguments:
             Smoke-test mode: 2 training steps and 8 held-out problems (overrides `max_steps` and `num_eval_problems`).
         save_model (`bool`, *optional*, defaults to `False`):
             Save the trained model to `<output_dir>/model`.
+        collapse_guard (`bool`, *optional*, defaults to `False`):
+            Watch training with :class:`~trl_entropy.collapse_guard.CollapseGuardCallback` (its defaults; for the
+            arithmetic task a probe of 32 test-split problems drawn with `seed + 1`): stop and restore the best probe
+            checkpoint on collapse.
     """
 
     model_name_or_path: str = field(
@@ -109,6 +113,7 @@ class DemoArguments:
     num_threads: int | None = field(default=None, metadata={"help": "torch CPU threads (None: torch's default)."})
     quick: bool = field(default=False, metadata={"help": "Smoke test: 2 steps, 8 held-out problems."})
     save_model: bool = field(default=False, metadata={"help": "Save the trained model to <output_dir>/model."})
+    collapse_guard: bool = field(default=False, metadata={"help": "Stop and restore the best probe step on collapse."})
 
     def __post_init__(self):
         if self.task != "arithmetic" and self.task not in _HUB_TASKS:
@@ -242,6 +247,11 @@ def _train(model, tokenizer, train_prompts, args: DemoArguments):
         logger.warning("EntropyStatsCallback is not available: no entropy_stats.jsonl, no training plots.")
     else:
         trainer.add_callback(EntropyStatsCallback(trainer))
+    if args.collapse_guard:  # after the stats callback, whose repetition rate it reads
+        from .collapse_guard import CollapseGuardArguments
+
+        # The probe: 32 arithmetic problems when the task is arithmetic, else the log signals alone.
+        trainer.add_callback(CollapseGuardArguments(collapse_guard=True).build(args.task, args.seed))
     trainer.train()
     return trainer
 

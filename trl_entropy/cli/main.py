@@ -117,7 +117,16 @@ def make_parser(command: str, argv: Sequence[str] = ()) -> TrlParser:
     if command in _TRAINERS:
         module, config_name, _ = _TRAINERS[command]
         config_class = _import(module, config_name)
-        dataclass_types = (TrainScriptArguments, config_class, EntropyModelConfig, DatasetMixtureConfig)
+        from ..collapse_guard import CollapseGuardArguments
+
+        # `trl grpo`'s dataclasses first, in its order; the collapse guard's options after them.
+        dataclass_types = (
+            TrainScriptArguments,
+            config_class,
+            EntropyModelConfig,
+            DatasetMixtureConfig,
+            CollapseGuardArguments,
+        )
         parser = _OneLineParser(dataclass_types, prog=prog, description=_HELP[command])
         # TRL trains in bf16 by default, which needs an accelerator: on a CPU-only machine default to the CPU instead
         # of failing (a --config file or the command line still override it).

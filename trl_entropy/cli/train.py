@@ -125,6 +125,7 @@ class TrainingJob:
     training_args: Any
     model_args: EntropyModelConfig
     trainer_kwargs: dict[str, Any]
+    guard_args: Any = None  # CollapseGuardArguments, or None
 
     def run(self) -> Any:
         """Build the trainer (the model loads here), train, save, push to the Hub if asked, and return the trainer."""
@@ -142,6 +143,8 @@ class TrainingJob:
                 )
             else:
                 trainer.add_callback(EntropyStatsCallback(trainer))
+        if self.guard_args is not None and self.guard_args.collapse_guard:  # after the stats: it reads them
+            trainer.add_callback(self.guard_args.build(self.script_args.dataset_name, self.training_args.seed))
         args = self.training_args
         trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
         trainer.save_model(args.output_dir)
@@ -161,6 +164,7 @@ def prepare_training(
     training_args: Any,
     model_args: EntropyModelConfig,
     dataset_args: DatasetMixtureConfig | None = None,
+    guard_args: Any = None,
 ) -> TrainingJob:
     """Resolve the rewards, the quantisation and the data of a training run and check them, without loading the
     model. Raises ``ValueError`` (one line: the option, what it accepts, the value) on anything wrong."""
@@ -206,7 +210,7 @@ def prepare_training(
     }
     if method != "emft":
         kwargs["reward_funcs"] = reward_funcs or None
-    return TrainingJob(method, script_args, training_args, model_args, kwargs)
+    return TrainingJob(method, script_args, training_args, model_args, kwargs, guard_args)
 
 
 def run_train(
@@ -215,7 +219,8 @@ def run_train(
     training_args: Any,
     model_args: EntropyModelConfig,
     dataset_args: DatasetMixtureConfig | None = None,
+    guard_args: Any = None,
 ) -> Any:
     """Train with ``method`` in ``{"grpo", "rloo", "emft"}``, save the model to ``training_args.output_dir`` and
     return the trainer. This is what ``trl-entropy grpo|rloo|emft`` runs."""
-    return prepare_training(method, script_args, training_args, model_args, dataset_args).run()
+    return prepare_training(method, script_args, training_args, model_args, dataset_args, guard_args).run()

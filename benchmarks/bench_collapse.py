@@ -1,0 +1,344 @@
+"""Collapse guard on EM-RL: the embedded SmolLM2-135M-Instruct, same seed, with and without the guard.
+
+EM-RL (``EntropyGRPOTrainer``, ``entropy_reward="token"``: the reward is minus the mean token entropy, no labels) on
+"What is a + b?" prompts at two learning rates: 5e-5 (the demo's note: the entropy collapses to a degenerate answer)
+and the demo's 2e-5. Each learning rate is trained twice from the same seed:
+
+- ``warn``: the guard only observes (``action="warn"``): it evaluates the probe and logs when it would fire, and
+  changes nothing (the probe is greedy with no RNG draw, so the weights follow the unguarded run exactly; tested in
+  ``tests/test_collapse_guard.py``). This is the run "without the guard", with the probe curve drawn.
+- ``stop_and_restore``: the guard with its default thresholds stops training and loads the best probe weights back.
+
+The probe: 32 labelled problems, disjoint from the training prompts, greedy, every ``probe_every`` steps. The final
+held-out accuracy: ``--num-heldout`` other problems (disjoint from both), greedy, at the same token budget, with the
+truncation rate and the 95% Wilson interval. Each run's result is cached in ``benchmarks/results/bench_collapse/`` so
+a rerun resumes; ``--skip-identical`` skips a ``stop_and_restore`` run whose ``warn`` twin never fired (the two runs
+are then the same computation).
+
+The committed results were measured with (on a 2-core CPU shared with other jobs, so 4 completions of 32 tokens
+instead of the demo's 8 of 48)::
+
+    python benchmarks/bench_collapse.py --num-generations 4 --max-completion-length 32 --num-heldout 96 \
+        --eval-max-new-tokens 96 --threads 1 --deadline HH:MM
+
+(``--deadline`` stops a run's training at that UTC time on a shared machine; ``steps_run`` shows it cut none.) The
+guarded 2e-5 run never fired, so it is the same computation as the observed one: their logs and probe accuracies are
+equal, step for step, as are the first 15 steps of the two 5e-5 runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+from transformers import TrainerCallback
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import RESULTS_DIR, print_table, write_results  # noqa: E402
+
+NAME = "bench_collapse"
+# The guarded 5e-5 run first (it stops early), then the 60-step observed runs; the guarded 2e-5 run last (skipped with
+# --skip-identical when its observed twin never fired: the two would be the same computation).
+RUNS = (("5e-5", "stop_and_restore"), ("2e-5", "warn"), ("5e-5", "warn"), ("2e-5", "stop_and_restore"))
+COLUMNS = ["lr", "guard", "steps_run", "fired_step", "restored_step", "heldout_acc", "acc_95ci", "truncated"]
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--prompts-per-step", type=int, default=2)
+    parser.add_argument("--num-generations", type=int, default=8)
+    parser.add_argument("--max-completion-length", type=int, default=48)
+    parser.add_argument("--num-probe", type=int, default=32)
+    parser.add_argument("--num-heldout", type=int, default=128)
+    parser.add_argument("--eval-max-new-tokens", type=int, default=96)
+    parser.add_argument("--probe-every", type=int, default=5)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--runs", default="all", help="comma-separated run names (e.g. 5e-5_warn) or 'all'")
+    parser.add_argument("--skip-identical", action="store_true")
+    parser.add_argument("--deadline", default=None, help="UTC HH:MM after which a run stops training (shared machine)")
+    parser.add_argument("--out", default=str(RESULTS_DIR / NAME))
+    return parser.parse_args()
+
+
+def problem_sets(args):
+    """Training prompts (no answers), probe and held-out problems, pairwise disjoint by question."""
+    from trl_entropy.tasks import ArithmeticTask
+
+    task = ArithmeticTask()
+    train = task.dataset(args.steps * args.prompts_per_step, split="train", seed=args.seed)
+    seen = set(train["question"])
+    pool = task.dataset(2000, split="test", seed=args.seed + 1)
+    probe, heldout = [], []
+    for row in pool:
+        if row["question"] in seen:
+            continue
+        seen.add(row["question"])
+        (probe if len(probe) < args.num_probe else heldout).append(row)
+        if len(heldout) == args.num_heldout:
+            break
+    if len(heldout) < args.num_heldout:
+        raise ValueError(f"only {len(heldout)} held-out problems are disjoint from training and probe")
+    return train.select_columns(["prompt"]), probe, heldout
+
+
+def heldout_eval(model, tokenizer, problems, args) -> dict:
+    from trl_entropy.evaluation import evaluate
+
+    budget = args.eval_max_new_tokens
+    result = evaluate(model, tokenizer, problems, max_new_tokens=budget, do_sample=False, seed=None, progress=False)
+    eos = tokenizer.eos_token_id
+    truncated = sum(c.num_tokens >= budget and c.token_ids[-1] != eos for c in result.completions)
+    low, high = result.accuracy_interval()
+    return {
+        "accuracy": result.accuracy,
+        "num_correct": result.num_correct,
+        "num_problems": result.num_problems,
+        "accuracy_ci95": [low, high],
+        "max_new_tokens": budget,
+        "truncated_rate": truncated / result.num_problems,
+        "mean_length": result.mean_length,
+        "examples": [c.text for c in result.completions[:4]],
+    }
+
+
+class _Deadline(TrainerCallback):
+    """Ends training at a wall-clock time (UTC ``HH:MM``) on a shared machine, so the run still gets its final
+    evaluation; the result then says how many of the planned steps ran (``steps_run``)."""
+
+    def __init__(self, deadline: str):
+        hours, minutes = (int(x) for x in deadline.split(":"))
+        self.end = datetime.now(UTC).replace(hour=hours, minute=minutes, second=0, microsecond=0).timestamp()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if time.time() >= self.end:
+            control.should_training_stop = True
+
+
+def run_one(lr: str, guard: str, args, sets, out: Path) -> dict:
+    import torch
+    from transformers import set_seed
+
+    from trl_entropy import load_default_model
+    from trl_entropy.callbacks import EntropyStatsCallback
+    from trl_entropy.collapse_guard import CollapseGuardCallback
+    from trl_entropy.trainers import EntropyGRPOConfig, EntropyGRPOTrainer
+
+    train, probe, heldout = sets
+    folder = out / f"{lr}_{guard}"
+    start = time.perf_counter()
+    set_seed(args.seed)
+    model, tokenizer = load_default_model()
+    config = EntropyGRPOConfig(
+        output_dir=str(folder),
+        entropy_reward="token",
+        temperature=1.0,
+        learning_rate=float(lr),
+        beta=0.0,
+        num_generations=args.num_generations,
+        per_device_train_batch_size=args.prompts_per_step * args.num_generations,
+        max_completion_length=args.max_completion_length,
+        max_steps=args.steps,
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        seed=args.seed,
+        use_cpu=not torch.cuda.is_available(),
+        gradient_checkpointing=False,
+    )
+    trainer = EntropyGRPOTrainer(model=model, args=config, train_dataset=train, processing_class=tokenizer)
+    trainer.add_callback(EntropyStatsCallback(trainer, plot_on_train_end=False))
+    guard_cb = CollapseGuardCallback(
+        probe_problems=probe,
+        action=guard,
+        probe_every=args.probe_every,
+        probe_max_new_tokens=args.eval_max_new_tokens,
+    )
+    trainer.add_callback(guard_cb)
+    if args.deadline:
+        trainer.add_callback(_Deadline(args.deadline))
+    trainer.train()
+    train_s = time.perf_counter() - start
+    final = heldout_eval(trainer.model, tokenizer, heldout, args)
+    keys = (
+        "step",
+        "entropy",
+        "completions/mean_length",
+        "reward_std",
+        "frac_reward_zero_std",
+        "entropy/repetition_rate",
+    )
+    log = [{k: e.get(k) for k in keys} for e in trainer.state.log_history if "loss" in e]
+    events = [json.loads(line) for line in (folder / guard_cb.config.log_file).read_text().splitlines() if line]
+    return {
+        "lr": float(lr),
+        "guard": guard,
+        "steps_run": trainer.state.global_step,
+        "steps_planned": args.steps,
+        "fired_step": guard_cb.fired_step,
+        "fired_reason": guard_cb.fired_reason,
+        "restored_step": guard_cb.restored_step,
+        "best_probe_accuracy": guard_cb.best_accuracy,
+        "best_probe_step": guard_cb.best_step,
+        "probe": [{"step": s, "accuracy": a} for s, a in zip(guard_cb.probe_steps, guard_cb.probe_accuracies)],
+        "guard_events": events,
+        "training_log": log,
+        "final_heldout": final,
+        "train_s": train_s,
+        "total_s": time.perf_counter() - start,
+    }
+
+
+def first_firings(run: dict) -> dict:
+    """Replay of each default log-signal trigger on the run's logged signals: the first step it fires at, or None
+    (the pure functions of ``trl_entropy.collapse`` on growing prefixes, as the guard calls them)."""
+    from trl_entropy.collapse import CollapseGuardConfig, signal_triggers
+    from trl_entropy.collapse_guard import SIGNAL_KEYS
+
+    config = CollapseGuardConfig()
+    history: dict[str, list] = {key: [] for key in SIGNAL_KEYS}
+    first: dict[str, int | None] = dict.fromkeys(
+        ("entropy_floor", "entropy_decay", "length_collapse", "repetition", "identical_completions")
+    )
+    for entry in run["training_log"]:
+        for key in SIGNAL_KEYS:
+            history[key].append(entry.get(key))
+        for name in signal_triggers(history, config):
+            if first[name] is None:
+                first[name] = entry["step"]
+    return first
+
+
+def plot(results: dict, base: dict, path: Path) -> None:
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(11, 4.2))
+    ax_probe, ax_entropy = figure.subplots(1, 2)
+    colours = {"5e-5": "tab:red", "2e-5": "tab:blue"}
+    for name, run in results.items():
+        lr, guard = name.split("_", 1)
+        style = "--" if guard == "warn" else "-"
+        label = f"lr {lr}, {'no guard (observe only)' if guard == 'warn' else 'guard: stop_and_restore'}"
+        ax_probe.plot(
+            [p["step"] for p in run["probe"]],
+            [p["accuracy"] for p in run["probe"]],
+            style,
+            color=colours[lr],
+            marker="o",
+            markersize=3,
+            label=label,
+        )
+        steps = [e["step"] for e in run["training_log"]]
+        ax_entropy.plot(steps, [e["entropy"] for e in run["training_log"]], style, color=colours[lr], label=label)
+        if run.get("restored_step") is not None:
+            restored = {p["step"]: p["accuracy"] for p in run["probe"]}[run["restored_step"]]
+            ax_probe.plot([run["fired_step"]], [restored], "*", color=colours[lr], markersize=12)
+        if run["fired_step"] is not None:
+            for ax in (ax_probe, ax_entropy):
+                ax.axvline(run["fired_step"], color=colours[lr], linestyle=":" if guard == "warn" else "-", alpha=0.5)
+    ax_probe.axhline(base["accuracy"], color="grey", linewidth=0.8)
+    ax_probe.set_xlabel("step")
+    ax_probe.set_ylabel(f"probe accuracy (greedy, {len(results) and base['max_new_tokens']} tokens)")
+    ax_probe.set_ylim(0, 1)
+    ax_probe.set_title("Probe accuracy (grey: base model, held-out; star: restored)")
+    ax_entropy.set_yscale("log")
+    ax_entropy.set_xlabel("step")
+    ax_entropy.set_ylabel("training token entropy (nats, log scale)")
+    ax_entropy.set_title("Entropy; vertical lines: guard fired")
+    ax_entropy.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+
+
+def main() -> None:
+    args = parse_args()
+    import torch
+
+    torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    sets = problem_sets(args)
+    names = [f"{lr}_{guard}" for lr, guard in RUNS] if args.runs == "all" else args.runs.split(",")
+
+    base_path = out / "base.json"
+    if base_path.is_file():
+        base = json.loads(base_path.read_text())
+    else:
+        from trl_entropy import load_default_model
+
+        model, tokenizer = load_default_model()
+        base = heldout_eval(model, tokenizer, sets[2], args)
+        base_path.write_text(json.dumps(base, indent=2))
+        del model
+    print(f"base: {base['accuracy']:.3f} truncated {base['truncated_rate']:.2f}", flush=True)
+
+    results = {}
+    for name in names:
+        path = out / f"{name}.json"
+        if path.is_file():
+            results[name] = json.loads(path.read_text())
+            continue
+        lr, guard = name.split("_", 1)
+        twin = out / f"{lr}_warn.json"
+        if args.skip_identical and guard != "warn" and twin.is_file():
+            if json.loads(twin.read_text())["fired_step"] is None:
+                print(f"{name}: skipped, its warn twin never fired (same computation)", flush=True)
+                continue
+        print(f"running {name}", flush=True)
+        results[name] = run_one(lr, guard, args, sets, out)
+        path.write_text(json.dumps(results[name], indent=2, default=float))
+        print(
+            f"{name}: {json.dumps({k: results[name][k] for k in ('steps_run', 'fired_step', 'fired_reason')})}",
+            flush=True,
+        )
+
+    rows = []
+    for name, run in results.items():
+        final = run["final_heldout"]
+        low, high = final["accuracy_ci95"]
+        rows.append(
+            {
+                "lr": name.split("_")[0],
+                "guard": run["guard"],
+                "steps_run": run["steps_run"],
+                "fired_step": run["fired_step"],
+                "restored_step": run["restored_step"],
+                "heldout_acc": final["accuracy"],
+                "acc_95ci": f"[{low:.3f}, {high:.3f}]",
+                "truncated": final["truncated_rate"],
+            }
+        )
+    png = RESULTS_DIR / f"{NAME}.png"
+    if results:
+        plot(results, base, png)
+    payload = {
+        "table": rows,
+        "settings": {k: v for k, v in vars(args).items() if k != "out"},
+        "base_heldout": base,
+        "runs": {
+            name: {
+                **{k: v for k, v in run.items() if k not in ("training_log", "guard_events")},
+                # Steps where log signals fired while the probe held (the guard then only probed).
+                "suspicions": [[e["step"], e["signals"]] for e in run["guard_events"] if e["event"] == "suspect"],
+                "first_signal_firings": first_firings(run),
+                "min_entropy": min(e["entropy"] for e in run["training_log"]),
+                "final_entropy": run["training_log"][-1]["entropy"],
+            }
+            for name, run in results.items()
+        },
+        "png": str(png.relative_to(RESULTS_DIR.parent.parent)) if results else None,
+        "machine": f"{os.cpu_count()} logical CPUs, torch threads {args.threads}",
+    }
+    write_results(NAME, payload)
+    print_table(rows, COLUMNS)
+    print(f"base held-out accuracy {base['accuracy']:.3f}, truncated {base['truncated_rate']:.2f}")
+
+
+if __name__ == "__main__":
+    main()
