@@ -77,11 +77,6 @@ class EntropyGRPOTrainer(EntropyModelCardMixin, EntropyTrainerMixin, GRPOTrainer
             # GRPO calls `get_high_entropy_mask` only when this is < 1; the exact selection is ours (below).
             self.top_entropy_quantile = self.args.forking_token_ratio
 
-    def _makes_old_logps_pass(self) -> bool:
-        generate_every = self.args.steps_per_generation * self.num_iterations
-        misaligned = self.args.gradient_accumulation_steps % generate_every != 0
-        return misaligned or bool(self.use_vllm and self.vllm_importance_sampling_correction)
-
     def _forking_aggregation(self) -> str:
         return LOSS_AGGREGATION[self.loss_type]
 
