@@ -85,9 +85,9 @@ python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --im
   trl==1.16.0 datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19
 ```
 
-then, on the GPU machine, from the repository root with `.whl` carried along, one command installs them (into
-`/tmp/site`), runs the CUDA tests (`tests/test_ops_cuda.py`) and the benchmark, writing everything to `$OUT`
-(default `/tmp/bench_gpu_out`):
+then, on the GPU machine, from the repository root with `.whl` carried along, one command installs them (into a
+temporary site folder, see `benchmarks/run_gpu.sh`), runs the CUDA tests (`tests/test_ops_cuda.py`) and the
+benchmark, writing everything to `$OUT`:
 
 ```bash
 bash benchmarks/run_gpu.sh
