@@ -61,7 +61,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=8, help="optimizer steps of every trained method")
     parser.add_argument("--prompts-per-step", type=int, default=2)
     parser.add_argument("--num-generations", type=int, default=4, help="completions per prompt (group size)")
-    parser.add_argument("--learning-rate", type=float, default=3e-5)
+    parser.add_argument("--learning-rate", type=float, default=1e-5)
     parser.add_argument("--max-tokens", type=int, default=32, help="completion budget, training and evaluation")
     parser.add_argument("--n-eval", type=int, default=64, help="held-out problems")
     parser.add_argument("--seeds", type=int, default=3, help="seeds of no training, EM-RL token GRPO, supervised")
@@ -70,6 +70,13 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--fresh", action="store_true", help="discard cached runs")
     parser.add_argument("--summarize-only", action="store_true", help="rebuild table, JSON and PNG from the cache")
+    parser.add_argument(
+        "--check-reproducibility",
+        action="store_true",
+        help="run a short EM-RL token (GRPO) case twice in fresh processes and compare weights and outputs bitwise",
+    )
+    parser.add_argument("--repro-child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--readme", action="store_true", help="print the README rows from the cached results")
     return parser.parse_args()
 
 
@@ -245,6 +252,85 @@ def run_one(method: str, seed: int, args: argparse.Namespace) -> dict:
     }
 
 
+REPRO_STEPS, REPRO_EVAL = 2, 16
+
+
+def repro_child(args: argparse.Namespace) -> None:
+    """One short EM-RL token (GRPO) run; prints SHA-256 digests of the trained weights, the training log and the
+    generated token ids as one JSON line."""
+    import hashlib
+
+    import torch
+    from transformers import set_seed
+
+    from trl_entropy.evaluation import generate_completions
+    from trl_entropy.models import load_default_model
+    from trl_entropy.tasks import ArithmeticTask
+
+    def digest(data: bytes) -> str:
+        return hashlib.sha256(data).hexdigest()[:16]
+
+    task = ArithmeticTask(prompt_style="short")
+    short = argparse.Namespace(**{**vars(args), "steps": REPRO_STEPS})
+    set_seed(0)
+    model, tokenizer = load_default_model()
+    before = digest(b"".join(p.detach().numpy().tobytes() for p in model.parameters()))
+    log = train("em_rl_token_grpo", 0, short, model, tokenizer, task.dataset(16, split="train", seed=0))
+    weights = digest(b"".join(p.detach().numpy().tobytes() for p in model.parameters()))
+    prompts = list(task.dataset(REPRO_EVAL, split="test", seed=0)["prompt"])
+    out = {"weights_before": before, "weights_after": weights, "log": digest(json.dumps(log).encode())}
+    for mode, sample in (("greedy", False), ("sampled", True)):
+        completions = generate_completions(
+            model, tokenizer, prompts, max_new_tokens=args.max_tokens, do_sample=sample, seed=1, progress=False
+        )
+        out[mode] = digest(json.dumps([c.token_ids for c in completions]).encode())
+        out[f"{mode}_entropies"] = digest(json.dumps([c.token_entropies for c in completions]).encode())
+    out["torch_threads"] = torch.get_num_threads()
+    print("REPRO " + json.dumps(out), flush=True)
+
+
+def check_reproducibility(args: argparse.Namespace) -> dict:
+    import subprocess
+
+    command = [sys.executable, __file__, "--repro-child", "--threads", str(args.threads)]
+    command += ["--max-tokens", str(args.max_tokens), "--learning-rate", str(args.learning_rate)]
+    command += ["--prompts-per-step", str(args.prompts_per_step), "--num-generations", str(args.num_generations)]
+    digests = []
+    for attempt in range(2):
+        print(f"[{time.strftime('%H:%M:%S')}] reproducibility run {attempt + 1}/2", flush=True)
+        text = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+        digests.append(json.loads(next(line for line in text.splitlines() if line.startswith("REPRO "))[6:]))
+    keys = [k for k in digests[0] if k != "torch_threads"]
+    return {
+        "case": f"EM-RL token (GRPO), {REPRO_STEPS} steps, seed 0, then {REPRO_EVAL} held-out problems greedy and "
+        "sampled (seed 1), in two fresh processes",
+        "threads": args.threads,
+        "identical": {k: digests[0][k] == digests[1][k] for k in keys},
+        "bit_reproducible": all(digests[0][k] == digests[1][k] for k in keys),
+        "digests": digests,
+    }
+
+
+def readme_rows(summary: dict) -> str:
+    """Markdown rows for the README's "Measured results" table."""
+    s = summary["settings"]
+
+    def cell(row: dict, mode: str) -> str:
+        acc, trunc = row[mode]["accuracy"], row[mode]["truncation_rate"]
+        spread_text = f" +- {100 * acc['std']:.1f}" if acc["std"] is not None else ""
+        return f"{100 * acc['mean']:.1f}%{spread_text} (truncated {100 * trunc['mean']:.1f}%)"
+
+    lines = []
+    for row in summary["rows"]:
+        seeds = len(row["seeds"])
+        lines.append(
+            f"| `bench_label_free`: {row['label']}, {s['steps']} steps x {s['completions_per_step']} completions, "
+            f"{s['n_eval']} held-out a + b (short prompt), budget {s['max_tokens']} tokens, {seeds} seed"
+            f"{'s' * (seeds > 1)} | greedy {cell(row, 'greedy')}; sampled T=1 {cell(row, 'sampled')} |"
+        )
+    return "\n".join(lines)
+
+
 def load_cache(path: Path, settings: dict, fresh: bool) -> dict:
     if fresh or not path.is_file():
         return {}
@@ -357,9 +443,16 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(args.threads)
+    if args.repro_child:
+        repro_child(args)
+        return
     settings = settings_of(args)
     path = RESULTS_DIR / f"{NAME}.json"
     runs = load_cache(path, settings, args.fresh)
+    previous = json.loads(path.read_text()) if path.is_file() and runs else {}
+    reproducibility = previous.get("reproducibility")
+    # Keys this script does not write (e.g. a recorded pilot run) are kept as they are.
+    kept = {k: v for k, v in previous.items() if k not in ("settings", "runs", "summary", "plot", "reproducibility")}
     methods = args.methods or [*MAIN_METHODS, *OTHER_METHODS]
     unknown = set(methods) - set(LABELS)
     if unknown:
@@ -374,7 +467,9 @@ def main() -> None:
     def save() -> dict:
         summary = summarize(runs, settings)
         png = plot(summary, RESULTS_DIR / f"{NAME}.png") if runs else None
-        payload = {"settings": settings, "runs": runs, "summary": summary}
+        payload = {"settings": settings, "runs": runs, "summary": summary, **kept}
+        if reproducibility is not None:
+            payload["reproducibility"] = reproducibility
         if png:
             payload["plot"] = str(png.relative_to(RESULTS_DIR.parent.parent))
         tmp = path.with_suffix(".json.tmp")
@@ -405,7 +500,12 @@ def main() -> None:
                 flush=True,
             )
             save()
+    if args.check_reproducibility:
+        reproducibility = check_reproducibility(args)
+        print(json.dumps(reproducibility, indent=2), flush=True)
     summary = save()
+    if args.readme:
+        print(readme_rows(summary))
     print_table(table_rows(summary), list(table_rows(summary)[0]) if summary["rows"] else [])
     print(f"total CPU time {summary['total_cpu_s'] / 60:.1f} min")
     for key, error in failures.items():
