@@ -426,8 +426,9 @@ def plot(summary: dict, path: Path) -> Path | None:
     s = summary["settings"]
     ax.set_ylabel(f"held-out accuracy (n = {s['n_eval']})")
     ax.set_title(
-        f"SmolLM2-135M-Instruct, {s['steps']} steps x {s['completions_per_step']} completions, budget "
-        f"{s['max_tokens']} tokens (bars: mean, dots: seeds, bars: +- std)",
+        f"SmolLM2-135M-Instruct, {s['steps']} steps x {s['completions_per_step']} completions, lr "
+        f"{s['learning_rate']:g}, budget {s['max_tokens']} tokens\n(bars: mean over seeds; dots: one seed each; "
+        "black: +- 1 standard deviation)",
         fontsize=8,
     )
     ax.legend(fontsize=8)
