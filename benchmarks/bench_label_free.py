@@ -278,6 +278,8 @@ def repro_child(args: argparse.Namespace) -> None:
     log = train("em_rl_token_grpo", 0, short, model, tokenizer, task.dataset(16, split="train", seed=0))
     weights = digest(b"".join(p.detach().numpy().tobytes() for p in model.parameters()))
     prompts = list(task.dataset(REPRO_EVAL, split="test", seed=0)["prompt"])
+    # Wall-clock entries (step_time, runtimes) differ from run to run by nature; everything else must not.
+    log = [{k: v for k, v in entry.items() if "time" not in k and "per_second" not in k} for entry in log]
     out = {"weights_before": before, "weights_after": weights, "log": digest(json.dumps(log).encode())}
     for mode, sample in (("greedy", False), ("sampled", True)):
         completions = generate_completions(
