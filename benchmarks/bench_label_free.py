@@ -320,15 +320,19 @@ def readme_rows(summary: dict) -> str:
     def cell(row: dict, mode: str) -> str:
         acc, trunc = row[mode]["accuracy"], row[mode]["truncation_rate"]
         spread_text = f" +- {100 * acc['std']:.1f}" if acc["std"] is not None else ""
-        return f"{100 * acc['mean']:.1f}%{spread_text} (truncated {100 * trunc['mean']:.1f}%)"
+        return f"{100 * acc['mean']:.1f}%{spread_text} ({100 * trunc['mean']:.1f}%)"
 
-    lines = []
+    lines = [
+        f"| `bench_label_free` ([JSON](benchmarks/results/bench_label_free.json)): every method {s['steps']} steps x "
+        f"{s['completions_per_step']} completions at T=1, lr {s['learning_rate']:g}, then {s['n_eval']} held-out "
+        f"a + b (short prompt), budget {s['max_tokens']} tokens; accuracy mean +- std over seeds (truncated answers) | "
+        f"total CPU time {summary['total_cpu_s'] / 60:.1f} min |"
+    ]
     for row in summary["rows"]:
         seeds = len(row["seeds"])
         lines.append(
-            f"| `bench_label_free`: {row['label']}, {s['steps']} steps x {s['completions_per_step']} completions, "
-            f"{s['n_eval']} held-out a + b (short prompt), budget {s['max_tokens']} tokens, {seeds} seed"
-            f"{'s' * (seeds > 1)} | greedy {cell(row, 'greedy')}; sampled T=1 {cell(row, 'sampled')} |"
+            f"| &nbsp;&nbsp;{row['label']}, {seeds} seed{'s' * (seeds > 1)} | greedy {cell(row, 'greedy')}; "
+            f"sampled {cell(row, 'sampled')} |"
         )
     return "\n".join(lines)
 
