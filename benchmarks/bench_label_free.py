@@ -325,7 +325,7 @@ def readme_rows(summary: dict) -> str:
     lines = [
         f"| `bench_label_free` ([JSON](benchmarks/results/bench_label_free.json)): every method {s['steps']} steps x "
         f"{s['completions_per_step']} completions at T=1, lr {s['learning_rate']:g}, then {s['n_eval']} held-out "
-        f"a + b (short prompt), budget {s['max_tokens']} tokens; accuracy mean +- std over seeds (truncated answers) | "
+        f"a + b (short prompt), budget {s['max_tokens']} tokens; accuracy mean +- std over seeds (truncated) | "
         f"total CPU time {summary['total_cpu_s'] / 60:.1f} min |"
     ]
     for row in summary["rows"]:
