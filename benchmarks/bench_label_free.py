@@ -379,6 +379,23 @@ def summarize(runs: dict, settings: dict) -> dict:
     return {"rows": rows, "total_cpu_s": sum(r["cpu_s"] for r in runs.values()), "settings": settings}
 
 
+def flat_table(summary: dict) -> list[dict]:
+    """One flat row per method (means and standard deviations over seeds), for docs/benchmarks.md."""
+    out = []
+    for row in summary["rows"]:
+        flat = {"method": row["label"], "seeds": len(row["seeds"])}
+        for mode in ("greedy", "sampled"):
+            stats = row[mode]
+            flat[f"{mode}_accuracy_mean"] = stats["accuracy"]["mean"]
+            flat[f"{mode}_accuracy_std"] = stats["accuracy"]["std"]
+            flat[f"{mode}_truncated"] = stats["truncation_rate"]["mean"]
+            flat[f"{mode}_mean_length"] = stats["mean_completion_length"]["mean"]
+            flat[f"{mode}_token_entropy"] = stats["mean_token_entropy"]["mean"]
+        flat["cpu_s"] = row["cpu_s"]
+        out.append(flat)
+    return out
+
+
 def table_rows(summary: dict) -> list[dict]:
     def fmt(stat: dict, pct: bool = True) -> str:
         scale, unit = (100, "%") if pct else (1, "")
@@ -459,7 +476,8 @@ def main() -> None:
     previous = json.loads(path.read_text()) if path.is_file() and runs else {}
     reproducibility = previous.get("reproducibility")
     # Keys this script does not write (e.g. a recorded pilot run) are kept as they are.
-    kept = {k: v for k, v in previous.items() if k not in ("settings", "runs", "summary", "plot", "reproducibility")}
+    written = ("settings", "table", "stats", "summary", "runs", "plot", "reproducibility")
+    kept = {k: v for k, v in previous.items() if k not in written}
     methods = args.methods or [*MAIN_METHODS, *OTHER_METHODS]
     unknown = set(methods) - set(LABELS)
     if unknown:
@@ -474,7 +492,7 @@ def main() -> None:
     def save() -> dict:
         summary = summarize(runs, settings)
         png = plot(summary, RESULTS_DIR / f"{NAME}.png") if runs else None
-        payload = {"settings": settings, "runs": runs, "summary": summary, **kept}
+        payload = {"settings": settings, "table": flat_table(summary), "stats": summary, "runs": runs, **kept}
         if reproducibility is not None:
             payload["reproducibility"] = reproducibility
         if png:
