@@ -29,6 +29,7 @@ on reasoning models, and no separation on a non-reasoning one (Llama-3.3-70B: d 
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import random
@@ -391,6 +392,11 @@ def main() -> None:
     torch.manual_seed(0)
     start = time.perf_counter()
     results: dict = {"config": vars(args)}
+    previous_path = RESULTS_DIR / f"{NAME}.json"
+    previous = json.loads(previous_path.read_text()) if previous_path.is_file() else {}
+    for name, skipped in (("synthetic", args.skip_synthetic), ("smollm2", args.skip_smollm2)):
+        if skipped and name in previous:  # a skipped setting keeps its previous results, marked as such
+            results[name] = {**previous[name], "kept_from_previous_run": True}
     if not args.skip_synthetic:
         results["synthetic"] = synthetic_setting(args)
     if not args.skip_smollm2:
