@@ -29,6 +29,7 @@ on reasoning models, and no separation on a non-reasoning one (Llama-3.3-70B: d 
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import random
@@ -53,6 +54,7 @@ COLUMNS = [
     "tokens",
     "token_saving",
     "acc_change",
+    "truncated",
 ]
 
 
@@ -84,6 +86,8 @@ def summarize(setting: str, method: str, tau, rows: list[dict], baseline: dict |
         "acc_95ci": f"[{low:.2f}, {high:.2f}]",
         "tokens": tokens / n,
         "total_tokens": tokens,
+        # Fraction of outputs cut off at --max-new-tokens (their answer may be missing).
+        "truncated": sum(r.get("truncated", False) for r in rows) / n if n else math.nan,
         "num_problems": n,
     }
     if baseline is not None:
@@ -104,6 +108,8 @@ def solve_interleaved(model, tokenizer, prompts, answers, taus: dict, chunk: int
 
     rows = {name: [] for name in taus}
     seconds = {name: 0.0 for name in taus}
+    eos = model.generation_config.eos_token_id
+    end_ids = (set(eos if isinstance(eos, list) else [eos]) | {tokenizer.eos_token_id}) - {None}
     for start in range(0, len(prompts), chunk):
         for name, tau in taus.items():
             t0 = time.perf_counter()
@@ -113,7 +119,10 @@ def solve_interleaved(model, tokenizer, prompts, answers, taus: dict, chunk: int
             seconds[name] += time.perf_counter() - t0
             for r, answer in zip(results, answers[start : start + chunk]):
                 row = asdict(r)
-                row.pop("completion_ids")
+                ids = row.pop("completion_ids")
+                # Cut off at the budget: reasoning that does not end with an end-of-sequence token (a row answered
+                # early ends with its forced answer, which has its own small budget).
+                row["truncated"] = not r.confident and (not ids or ids[-1] not in end_ids)
                 rows[name].append({**row, "answer": answer, "correct": grade(r.completion, answer)})
         print(f"  solved {min(start + chunk, len(prompts))}/{len(prompts)} problems", flush=True)
     return rows, seconds
@@ -384,6 +393,11 @@ def main() -> None:
     torch.manual_seed(0)
     start = time.perf_counter()
     results: dict = {"config": vars(args)}
+    previous_path = RESULTS_DIR / f"{NAME}.json"
+    previous = json.loads(previous_path.read_text()) if previous_path.is_file() else {}
+    for name, skipped in (("synthetic", args.skip_synthetic), ("smollm2", args.skip_smollm2)):
+        if skipped and name in previous:  # a skipped setting keeps its previous results, marked as such
+            results[name] = {**previous[name], "kept_from_previous_run": True}
     if not args.skip_synthetic:
         results["synthetic"] = synthetic_setting(args)
     if not args.skip_smollm2:

@@ -161,11 +161,45 @@ def test_evaluate_grades_every_completion():
     assert result.mean_length == pytest.approx(sum(c.num_tokens for c in completions) / 6)
 
 
-def _result(correct, entropies, lengths, do_sample):
+def _result(correct, entropies, lengths, do_sample, budget=32, truncated=()):
     from trl_entropy.evaluation import Completion
 
-    completions = [Completion(text="", token_ids=[0] * n, token_entropies=[h] * n) for h, n in zip(entropies, lengths)]
-    return EvaluationResult(len(correct), sum(correct), do_sample, 1.0, 1.0, completions, correct)
+    completions = [
+        Completion(text="", token_ids=[0] * n, token_entropies=[h] * n, finished=i not in truncated)
+        for i, (h, n) in enumerate(zip(entropies, lengths))
+    ]
+    return EvaluationResult(len(correct), sum(correct), do_sample, 1.0, 1.0, budget, completions, correct)
+
+
+def _results(before, after):
+    return {
+        "args": {**DemoArguments(temperature=1.0).__dict__},
+        "before": {k: v.to_dict() for k, v in before.items()},
+        "after": {k: v.to_dict() for k, v in after.items()},
+        "paired_change_ci95": {"greedy": (0.0, 0.5), "sampled": (-0.25, 1.0)},
+        "timing": {"total_s": 600, "train_s": 400, "eval_s": 150, "cpu_s": 1100, "num_threads": 2, "machine": "x"},
+    }
+
+
+@pytest.mark.parametrize("num_truncated, warned", [(0, False), (1, False), (2, True), (20, True)])
+def test_report_warns_when_more_than_5_percent_of_base_answers_are_truncated(num_truncated, warned):
+    # 20 problems: 1 truncated is exactly 5% (no warning), 2 is 10% (warning).
+    n, budget = 20, 24
+    lengths = [budget] * num_truncated + [7] * (n - num_truncated)
+    truncated = range(num_truncated)
+    before = {
+        "greedy": _result([False] * n, [0.5] * n, lengths, False, budget, truncated),
+        "sampled": _result([False] * n, [1.0] * n, [7] * n, True, budget),
+    }
+    after = {k: _result([True] * n, [0.1] * n, [7] * n, k == "sampled", budget) for k in ("greedy", "sampled")}
+    report = render_report(_results(before, after), [])
+    assert ("Warning" in report) is warned
+    if warned:
+        line = next(line for line in report.splitlines() if "Warning" in line)
+        assert f"{num_truncated / n:.1%} of the base model's greedy answers are cut off at {budget} tokens" in line
+        assert "sampled answers" not in report  # only the setting over the limit is named
+    row = next(line for line in report.splitlines() if line.startswith(f"| Truncated at {budget} tokens, greedy"))
+    assert f"| {num_truncated / n:.1%} | 0.0% |" in row
 
 
 def test_render_report_table_matches_the_results(tmp_path):
@@ -177,14 +211,7 @@ def test_render_report_table_matches_the_results(tmp_path):
         "greedy": _result([True, True, False, False], [0.25] * 4, [8] * 4, False),
         "sampled": _result([True, True, True, False], [0.5] * 4, [12] * 4, True),
     }
-    results = {
-        "args": {**DemoArguments(temperature=1.0).__dict__},
-        "before": {k: v.to_dict() for k, v in before.items()},
-        "after": {k: v.to_dict() for k, v in after.items()},
-        "paired_change_ci95": {"greedy": (0.0, 0.5), "sampled": (-0.25, 1.0)},
-        "timing": {"total_s": 600, "train_s": 400, "eval_s": 150, "cpu_s": 1100, "num_threads": 2, "machine": "x"},
-    }
-    report = render_report(results, ["a.png"])
+    report = render_report(_results(before, after), ["a.png"])
     low, high = wilson_interval(3, 4)
     row = next(line for line in report.splitlines() if line.startswith("| Accuracy, sampled"))
     assert f"75.0% [{low:.1%}, {high:.1%}]" in row and "+50.0%" in row

@@ -109,9 +109,13 @@ def test_generate_completions_self_consistency_is_seeded(tiny_model_and_tokenize
 
 def test_score_completions():
     completions = [
-        [Completion("the answer is 7", 4), Completion("8", 1), Completion("7.0", 2)],  # vote 7: correct
-        [Completion("no idea", 3), Completion("", 0), Completion("5", 1)],  # vote 5: wrong
-        [Completion("12", 1), Completion("12", 1), Completion("3", 1)],  # no answer known
+        [
+            Completion("the answer is 7", [0] * 4),
+            Completion("8", [0] * 1),
+            Completion("7.0", [0] * 2),
+        ],  # vote 7: correct
+        [Completion("no idea", [0] * 3), Completion("", [0] * 0), Completion("5", [0] * 1)],  # vote 5: wrong
+        [Completion("12", [0] * 1), Completion("12", [0] * 1), Completion("3", [0] * 1)],  # no answer known
     ]
     records, summary = score_completions(completions, ["7", "6", None])
     assert [r["prediction"] for r in records] == ["7", "5", "12"]

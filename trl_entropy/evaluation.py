@@ -14,7 +14,7 @@ Example::
     model, tokenizer = load_default_model()
     problems = ArithmeticTask().dataset(96, split="test")
     result = evaluate(model, tokenizer, problems, do_sample=True, temperature=0.6)
-    print(result.summary())  # accuracy 21.9% [14.8%, 31.1%] (n=96), entropy ..., length ...
+    print(result.summary())  # accuracy ..% [..%, ..%] (n=96), budget 32 tokens, ..% truncated, mean length ...
 """
 
 from __future__ import annotations
@@ -32,7 +32,10 @@ from tqdm.auto import tqdm
 from .ops import token_entropy
 
 __all__ = [
+    "TRUNCATION_WARNING_RATE",
     "Completion",
+    "truncation_rate",
+    "finishing_budget",
     "EvaluationResult",
     "wilson_interval",
     "generate_completions",
@@ -70,6 +73,11 @@ def wilson_interval(successes: int, n: int, confidence: float = 0.95) -> tuple[f
     return max(0.0, min(p, centre - half_width)), min(1.0, max(p, centre + half_width))
 
 
+TRUNCATION_WARNING_RATE = 0.05
+"""Largest fraction of truncated completions (no end token within the budget) at which an accuracy is reported as
+measured on finished answers; above it, a reported accuracy partly measures whether answers fit the budget."""
+
+
 @dataclass
 class Completion:
     """One generated completion.
@@ -77,22 +85,54 @@ class Completion:
     Attributes:
         text: decoded completion, special tokens removed.
         token_ids: generated token ids up to and including the first end-of-sequence token.
-        token_entropies: entropy (nats) of the model's next-token distribution at each token of ``token_ids``.
+        token_entropies: entropy (nats) of the model's next-token distribution at each token of ``token_ids`` (empty
+            when generation did not record it).
+        finished: whether the completion ended with an end-of-sequence token within the token budget; False means
+            it was cut off at ``max_new_tokens`` and its final answer may be missing.
     """
 
     text: str
     token_ids: list[int]
-    token_entropies: list[float]
+    token_entropies: list[float] = field(default_factory=list)
+    finished: bool = True
 
     @property
     def num_tokens(self) -> int:
         return len(self.token_ids)
 
     @property
+    def truncated(self) -> bool:
+        """Cut off at the token budget before an end-of-sequence token."""
+        return not self.finished
+
+    @property
     def mean_entropy(self) -> float:
         """Mean token entropy, NaN for an empty completion (nothing to average)."""
         finite = [h for h in self.token_entropies if math.isfinite(h)]
         return sum(finite) / len(finite) if finite else math.nan
+
+
+def truncation_rate(completions: Sequence[Completion]) -> float:
+    """Fraction of ``completions`` cut off at the token budget (NaN for none)."""
+    return sum(c.truncated for c in completions) / len(completions) if completions else math.nan
+
+
+def finishing_budget(completions: Sequence[Completion], fraction: float = 0.95) -> int | None:
+    """Smallest token budget at which at least ``fraction`` of ``completions`` would have finished: the
+    ``ceil(fraction * n)``-th smallest length among the finished ones. None when fewer than that finished within the
+    budget they were generated at (a larger budget is needed to measure it).
+
+    Args:
+        completions: completions generated at one (large) budget.
+        fraction: required fraction of finished completions, in (0, 1].
+    """
+    if not (0.0 < fraction <= 1.0):
+        raise ValueError(f"`fraction` must be in (0, 1], got {fraction}.")
+    if not completions:
+        raise ValueError("`completions` must hold at least one completion.")
+    needed = math.ceil(fraction * len(completions) - 1e-9)
+    lengths = sorted(c.num_tokens for c in completions if c.finished)
+    return lengths[needed - 1] if len(lengths) >= needed else None
 
 
 @dataclass
@@ -105,6 +145,7 @@ class EvaluationResult:
         do_sample: whether the completions were sampled (else greedy).
         temperature: sampling temperature (1.0 for greedy decoding).
         entropy_temperature: temperature ``T`` of the measured entropy ``H(softmax(z / T))``.
+        max_new_tokens: the token budget of each completion.
         completions: the completions, in problem order.
         correct: per-problem correctness.
     """
@@ -114,6 +155,7 @@ class EvaluationResult:
     do_sample: bool
     temperature: float
     entropy_temperature: float
+    max_new_tokens: int
     completions: list[Completion] = field(repr=False)
     correct: list[bool] = field(repr=False)
 
@@ -138,8 +180,19 @@ class EvaluationResult:
 
     @property
     def mean_length(self) -> float:
-        """Mean completion length in tokens."""
+        """Mean completion length in tokens (truncated completions count ``max_new_tokens``)."""
         return sum(c.num_tokens for c in self.completions) / max(1, len(self.completions))
+
+    @property
+    def num_truncated(self) -> int:
+        """Completions cut off at ``max_new_tokens`` before an end-of-sequence token."""
+        return sum(c.truncated for c in self.completions)
+
+    @property
+    def truncation_rate(self) -> float:
+        """Fraction of completions cut off at the budget: above :data:`TRUNCATION_WARNING_RATE`, the accuracy
+        partly measures whether answers fit in ``max_new_tokens``."""
+        return truncation_rate(self.completions)
 
     def to_dict(self) -> dict[str, Any]:
         """The summary numbers as a JSON-friendly dict (no completions)."""
@@ -153,7 +206,10 @@ class EvaluationResult:
             "temperature": self.temperature,
             "entropy_temperature": self.entropy_temperature,
             "mean_token_entropy": self.mean_entropy,
+            "max_new_tokens": self.max_new_tokens,
             "mean_completion_length": self.mean_length,
+            "num_truncated": self.num_truncated,
+            "truncation_rate": self.truncation_rate,
         }
 
     def summary(self) -> str:
@@ -161,7 +217,8 @@ class EvaluationResult:
         decoding = f"sampled at T={self.temperature:g}" if self.do_sample else "greedy"
         return (
             f"{decoding}: accuracy {self.accuracy:.1%} [{low:.1%}, {high:.1%}] (n={self.num_problems}), "
-            f"token entropy {self.mean_entropy:.3f} nats, length {self.mean_length:.1f} tokens"
+            f"budget {self.max_new_tokens} tokens, {self.truncation_rate:.1%} truncated, mean length "
+            f"{self.mean_length:.1f} tokens, token entropy {self.mean_entropy:.3f} nats"
         )
 
 
@@ -274,6 +331,7 @@ def generate_completions(
                         text=tokenizer.decode(ids[:length], skip_special_tokens=True),
                         token_ids=ids[:length],
                         token_entropies=row_entropies[:length],
+                        finished=length > 0 and ids[length - 1] in end_ids,
                     )
                 )
     finally:
@@ -330,6 +388,7 @@ def evaluate(
         do_sample=do_sample,
         temperature=temperature if do_sample else 1.0,
         entropy_temperature=entropy_temperature or (temperature if do_sample else 1.0),
+        max_new_tokens=max_new_tokens,
         completions=completions,
         correct=correct,
     )

@@ -17,12 +17,13 @@ Example::
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import time
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -31,9 +32,11 @@ from tqdm.auto import tqdm
 from transformers import LogitsProcessor, LogitsProcessorList, PreTrainedModel, PreTrainedTokenizerBase
 
 from .cli.arguments import GenerateArguments
-from .evaluation import wilson_interval
+from .evaluation import TRUNCATION_WARNING_RATE, Completion, truncation_rate, wilson_interval
 from .inference import AdaptiveTemperatureLogitsProcessor, EMInfLogitsProcessor
 from .tasks import extract_answer, grade
+
+logger = logging.getLogger(__name__)
 
 __all__ = [
     "Completion",
@@ -48,15 +51,6 @@ __all__ = [
     "build_logits_processors",
     "run_generate",
 ]
-
-
-@dataclass
-class Completion:
-    """One generated completion: its text (special tokens removed) and the number of tokens generated, counting the
-    end-of-sequence token when one was produced."""
-
-    text: str
-    num_tokens: int
 
 
 def load_prompts(path: str | os.PathLike) -> list[dict[str, Any]]:
@@ -173,12 +167,17 @@ def generate_completions(
             )
             new_tokens = sequences[:, inputs["input_ids"].size(1) :]
             counts = count_generated_tokens(new_tokens, eos_ids)
-            texts = [
-                tokenizer.decode(row[:n], skip_special_tokens=True) for row, n in zip(new_tokens, counts.tolist())
+            rows = [row[:n] for row, n in zip(new_tokens.tolist(), counts.tolist())]
+            completions = [
+                Completion(
+                    text=tokenizer.decode(ids, skip_special_tokens=True),
+                    token_ids=ids,
+                    finished=bool(ids) and ids[-1] in eos_ids,  # else cut off at max_new_tokens
+                )
+                for ids in rows
             ]
             for i in range(len(batch)):
-                chunk = range(i * num_samples, (i + 1) * num_samples)
-                results.append([Completion(texts[j], int(counts[j])) for j in chunk])
+                results.append(completions[i * num_samples : (i + 1) * num_samples])
     finally:
         tokenizer.padding_side = padding_side
     return results
@@ -214,7 +213,8 @@ def score_completions(
     completions: Sequence[Sequence[Completion]], answers: Sequence[str | None] | None = None
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Per-prompt records (extracted answers, vote, correctness) and a summary (accuracy with its 95% Wilson interval
-    over the prompts that have an answer, generated-token cost).
+    over the prompts that have an answer, generated-token cost, and the fraction of completions cut off at the token
+    budget: an accuracy whose answers were cut off partly measures the budget).
 
     Returns:
         ``(records, summary)``; ``records[i]`` has ``completions``, ``num_tokens``, ``extracted``, ``prediction`` and
@@ -236,6 +236,7 @@ def score_completions(
             {
                 "completions": [c.text for c in samples],
                 "num_tokens": [c.num_tokens for c in samples],
+                "truncated": [c.truncated for c in samples],
                 "extracted": extracted,
                 "prediction": prediction,
                 "correct": correct,
@@ -254,6 +255,8 @@ def score_completions(
         "total_generated_tokens": total_tokens,
         "mean_generated_tokens_per_problem": total_tokens / n if n else None,
         "answer_rate": sum(r["prediction"] is not None for r in records) / n if n else None,
+        "mean_completion_length": total_tokens / max(1, sum(len(samples) for samples in completions)),
+        "truncation_rate": truncation_rate([c for samples in completions for c in samples]) if n else None,
     }
     return records, summary
 
@@ -329,6 +332,15 @@ def run_generate(
         lines.append(json.dumps({"index": index, **extra, **record}, ensure_ascii=False))
     output = Path(args.output_file)
     _write_atomic(output, "\n".join(lines) + "\n")
+    summary["max_new_tokens"] = args.max_new_tokens
+    if summary["truncation_rate"] is not None and summary["truncation_rate"] > TRUNCATION_WARNING_RATE:
+        logger.warning(
+            "%.1f%% of the completions were cut off at max_new_tokens=%d: an accuracy measured on them partly "
+            "measures the budget; raise max_new_tokens until at most %.0f%% are.",
+            100 * summary["truncation_rate"],
+            args.max_new_tokens,
+            100 * TRUNCATION_WARNING_RATE,
+        )
     summary["seconds"] = seconds
     summary["generated_tokens_per_second"] = summary["total_generated_tokens"] / seconds if seconds > 0 else None
     if args.em_inf:

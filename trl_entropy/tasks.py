@@ -9,9 +9,13 @@ from dataclasses import dataclass
 
 from datasets import Dataset
 
-__all__ = ["ArithmeticTask", "extract_answer", "grade", "accuracy_reward", "load_task"]
+__all__ = ["PROMPT_STYLES", "ArithmeticTask", "extract_answer", "grade", "accuracy_reward", "load_task"]
 
 SYSTEM_PROMPT = "Answer with the final number only."
+
+PROMPT_STYLES = ("open", "short")
+SHORT_ANSWER_EXAMPLES = ((3, 4), (12, 9))
+"""Operand pairs of the two worked examples that open every ``prompt_style="short"`` prompt."""
 
 
 @dataclass
@@ -26,12 +30,20 @@ class ArithmeticTask:
         high: largest operand (>= low).
         operations: operators to draw from, among ``"+"``, ``"-"``, ``"*"``.
         conversational: emit chat-format prompts (a list of messages) instead of plain text.
+        prompt_style: ``"open"``: the system prompt and the question only; a small instruct model then mostly
+            explains at length (SmolLM2-135M-Instruct, T=1: mean 107 tokens, many answers unfinished at 256 tokens),
+            so an evaluation at a short budget measures truncation as much as arithmetic. ``"short"``: the same
+            system prompt, then two worked examples as earlier chat turns ("What is 3 + 4?" -> "3 + 4 = 7") before
+            the question, so answers are one short equation (measured on 64 held-out problems with SmolLM2-135M-
+            Instruct: 100% of greedy and 98.4% of T=1 samples finish within 32 tokens). Base and trained models
+            get the same prompt, so a gain is not a change of format.
     """
 
     low: int = 1
     high: int = 20
     operations: tuple[str, ...] = ("+",)
     conversational: bool = True
+    prompt_style: str = "open"
 
     def __post_init__(self):
         if self.low < 0 or self.high < self.low:
@@ -39,17 +51,32 @@ class ArithmeticTask:
         bad = set(self.operations) - {"+", "-", "*"}
         if not self.operations or bad:
             raise ValueError(f"`operations` must be a non-empty subset of ('+', '-', '*'), got {self.operations}.")
+        if self.prompt_style not in PROMPT_STYLES:
+            raise ValueError(f"`prompt_style` must be one of {PROMPT_STYLES}, got {self.prompt_style!r}.")
+
+    def _examples(self, op: str) -> list[tuple[str, str]]:
+        """``(question, answer)`` worked examples of ``op`` for the short-answer prompt (empty for "open")."""
+        if self.prompt_style == "open":
+            return []
+        return [(f"What is {a} {op} {b}?", f"{a} {op} {b} = {_apply(a, op, b)}") for a, b in SHORT_ANSWER_EXAMPLES]
 
     def _problem(self, rng: random.Random) -> dict:
         a, b = rng.randint(self.low, self.high), rng.randint(self.low, self.high)
         op = rng.choice(self.operations)
-        answer = {"+": a + b, "-": a - b, "*": a * b}[op]
+        answer = _apply(a, op, b)
         question = f"What is {a} {op} {b}?"
-        prompt = (
-            [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": question}]
-            if self.conversational
-            else f"{question} {SYSTEM_PROMPT}\n"
-        )
+        examples = self._examples(op)
+        if self.conversational:
+            prompt = [{"role": "system", "content": SYSTEM_PROMPT}]
+            for example_question, example_answer in examples:
+                prompt += [
+                    {"role": "user", "content": example_question},
+                    {"role": "assistant", "content": example_answer},
+                ]
+            prompt.append({"role": "user", "content": question})
+        else:
+            shots = "".join(f"{q}\n{a}\n" for q, a in examples)
+            prompt = f"{SYSTEM_PROMPT}\n{shots}{question}\n" if examples else f"{question} {SYSTEM_PROMPT}\n"
         return {"prompt": prompt, "question": question, "answer": str(answer)}
 
     def dataset(self, n: int, split: str = "train", seed: int = 0) -> Dataset:
@@ -62,6 +89,10 @@ class ArithmeticTask:
             raise ValueError(f"`split` must be 'train' or 'test', got {split!r}.")
         rng = random.Random(seed + offset)
         return Dataset.from_list([self._problem(rng) for _ in range(n)])
+
+
+def _apply(a: int, op: str, b: int) -> int:
+    return {"+": a + b, "-": a - b, "*": a * b}[op]
 
 
 _NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
