@@ -48,7 +48,6 @@ import json
 import logging
 import math
 import os
-import tempfile
 from collections import deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -60,6 +59,7 @@ from accelerate import PartialState
 from transformers import Trainer, TrainerCallback
 
 from .distribution import EntropyDistribution, TokenEntropyCounter, merge_distributions, merge_token_counters
+from .files import append_jsonl_record, json_safe, truncate_jsonl, write_atomically
 from .signals import CompletionSignals
 
 logger = logging.getLogger(__name__)
@@ -237,71 +237,6 @@ def pearson_correlation(x: Sequence[float | None], y: Sequence[float | None]) ->
     if scale == 0.0:
         return None
     return float(np.clip((a * b).sum() / scale, -1.0, 1.0))
-
-
-def _json_safe(value: Any) -> Any:
-    """JSON-ready copy: non-finite floats become None, numpy scalars become Python numbers."""
-    if isinstance(value, (bool, np.bool_)):
-        return bool(value)
-    if isinstance(value, (int, np.integer)):
-        return int(value)
-    if isinstance(value, (float, np.floating)):
-        return float(value) if math.isfinite(value) else None
-    if isinstance(value, Mapping):
-        return {str(k): _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    return value
-
-
-def append_jsonl_record(path: str | os.PathLike, record: Mapping[str, Any]) -> None:
-    """Append ``record`` as one JSON line with a single ``O_APPEND`` write, then fsync, so a crash leaves either the
-    whole line or (at worst) a torn last line that :func:`truncate_jsonl` drops."""
-    line = (json.dumps(_json_safe(record), allow_nan=False, ensure_ascii=False) + "\n").encode("utf-8")
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-    try:
-        view = memoryview(line)
-        while view:
-            view = view[os.write(fd, view) :]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_atomically(path: str | os.PathLike, data: bytes) -> None:
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=folder)
-    try:
-        os.fchmod(fd, 0o644)  # mkstemp creates 0600; keep the file as readable as the rest of the checkpoint
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def truncate_jsonl(path: str | os.PathLike, max_step: int) -> int:
-    """Keep only the complete, parseable lines of ``path`` whose ``"step"`` is ``<= max_step`` (rewritten atomically);
-    returns how many lines were kept. A missing file is left missing."""
-    if not os.path.exists(path):
-        return 0
-    with open(path, "rb") as handle:
-        raw_lines = handle.read().split(b"\n")
-    kept = []
-    # The last element is the text after the final newline: empty, or a torn line from an interrupted write.
-    for raw in raw_lines[:-1]:
-        try:
-            record = json.loads(raw)
-        except ValueError:
-            continue
-        if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= max_step:
-            kept.append(raw + b"\n")
-    _write_atomically(path, b"".join(kept))
-    return len(kept)
 
 
 # ---- per-window state -----------------------------------------------------------------------------------------------
@@ -642,8 +577,8 @@ class EntropyStatsCallback(TrainerCallback):
             "history": [list(point) for point in self._history],
             "pending_window": pending,
         }
-        data = json.dumps(_json_safe(payload), allow_nan=False).encode("utf-8")
-        _write_atomically(os.path.join(folder, STATE_FILE_NAME), data)
+        data = json.dumps(json_safe(payload), allow_nan=False).encode("utf-8")
+        write_atomically(os.path.join(folder, STATE_FILE_NAME), data)
 
     def on_train_end(self, args, state, control, **kwargs):
         path = self.stats_path(args)

@@ -37,8 +37,8 @@ from typing import Any
 import torch
 from transformers import TrainerCallback
 
-from .callbacks import _json_safe, _write_atomically, append_jsonl_record, truncate_jsonl
 from .collapse import CollapseGuardConfig, probe_drop_fired, signal_triggers
+from .files import append_jsonl_record, json_safe, truncate_jsonl, write_atomically
 
 logger = logging.getLogger(__name__)
 
@@ -197,8 +197,8 @@ class CollapseGuardCallback(TrainerCallback):
             torch.save({"step": self.best_step, "state_dict": self._best_state}, tmp)
             os.replace(tmp, path)
             self._best_written_step = self.best_step
-        data = json.dumps(_json_safe(self.state_dict()), allow_nan=False).encode("utf-8")
-        _write_atomically(os.path.join(folder, GUARD_STATE_FILE), data)
+        data = json.dumps(json_safe(self.state_dict()), allow_nan=False).encode("utf-8")
+        write_atomically(os.path.join(folder, GUARD_STATE_FILE), data)
 
     # ---- internals -----------------------------------------------------------------------------------------------
     def _log_path(self, args) -> str:

@@ -33,6 +33,7 @@ from transformers import LogitsProcessor, LogitsProcessorList, PreTrainedModel, 
 
 from .cli.arguments import GenerateArguments
 from .evaluation import TRUNCATION_WARNING_RATE, Completion, truncation_rate, wilson_interval
+from .files import write_atomically
 from .inference import AdaptiveTemperatureLogitsProcessor, EMInfLogitsProcessor
 from .tasks import extract_answer, grade
 
@@ -281,9 +282,7 @@ def _load_problems(args: GenerateArguments) -> list[dict[str, Any]]:
 
 def _write_atomic(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    write_atomically(path, text.encode("utf-8"))
 
 
 def run_generate(

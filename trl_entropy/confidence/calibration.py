@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -14,6 +13,7 @@ from typing import Any, Literal
 
 import torch
 
+from ..files import write_atomically
 from ..ops import cohens_d, threshold_bayes, threshold_info, threshold_mean, threshold_universal
 from .signals import ConfidenceSignal
 
@@ -302,17 +302,7 @@ class EntropyThresholdCalibrator:
         payload = json.dumps(self.to_dict(), indent=2, allow_nan=False)
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "w") as f:
-                f.write(payload)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        write_atomically(path, payload.encode("utf-8"))
         return path
 
     @classmethod

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from ..files import json_safe
 from .calibration import EntropyThresholdCalibrator
 from .pipeline import think_just_enough_generate
 
@@ -23,17 +24,6 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 __all__ = ["problems_path", "run_calibrate", "run_early_stop_generate"]
-
-
-def _json_safe(value: Any) -> Any:
-    """NaN/inf become null, so the results file is valid JSON (a NaN entropy means "no signal", not a number)."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_json_safe(v) for v in value]
-    return value
 
 
 def _load_problems(args: _EarlyStopTaskArguments) -> tuple[list[list[dict]], list[str]]:
@@ -110,7 +100,7 @@ def run_calibrate(args: CalibrateArguments) -> EntropyThresholdCalibrator:
             row = {"prompt": prompt[-1]["content"], "answer": answer, "correct": ok, "step_signal": result.step_signal}
             row.update(first_step_tokens=result.first_step_tokens, num_tokens=result.num_tokens)
             row["completion"] = result.completion
-            handle.write(json.dumps(_json_safe(row), allow_nan=False) + "\n")
+            handle.write(json.dumps(json_safe(row), allow_nan=False) + "\n")
     print(f"Per-problem first-step signal and correctness written to {measured}")
     calibrator = EntropyThresholdCalibrator(args.alpha, args.method, args.p_value_method, args.signal)
     try:
@@ -180,5 +170,5 @@ def run_early_stop_generate(args: EarlyStopGenerateArguments) -> dict:
     if args.output_file:
         payload = {"args": asdict(args), "metrics": report, "results": early_rows}
         Path(args.output_file).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.output_file).write_text(json.dumps(_json_safe(payload), indent=2, allow_nan=False))
+        Path(args.output_file).write_text(json.dumps(json_safe(payload), indent=2, allow_nan=False))
     return report
