@@ -57,14 +57,9 @@ class _StepTimer(TrainerCallback):
         self.baton.pass_on()
 
 
-def run_interleaved(trainers: dict, warmup: int) -> dict:
-    """Train every trainer (same ``max_steps``) in turn, one step each; return per-variant medians."""
-    names = list(trainers)
-    baton = _Baton(names)
-    records = {name: [] for name in names}
-    for name, trainer in trainers.items():
-        trainer.add_callback(_StepTimer(name, baton, records))
-
+def train_in_turn(trainers: dict, baton: _Baton, label: str = "") -> None:
+    """Train every trainer in its own thread, the baton callbacks letting one step run at a time; re-raise the first
+    failure of any thread once all have stopped."""
     errors = []
 
     def train(name):
@@ -75,13 +70,23 @@ def run_interleaved(trainers: dict, warmup: int) -> dict:
         finally:
             baton.finish(name)
 
-    threads = [threading.Thread(target=train, args=(n,)) for n in names]
+    threads = [threading.Thread(target=train, args=(n,)) for n in trainers]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
     if errors:
-        raise RuntimeError(f"{errors[0][0]} failed") from errors[0][1]
+        raise RuntimeError(f"{label + ': ' if label else ''}{errors[0][0]} failed") from errors[0][1]
+
+
+def run_interleaved(trainers: dict, warmup: int) -> dict:
+    """Train every trainer (same ``max_steps``) in turn, one step each; return per-variant medians."""
+    names = list(trainers)
+    baton = _Baton(names)
+    records = {name: [] for name in names}
+    for name, trainer in trainers.items():
+        trainer.add_callback(_StepTimer(name, baton, records))
+    train_in_turn(trainers, baton)
     summary = {}
     for name, steps in records.items():
         kept = steps[warmup:]

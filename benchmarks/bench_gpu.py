@@ -51,7 +51,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import RESULTS_DIR, median, print_table  # noqa: E402
-from _interleave import _Baton  # noqa: E402
+from _interleave import _Baton, train_in_turn  # noqa: E402
 
 QWEN25_05B = dict(
     vocab_size=151936,
@@ -341,7 +341,6 @@ def quiet(trainer):
 def run_in_turn(trainers: dict, dev: Device, warmup: int, label: str) -> dict:
     """Train every trainer (same ``max_steps``) in turn, one step each, in threads passing a baton; record each
     step's time and CUDA peak memory above the memory allocated at its start."""
-    import threading
 
     from transformers import TrainerCallback
 
@@ -370,23 +369,7 @@ def run_in_turn(trainers: dict, dev: Device, warmup: int, label: str) -> dict:
 
     for name, trainer in trainers.items():
         trainer.add_callback(StepProbe(name))
-    errors = []
-
-    def train(name):
-        try:
-            trainers[name].train()
-        except BaseException as err:  # surface failures of any thread
-            errors.append((name, err))
-        finally:
-            baton.finish(name)
-
-    threads = [threading.Thread(target=train, args=(n,)) for n in names]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    if errors:
-        raise RuntimeError(f"{label}: {errors[0][0]} failed") from errors[0][1]
+    train_in_turn(trainers, baton, label)
     base_name = names[0]
     base = records[base_name][warmup:]
     rows = []
