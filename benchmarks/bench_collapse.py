@@ -57,6 +57,12 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--num-probe", type=int, default=32)
     parser.add_argument("--num-heldout", type=int, default=128)
     parser.add_argument("--eval-max-new-tokens", type=int, default=96)
+    parser.add_argument(
+        "--base-max-new-tokens",
+        type=int,
+        default=256,
+        help="budget of a second base-model evaluation where its answers finish (the trained runs finish at 96)",
+    )
     parser.add_argument("--probe-every", type=int, default=5)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
@@ -88,10 +94,10 @@ def problem_sets(args):
     return train.select_columns(["prompt"]), probe, heldout
 
 
-def heldout_eval(model, tokenizer, problems, args) -> dict:
+def heldout_eval(model, tokenizer, problems, args, budget: int | None = None) -> dict:
     from trl_entropy.evaluation import evaluate
 
-    budget = args.eval_max_new_tokens
+    budget = budget or args.eval_max_new_tokens
     result = evaluate(model, tokenizer, problems, max_new_tokens=budget, do_sample=False, seed=None, progress=False)
     eos = tokenizer.eos_token_id
     truncated = sum(c.num_tokens >= budget and c.token_ids[-1] != eos for c in result.completions)
@@ -277,6 +283,23 @@ def main() -> None:
         base_path.write_text(json.dumps(base, indent=2))
         del model
     print(f"base: {base['accuracy']:.3f} truncated {base['truncated_rate']:.2f}", flush=True)
+    # At 96 tokens some base answers are cut off; greedy answers that finish are the same at any larger budget, so
+    # the base model is also measured where its answers finish, for the comparison with the trained runs.
+    base_long_path = out / f"base_{args.base_max_new_tokens}.json"
+    if base_long_path.is_file():
+        base_long = json.loads(base_long_path.read_text())
+    else:
+        from trl_entropy import load_default_model
+
+        model, tokenizer = load_default_model()
+        base_long = heldout_eval(model, tokenizer, sets[2], args, budget=args.base_max_new_tokens)
+        base_long_path.write_text(json.dumps(base_long, indent=2))
+        del model
+    print(
+        f"base at {args.base_max_new_tokens} tokens: {base_long['accuracy']:.3f} truncated "
+        f"{base_long['truncated_rate']:.2f}",
+        flush=True,
+    )
 
     results = {}
     for name in names:
@@ -321,6 +344,7 @@ def main() -> None:
         "table": rows,
         "settings": {k: v for k, v in vars(args).items() if k != "out"},
         "base_heldout": base,
+        "base_heldout_long_budget": base_long,
         "runs": {
             name: {
                 **{k: v for k, v in run.items() if k not in ("training_log", "guard_events")},
