@@ -57,6 +57,27 @@ def parse_args(doc: str) -> argparse.Namespace:
     return args
 
 
+def paired_step_config(args: argparse.Namespace) -> dict:
+    """Trainer-config fields of a paired step-time run: learning rate 0 (every variant keeps the same weights and so
+    samples the same completions), one completion group per step, no logging or saving overhead, CPU fp32."""
+    return dict(
+        per_device_train_batch_size=args.completions,
+        num_generations=args.completions,
+        max_completion_length=args.tokens,
+        max_steps=args.warmup + args.steps,
+        learning_rate=0.0,
+        temperature=1.0,
+        beta=0.0,
+        logging_steps=1,
+        report_to=[],
+        save_strategy="no",
+        use_cpu=True,
+        bf16=False,  # TRL would otherwise autocast to bf16 on CPU
+        seed=0,
+        disable_tqdm=True,
+    )
+
+
 def run_overhead(name: str, family: str, args: argparse.Namespace) -> None:
     """Interleave plain TRL, the entropy reward, the forking mask and the naive extra-forward reward."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -74,22 +95,7 @@ def run_overhead(name: str, family: str, args: argparse.Namespace) -> None:
     tokenizer = AutoTokenizer.from_pretrained(path)
     dataset = ArithmeticTask().dataset(64, "train")
     out = Path("/tmp") / name
-    common = dict(
-        per_device_train_batch_size=args.completions,
-        num_generations=args.completions,
-        max_completion_length=args.tokens,
-        max_steps=args.warmup + args.steps,
-        learning_rate=0.0,
-        temperature=1.0,
-        beta=0.0,
-        logging_steps=1,
-        report_to=[],
-        save_strategy="no",
-        use_cpu=True,
-        bf16=False,  # TRL would otherwise autocast to bf16 on CPU
-        seed=0,
-        disable_tqdm=True,
-    )
+    common = paired_step_config(args)
 
     def model():
         return AutoModelForCausalLM.from_pretrained(path)

@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
 from _common import median, print_table, write_results  # noqa: E402
 from _interleave import run_interleaved  # noqa: E402
-from _overhead import parse_args, rule_reward  # noqa: E402
+from _overhead import paired_step_config, parse_args, rule_reward  # noqa: E402
 
 
 def mean_entropy(completions, token_entropy, token_mask, **kwargs):
@@ -45,22 +45,7 @@ def main() -> None:
     tokenizer = AutoTokenizer.from_pretrained(path)
     dataset = ArithmeticTask().dataset(64, "train")
     out = Path("/tmp") / "bench_user_reward"
-    common = dict(
-        per_device_train_batch_size=args.completions,
-        num_generations=args.completions,
-        max_completion_length=args.tokens,
-        max_steps=args.warmup + args.steps,
-        learning_rate=0.0,
-        temperature=1.0,
-        beta=0.0,
-        logging_steps=1,
-        report_to=[],
-        save_strategy="no",
-        use_cpu=True,
-        bf16=False,
-        seed=0,
-        disable_tqdm=True,
-    )
+    common = paired_step_config(args)
 
     def build(trainer_class, config_class, rewards, tag):
         config = config_class(output_dir=str(out / tag), **common)
