@@ -99,8 +99,6 @@ def heldout_eval(model, tokenizer, problems, args, budget: int | None = None) ->
 
     budget = budget or args.eval_max_new_tokens
     result = evaluate(model, tokenizer, problems, max_new_tokens=budget, do_sample=False, seed=None, progress=False)
-    eos = tokenizer.eos_token_id
-    truncated = sum(c.num_tokens >= budget and c.token_ids[-1] != eos for c in result.completions)
     low, high = result.accuracy_interval()
     return {
         "accuracy": result.accuracy,
@@ -108,7 +106,7 @@ def heldout_eval(model, tokenizer, problems, args, budget: int | None = None) ->
         "num_problems": result.num_problems,
         "accuracy_ci95": [low, high],
         "max_new_tokens": budget,
-        "truncated_rate": truncated / result.num_problems,
+        "truncated_rate": result.truncation_rate,
         "mean_length": result.mean_length,
         "examples": [c.text for c in result.completions[:4]],
     }

@@ -241,11 +241,8 @@ class CollapseGuardCallback(TrainerCallback):
             seed=None,  # greedy: no draw, and the training RNG stays untouched
             progress=False,
         )
-        truncated = sum(
-            c.num_tokens >= budget and not self._ends(c.token_ids, model, tokenizer) for c in result.completions
-        )
         # Each rank evaluated the same problems with the same weights; the main process's numbers are the record.
-        accuracy, truncated_rate = self._broadcast((result.accuracy, truncated / result.num_problems), args)
+        accuracy, truncated_rate = self._broadcast((result.accuracy, result.truncation_rate), args)
         self.probe_steps.append(state.global_step)
         self.probe_accuracies.append(accuracy)
         is_best = self.best_accuracy is None or accuracy >= self.best_accuracy  # ties: the later, more trained one
@@ -276,14 +273,6 @@ class CollapseGuardCallback(TrainerCallback):
                 "best_step": self.best_step,
             },
         )
-
-    @staticmethod
-    def _ends(token_ids: list[int], model, tokenizer) -> bool:
-        ends = model.generation_config.eos_token_id if getattr(model, "generation_config", None) else None
-        ends = set(ends if isinstance(ends, list) else [ends] if ends is not None else [])
-        if tokenizer.eos_token_id is not None:
-            ends.add(tokenizer.eos_token_id)
-        return bool(token_ids) and token_ids[-1] in ends
 
     def _act(self, args, state, control, model, fired: list[str]) -> None:
         self.fired_step = state.global_step
