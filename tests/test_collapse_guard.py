@@ -11,8 +11,8 @@ from collections import Counter
 import numpy as np
 import pytest
 import torch
-from trainer_utils import TINY_KWARGS, tiny_setup
-from transformers import TrainerCallback
+from trainer_utils import GUARD_LOG_TRIGGERS_OFF as OFF
+from trainer_utils import TINY_KWARGS, WeightRecorder, tiny_setup
 
 from trl_entropy.collapse import (
     CollapseGuardConfig,
@@ -29,15 +29,6 @@ from trl_entropy.collapse_guard import GUARD_STATE_FILE, CollapseGuardCallback
 from trl_entropy.evaluation import generate_completions
 from trl_entropy.tasks import extract_answer
 from trl_entropy.trainers import EntropyGRPOConfig, EntropyGRPOTrainer
-
-OFF = dict(
-    min_entropy=None,
-    max_entropy_decay=None,
-    min_length_ratio=None,
-    max_repetition_rate=None,
-    max_identical_group_fraction=None,
-    min_reward_std=None,
-)
 
 
 @pytest.fixture(autouse=True)
@@ -183,14 +174,6 @@ def test_signal_triggers_names_each_trigger():
 
 
 # ---- real tiny runs -------------------------------------------------------------------------------------------------
-class WeightRecorder(TrainerCallback):
-    """Keeps a copy of the weights at the end of every step (added before the guard, so it sees them first)."""
-
-    def __init__(self):
-        self.weights: dict[int, dict[str, torch.Tensor]] = {}
-
-    def on_step_end(self, args, state, control, model=None, **kwargs):
-        self.weights[state.global_step] = {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
 def self_consistent_probe(model, tokenizer, prompts, max_new_tokens=6):

@@ -7,6 +7,7 @@ import math
 
 import torch
 from datasets import Dataset
+from transformers import TrainerCallback
 
 from trl_entropy.testing import make_tiny_model_and_tokenizer, tiny_prompts
 
@@ -69,3 +70,24 @@ def brute_force_rewards(model, tokenizer, prompts, completion_ids, temperature: 
         else:  # self-certainty: KL(U || p) = -log V - mean_j log p_j
             out.append((-math.log(log_p.size(-1)) - log_p.mean(-1)).mean().item())
     return out
+
+
+# Collapse-guard options that switch every log-signal trigger off (the probe acts alone).
+GUARD_LOG_TRIGGERS_OFF = dict(
+    min_entropy=None,
+    max_entropy_decay=None,
+    min_length_ratio=None,
+    max_repetition_rate=None,
+    max_identical_group_fraction=None,
+    min_reward_std=None,
+)
+
+
+class WeightRecorder(TrainerCallback):
+    """Keeps a copy of the weights at the end of every step (added before the guard, so it sees them first)."""
+
+    def __init__(self):
+        self.weights: dict[int, dict[str, torch.Tensor]] = {}
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        self.weights[state.global_step] = {k: v.detach().clone() for k, v in model.state_dict().items()}

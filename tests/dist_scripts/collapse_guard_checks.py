@@ -15,33 +15,16 @@ from pathlib import Path
 
 import torch
 from accelerate import PartialState
-from transformers import TrainerCallback
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, for trainer_utils
 
-from trainer_utils import TINY_KWARGS, tiny_setup  # noqa: E402
+from trainer_utils import GUARD_LOG_TRIGGERS_OFF as OFF  # noqa: E402
+from trainer_utils import TINY_KWARGS, WeightRecorder, tiny_setup  # noqa: E402
 
 from trl_entropy.collapse_guard import CollapseGuardCallback  # noqa: E402
 from trl_entropy.evaluation import generate_completions  # noqa: E402
 from trl_entropy.tasks import extract_answer  # noqa: E402
 from trl_entropy.trainers import EntropyGRPOConfig, EntropyGRPOTrainer  # noqa: E402
-
-OFF = dict(
-    min_entropy=None,
-    max_entropy_decay=None,
-    min_length_ratio=None,
-    max_repetition_rate=None,
-    max_identical_group_fraction=None,
-    min_reward_std=None,
-)
-
-
-class WeightRecorder(TrainerCallback):
-    def __init__(self):
-        self.weights = {}
-
-    def on_step_end(self, args, state, control, model=None, **kwargs):
-        self.weights[state.global_step] = {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
 def main(out: Path) -> None:
