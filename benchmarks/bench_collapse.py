@@ -15,15 +15,24 @@ truncation rate and the 95% Wilson interval. Each run's result is cached in ``be
 a rerun resumes; ``--skip-identical`` skips a ``stop_and_restore`` run whose ``warn`` twin never fired (the two runs
 are then the same computation).
 
-The committed results were measured with (on a 2-core CPU shared with other jobs, so 4 completions of 32 tokens
-instead of the demo's 8 of 48)::
+The guard's cost: every probe is timed (``seconds`` in the guard's JSONL, by kind: the start, scheduled every
+``probe_every`` steps, or triggered by a log signal) against the training time, probes excluded, with the guard's
+default budget (probes at most 10% of the training time) and triggered-probe cooldown (5 steps). The 2e-5 run is
+repeated over 3 seeds (``guard_overhead``): the fraction with all probes, and with the scheduled ones only (what the
+guard costs without triggered probes; the probes are greedy and draw no random number, so training is the same
+computation either way).
+
+How small a probe can be (``probe_size``): each probe records which of its 32 problems were right and each answer's
+length, so the decision is replayed for the first ``n`` problems at a budget of ``b`` tokens (an answer longer than
+``b`` counts as unfinished, hence wrong; greedy answers that finish within ``b`` are the same at 96): would it have
+fired on the healthy 2e-5 runs (a false alarm), and at which step on the collapsing 5e-5 run.
+
+The committed results were measured with (on a 2-core CPU shared with other jobs, 1 torch thread per process)::
 
     python benchmarks/bench_collapse.py --num-generations 4 --max-completion-length 32 --num-heldout 96 \
-        --eval-max-new-tokens 96 --threads 1 --deadline HH:MM
+        --eval-max-new-tokens 96 --threads 1
 
-(``--deadline`` stops a run's training at that UTC time on a shared machine; ``steps_run`` shows it cut none.) The
-guarded 2e-5 run never fired, so it is the same computation as the observed one: their logs and probe accuracies are
-equal, step for step, as are the first 15 steps of the two 5e-5 runs.
+(``--deadline`` stops a run's training at that UTC time on a shared machine; ``steps_run`` shows it cut none.)
 """
 
 from __future__ import annotations
@@ -42,10 +51,28 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import RESULTS_DIR, print_table, write_results  # noqa: E402
 
 NAME = "bench_collapse"
-# The guarded 5e-5 run first (it stops early), then the 60-step observed runs; the guarded 2e-5 run last (skipped with
-# --skip-identical when its observed twin never fired: the two would be the same computation).
-RUNS = (("5e-5", "stop_and_restore"), ("2e-5", "warn"), ("5e-5", "warn"), ("2e-5", "stop_and_restore"))
-COLUMNS = ["lr", "guard", "steps_run", "fired_step", "restored_step", "heldout_acc", "acc_95ci", "truncated"]
+# (learning rate, guard action, seed): the guarded 5e-5 run first (it stops early), its observed twin (the collapse
+# curve, for the probe-size replay), then the guarded 2e-5 run over 3 seeds (the guard's overhead).
+RUNS = (
+    ("5e-5", "stop_and_restore", 0),
+    ("5e-5", "warn", 0),
+    ("2e-5", "stop_and_restore", 0),
+    ("2e-5", "stop_and_restore", 1),
+    ("2e-5", "stop_and_restore", 2),
+)
+COLUMNS = [
+    "lr",
+    "guard",
+    "seed",
+    "steps_run",
+    "fired_step",
+    "restored_step",
+    "heldout_acc",
+    "acc_95ci",
+    "truncated",
+    "base_acc_256",
+    "probe_time_fraction",
+]
 
 
 def parse_args() -> argparse.Namespace:
@@ -64,23 +91,21 @@ def parse_args() -> argparse.Namespace:
         help="budget of a second base-model evaluation where its answers finish (the trained runs finish at 96)",
     )
     parser.add_argument("--probe-every", type=int, default=5)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--runs", default="all", help="comma-separated run names (e.g. 5e-5_warn) or 'all'")
-    parser.add_argument("--skip-identical", action="store_true")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--runs", default="all", help="comma-separated run names (e.g. 5e-5_warn_seed0) or 'all'")
     parser.add_argument("--deadline", default=None, help="UTC HH:MM after which a run stops training (shared machine)")
     parser.add_argument("--out", default=str(RESULTS_DIR / NAME))
     return parser.parse_args()
 
 
-def problem_sets(args):
-    """Training prompts (no answers), probe and held-out problems, pairwise disjoint by question."""
+def problem_sets(args, seed: int):
+    """Training prompts (no answers), probe and held-out problems of ``seed``, pairwise disjoint by question."""
     from trl_entropy.tasks import ArithmeticTask
 
     task = ArithmeticTask()
-    train = task.dataset(args.steps * args.prompts_per_step, split="train", seed=args.seed)
+    train = task.dataset(args.steps * args.prompts_per_step, split="train", seed=seed)
     seen = set(train["question"])
-    pool = task.dataset(2000, split="test", seed=args.seed + 1)
+    pool = task.dataset(2000, split="test", seed=seed + 1)
     probe, heldout = [], []
     for row in pool:
         if row["question"] in seen:
@@ -125,7 +150,7 @@ class _Deadline(TrainerCallback):
             control.should_training_stop = True
 
 
-def run_one(lr: str, guard: str, args, sets, out: Path) -> dict:
+def run_one(lr: str, guard: str, seed: int, args, sets, out: Path) -> dict:
     import torch
     from transformers import set_seed
 
@@ -135,9 +160,9 @@ def run_one(lr: str, guard: str, args, sets, out: Path) -> dict:
     from trl_entropy.trainers import EntropyGRPOConfig, EntropyGRPOTrainer
 
     train, probe, heldout = sets
-    folder = out / f"{lr}_{guard}"
+    folder = out / run_name(lr, guard, seed)
     start = time.perf_counter()
-    set_seed(args.seed)
+    set_seed(seed)
     model, tokenizer = load_default_model()
     config = EntropyGRPOConfig(
         output_dir=str(folder),
@@ -152,9 +177,9 @@ def run_one(lr: str, guard: str, args, sets, out: Path) -> dict:
         logging_steps=1,
         save_strategy="no",
         report_to="none",
-        seed=args.seed,
+        seed=seed,
         use_cpu=not torch.cuda.is_available(),
-        gradient_checkpointing=False,
+        activation_checkpointing=False,
     )
     trainer = EntropyGRPOTrainer(model=model, args=config, train_dataset=train, processing_class=tokenizer)
     trainer.add_callback(EntropyStatsCallback(trainer, plot_on_train_end=False))
@@ -180,9 +205,11 @@ def run_one(lr: str, guard: str, args, sets, out: Path) -> dict:
     )
     log = [{k: e.get(k) for k in keys} for e in trainer.state.log_history if "loss" in e]
     events = [json.loads(line) for line in (folder / guard_cb.config.log_file).read_text().splitlines() if line]
+    probes = [e for e in events if e["event"] == "probe"]
     return {
         "lr": float(lr),
         "guard": guard,
+        "seed": seed,
         "steps_run": trainer.state.global_step,
         "steps_planned": args.steps,
         "fired_step": guard_cb.fired_step,
@@ -196,7 +223,87 @@ def run_one(lr: str, guard: str, args, sets, out: Path) -> dict:
         "final_heldout": final,
         "train_s": train_s,
         "total_s": time.perf_counter() - start,
+        "guard_cost": {
+            "train_seconds_without_probes": guard_cb._train_seconds_now(),
+            "probe_seconds_by_kind": {
+                kind: sum(e["seconds"] for e in probes if e["kind"] == kind)
+                for kind in ("start", "scheduled", "triggered")
+            },
+            "probes_by_kind": {
+                kind: sum(e["kind"] == kind for e in probes) for kind in ("start", "scheduled", "triggered")
+            },
+            "skipped_probes": guard_cb.skipped_probes,
+            "probe_time_fraction": guard_cb.probe_time_fraction(),
+        },
     }
+
+
+def run_name(lr: str, guard: str, seed: int) -> str:
+    return f"{lr}_{guard}_seed{seed}"
+
+
+def guard_overhead(results: dict) -> dict:
+    """The guard's time over the 2e-5 runs: probes (after the start) over training time, with all probes and with the
+    scheduled ones only."""
+    runs = [r for r in results.values() if r["lr"] == 2e-5 and "guard_cost" in r]
+    rows = []
+    for run in sorted(runs, key=lambda r: r["seed"]):
+        cost = run["guard_cost"]
+        train = cost["train_seconds_without_probes"]
+        by_kind = cost["probe_seconds_by_kind"]
+        rows.append(
+            {
+                "seed": run["seed"],
+                "train_s": train,
+                "scheduled_probes": cost["probes_by_kind"]["scheduled"],
+                "triggered_probes": cost["probes_by_kind"]["triggered"],
+                "skipped_probes": cost["skipped_probes"],
+                "start_probe_s": by_kind["start"],
+                "fraction_all_probes": (by_kind["scheduled"] + by_kind["triggered"]) / train,
+                "fraction_scheduled_only": by_kind["scheduled"] / train,
+            }
+        )
+    summary = {}
+    for key in ("fraction_all_probes", "fraction_scheduled_only"):
+        values = [r[key] for r in rows]
+        if values:
+            summary[key] = {"mean": sum(values) / len(values), "max": max(values), "values": values}
+    return {"runs": rows, "summary": summary}
+
+
+def probe_size(results: dict, max_drop: float = 0.15) -> list[dict]:
+    """Replay of the probe-drop decision with the first ``n`` probe problems at a budget of ``b`` tokens (an answer
+    longer than ``b`` counts as wrong): false alarms on the healthy 2e-5 runs, firing step on the 5e-5 observed run."""
+    from trl_entropy.collapse import probe_drop_fired
+
+    def series(run, n, b):
+        probes = [e for e in run["guard_events"] if e["event"] == "probe" and "correct" in e]
+        return [
+            (e["step"], sum(c and length <= b for c, length in zip(e["correct"][:n], e["lengths"][:n])) / n)
+            for e in probes
+        ]
+
+    def first_firing(points):
+        for i in range(1, len(points)):
+            if probe_drop_fired([a for _, a in points[: i + 1]], max_drop, 1):
+                return points[i][0]
+        return None
+
+    healthy = [r for r in results.values() if r["lr"] == 2e-5]
+    collapse = [r for r in results.values() if r["lr"] == 5e-5 and r["guard"] == "warn"]
+    rows = []
+    for n in (8, 16, 24, 32):
+        for b in (24, 48, 96):
+            rows.append(
+                {
+                    "problems": n,
+                    "budget": b,
+                    "false_alarms_on_2e-5_runs": sum(first_firing(series(r, n, b)) is not None for r in healthy),
+                    "healthy_runs": len(healthy),
+                    "fires_on_5e-5_at_step": first_firing(series(collapse[0], n, b)) if collapse else None,
+                }
+            )
+    return rows
 
 
 def first_firings(run: dict) -> dict:
@@ -224,11 +331,11 @@ def plot(results: dict, base: dict, path: Path) -> None:
 
     figure = Figure(figsize=(11, 4.2))
     ax_probe, ax_entropy = figure.subplots(1, 2)
-    colours = {"5e-5": "tab:red", "2e-5": "tab:blue"}
-    for name, run in results.items():
-        lr, guard = name.split("_", 1)
+    colours = {5e-5: "tab:red", 2e-5: "tab:blue"}
+    for run in results.values():
+        lr, guard = run["lr"], run["guard"]
         style = "--" if guard == "warn" else "-"
-        label = f"lr {lr}, {'no guard (observe only)' if guard == 'warn' else 'guard: stop_and_restore'}"
+        label = f"lr {lr:g}, seed {run['seed']}, {'observe only' if guard == 'warn' else 'guard: stop_and_restore'}"
         ax_probe.plot(
             [p["step"] for p in run["probe"]],
             [p["accuracy"] for p in run["probe"]],
@@ -260,59 +367,44 @@ def plot(results: dict, base: dict, path: Path) -> None:
     figure.savefig(path, dpi=110)
 
 
+def base_evaluations(args, sets, out: Path, seed: int) -> tuple[dict, dict]:
+    """The base model on ``seed``'s held-out problems at the probe budget and where its answers finish (cached)."""
+    results = []
+    for budget, name in ((args.eval_max_new_tokens, f"base_seed{seed}.json"),
+                         (args.base_max_new_tokens, f"base_{args.base_max_new_tokens}_seed{seed}.json")):  # fmt: skip
+        path = out / name
+        if not path.is_file():
+            from trl_entropy import load_default_model
+
+            model, tokenizer = load_default_model()
+            path.write_text(json.dumps(heldout_eval(model, tokenizer, sets[2], args, budget=budget), indent=2))
+            del model
+        results.append(json.loads(path.read_text()))
+        print(f"base seed {seed} at {budget} tokens: {results[-1]['accuracy']:.3f}", flush=True)
+    return results[0], results[1]
+
+
 def main() -> None:
     args = parse_args()
+    os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
     import torch
 
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    sets = problem_sets(args)
-    names = [f"{lr}_{guard}" for lr, guard in RUNS] if args.runs == "all" else args.runs.split(",")
-
-    base_path = out / "base.json"
-    if base_path.is_file():
-        base = json.loads(base_path.read_text())
-    else:
-        from trl_entropy import load_default_model
-
-        model, tokenizer = load_default_model()
-        base = heldout_eval(model, tokenizer, sets[2], args)
-        base_path.write_text(json.dumps(base, indent=2))
-        del model
-    print(f"base: {base['accuracy']:.3f} truncated {base['truncated_rate']:.2f}", flush=True)
-    # At 96 tokens some base answers are cut off; greedy answers that finish are the same at any larger budget, so
-    # the base model is also measured where its answers finish, for the comparison with the trained runs.
-    base_long_path = out / f"base_{args.base_max_new_tokens}.json"
-    if base_long_path.is_file():
-        base_long = json.loads(base_long_path.read_text())
-    else:
-        from trl_entropy import load_default_model
-
-        model, tokenizer = load_default_model()
-        base_long = heldout_eval(model, tokenizer, sets[2], args, budget=args.base_max_new_tokens)
-        base_long_path.write_text(json.dumps(base_long, indent=2))
-        del model
-    print(
-        f"base at {args.base_max_new_tokens} tokens: {base_long['accuracy']:.3f} truncated "
-        f"{base_long['truncated_rate']:.2f}",
-        flush=True,
-    )
-
-    results = {}
-    for name in names:
+    plan = [r for r in RUNS if args.runs == "all" or run_name(*r) in args.runs.split(",")]
+    results, bases = {}, {}
+    for lr, guard, seed in plan:
+        sets = problem_sets(args, seed)
+        if seed not in bases:
+            bases[seed] = base_evaluations(args, sets, out, seed)
+        name = run_name(lr, guard, seed)
         path = out / f"{name}.json"
         if path.is_file():
             results[name] = json.loads(path.read_text())
             continue
-        lr, guard = name.split("_", 1)
-        twin = out / f"{lr}_warn.json"
-        if args.skip_identical and guard != "warn" and twin.is_file():
-            if json.loads(twin.read_text())["fired_step"] is None:
-                print(f"{name}: skipped, its warn twin never fired (same computation)", flush=True)
-                continue
         print(f"running {name}", flush=True)
-        results[name] = run_one(lr, guard, args, sets, out)
+        results[name] = run_one(lr, guard, seed, args, sets, out)
         path.write_text(json.dumps(results[name], indent=2, default=float))
         print(
             f"{name}: {json.dumps({k: results[name][k] for k in ('steps_run', 'fired_step', 'fired_reason')})}",
@@ -320,33 +412,37 @@ def main() -> None:
         )
 
     rows = []
-    for name, run in results.items():
+    for run in results.values():
         final = run["final_heldout"]
         low, high = final["accuracy_ci95"]
         rows.append(
             {
-                "lr": name.split("_")[0],
+                "lr": f"{run['lr']:g}",
                 "guard": run["guard"],
+                "seed": run["seed"],
                 "steps_run": run["steps_run"],
                 "fired_step": run["fired_step"],
                 "restored_step": run["restored_step"],
                 "heldout_acc": final["accuracy"],
                 "acc_95ci": f"[{low:.3f}, {high:.3f}]",
                 "truncated": final["truncated_rate"],
+                "base_acc_256": bases[run["seed"]][1]["accuracy"],
+                "probe_time_fraction": run["guard_cost"]["probe_time_fraction"],
             }
         )
     png = RESULTS_DIR / f"{NAME}.png"
     if results:
-        plot(results, base, png)
+        plot(results, bases[0][0] if 0 in bases else next(iter(bases.values()))[0], png)
     payload = {
         "table": rows,
+        "guard_overhead": guard_overhead(results),
+        "probe_size": probe_size(results),
         "settings": {k: v for k, v in vars(args).items() if k != "out"},
-        "base_heldout": base,
-        "base_heldout_long_budget": base_long,
+        "base_heldout": {f"seed{seed}": {"probe_budget": b[0], "long_budget": b[1]} for seed, b in bases.items()},
         "runs": {
             name: {
                 **{k: v for k, v in run.items() if k not in ("training_log", "guard_events")},
-                # Steps where log signals fired while the probe held (the guard then only probed).
+                # Steps where log signals fired while the probe held (the guard then probed, or skipped the probe).
                 "suspicions": [[e["step"], e["signals"]] for e in run["guard_events"] if e["event"] == "suspect"],
                 "first_signal_firings": first_firings(run),
                 "min_entropy": min(e["entropy"] for e in run["training_log"]),
@@ -359,7 +455,8 @@ def main() -> None:
     }
     write_results(NAME, payload)
     print_table(rows, COLUMNS)
-    print(f"base held-out accuracy {base['accuracy']:.3f}, truncated {base['truncated_rate']:.2f}")
+    print(json.dumps(payload["guard_overhead"]["summary"], indent=1))
+    print_table(payload["probe_size"], list(payload["probe_size"][0]))
 
 
 if __name__ == "__main__":

@@ -174,7 +174,7 @@ def evaluate_setting(setting, calibrator, model, tokenizer, prompts, answers, ch
 
 def smollm2_setting(args) -> dict:
     from trl_entropy.cli.arguments import CalibrateArguments
-    from trl_entropy.confidence import run_calibrate
+    from trl_entropy.cli.confidence import run_calibrate
     from trl_entropy.models import load_default_model
     from trl_entropy.tasks import ArithmeticTask
 

@@ -45,7 +45,7 @@ def _common_args(output_dir: str, args) -> dict:
         learning_rate=1e-6,
         use_cpu=True,
         bf16=False,
-        gradient_checkpointing=args.gradient_checkpointing,
+        activation_checkpointing=args.gradient_checkpointing,
         report_to=[],
         save_strategy="no",
         logging_steps=1,

@@ -132,7 +132,7 @@ def throughput(model, tokenizer, prompts, args) -> dict:
 def accuracy_table(model, tokenizer, args) -> dict:
     from trl_entropy.generate import generate_completions, render_prompt, score_completions
     from trl_entropy.inference import AdaptiveTemperatureLogitsProcessor, EMInfLogitsProcessor
-    from trl_entropy.tasks import ArithmeticTask
+    from trl_entropy.tasks import ArithmeticTask, extract_answer, grade
 
     data = ArithmeticTask(prompt_style="short").dataset(args.n, "test", seed=args.seed)
     prompts = [render_prompt(tokenizer, p) for p in data["prompt"]]
@@ -178,7 +178,7 @@ def accuracy_table(model, tokenizer, args) -> dict:
             **kwargs,
         )
         seconds = time.perf_counter() - start
-        records, summary = score_completions(completions, answers)
+        records, summary = score_completions(completions, answers, parse_answer=extract_answer, is_correct=grade)
         per_problem[name] = [bool(r["correct"]) for r in records]
         low, high = summary["accuracy_ci95"]
         rows.append(

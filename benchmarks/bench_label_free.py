@@ -1,128 +1,164 @@
-"""Label-free training methods side by side on the embedded SmolLM2-135M-Instruct, over several seeds.
+"""Where label-free training helps: one controlled study on the embedded SmolLM2-135M-Instruct, two prompt regimes.
 
-Every method trains the same model for the same number of optimizer steps on the same number of sampled completions
-per step (``prompts_per_step x num_generations``, at T=1, at most ``max_tokens`` tokens), with the same learning rate
-and no KL term, then is evaluated on the same held-out problems, greedy and sampled at T=1, at the same budget:
+The task is "What is a + b?" (1 <= a, b <= 20) in two regimes of ``ArithmeticTask``: ``open`` (the question alone; the
+model explains at length and its greedy answer is right far more often than its sample) and ``short`` (two worked
+examples before the question; answers are one short equation). Every method and regime runs under one protocol:
 
-- ``none``: no training (the seed changes only the sampled evaluation);
-- ``em_rl_token_grpo``: EM-RL, token entropy reward, GRPO group baseline (``EntropyGRPOTrainer``);
-- ``em_rl_token_rloo``: the same reward with the RLOO baseline (``EntropyRLOOTrainer``);
-- ``em_rl_trajectory``: EM-RL, trajectory reward (mean log-probability of the sampled tokens), GRPO;
-- ``emft``: EM-FT, the token entropy itself as the loss (``EMFTTrainer``, one sample per prompt, so
-  ``prompts_per_step x num_generations`` prompts per step);
-- ``forking_0.2``: EM-RL token (GRPO) with the policy gradient on the top 20% highest-entropy tokens only;
-- ``majority_vote``: a non-entropy label-free baseline (TTRL-style: reward 1 for a completion whose extracted answer
-  is its group's majority answer), GRPO;
-- ``supervised``: GRPO with the accuracy reward (labels): the labelled ceiling.
+- training: 30 optimizer steps, each on 8 sampled completions at T=1 (2 prompts x 4 completions; EM-FT, which TRL
+  1.16 samples at least twice per prompt, 4 prompts x 2), at most 32 tokens, learning rate 2e-5, no KL term
+  (``beta=0``, no reference model). Why: 2 x 4 completions at 2e-5 is bench_collapse's healthy setting (5e-5
+  collapsed, 2e-5 did not within 60 steps); 30 steps is what the CPU budget allows for ~26 runs; 32 tokens is the
+  short regime's finishing budget and keeps a step near 10 s. In the open regime most training completions are cut
+  off at 32 tokens: that is part of the regime, and the evaluation below is at budgets where answers finish.
+- training prompts: 60 per seed, drawn from 272 of the 400 possible problems; the other 128 are the held-out set,
+  the same for every method, seed and regime (disjoint by construction). Label-free methods never see an answer.
+- evaluation: the 128 held-out problems, greedy and sampled at T=1 (sampling seed 1000 + seed, the same for a method
+  and for no training at that seed), at the first budget of a ladder (short: 32, 96, 256 tokens; open: 96, 256, 512)
+  where at most 5% of that model's answers are cut off. Each row reports its budget, truncation rate and mean length.
+- methods, 3 seeds in both regimes: no training, EM-RL token (GRPO), supervised GRPO (accuracy reward, the labelled
+  ceiling), majority vote (TTRL-style, :func:`trl_entropy.rewards.majority_vote_reward`); 3 seeds, open regime: EM-RL
+  trajectory; 1 seed, open regime: EM-FT, EM-RL token (RLOO), forking 0.2 + EM-RL token, self-certainty, RENT.
+- per row: mean +- std over seeds, each seed's 95% Wilson interval, and the paired comparison with no training at
+  the same seed (same problems, same sampling seed): the change, its 95% paired bootstrap interval and the exact
+  McNemar p-value.
 
-Task: ``ArithmeticTask(prompt_style="short")`` ("What is a + b?", 1 <= a, b <= 20, two worked examples in the chat
-before the question), whose answers finish within the budget (measured: 100% of greedy and 98.4% of T=1 base answers
-finish within 32 tokens), so an accuracy here is not a truncation effect; every row reports its truncation rate.
+Every (regime, method, seed) is written to ``benchmarks/results/bench_label_free/`` when it finishes, so a rerun
+resumes. Two processes can share the work (``--worker``; each claims a run with a lock file): one torch thread each,
+two at most on two cores (more threads than cores slowed a step 2-4x here, see ``step_time_check``). The summary
+(``benchmarks/results/bench_label_free.json``, PNG, README rows with ``--readme``) is rebuilt from those files.
 
-Each (method, seed) is written to ``benchmarks/results/bench_label_free.json`` as soon as it finishes, so a rerun
-with the same settings resumes where it stopped (``--fresh`` starts over). Summary: mean, sample standard deviation
-and range over seeds, the 95% Wilson interval of each run, total CPU time, and a PNG.
-
-    python benchmarks/bench_label_free.py [--steps 8] [--n-eval 64] [--seeds 3] [--other-seeds 1] [--threads 1]
+    python benchmarks/bench_label_free.py --worker &  python benchmarks/bench_label_free.py --worker
+    python benchmarks/bench_label_free.py --summarize-only --readme
+    python benchmarks/bench_label_free.py --step-time-check   # per-step time under 1 or 2 processes and threads
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
+import random
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
 import traceback
 from pathlib import Path
 
+from transformers import TrainerCallback
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import RESULTS_DIR, print_table  # noqa: E402
 
 NAME = "bench_label_free"
-MAIN_METHODS = ("none", "em_rl_token_grpo", "supervised")  # at least --seeds seeds each
-OTHER_METHODS = ("em_rl_token_rloo", "em_rl_trajectory", "emft", "forking_0.2", "majority_vote")
+RUNS_DIR = RESULTS_DIR / NAME
+REGIMES = ("open", "short")
+PROTOCOL = {
+    "model": "SmolLM2-135M-Instruct (embedded)",
+    "task": "ArithmeticTask, 'What is a + b?', 1 <= a, b <= 20",
+    "steps": 30,
+    "prompts_per_step": 2,
+    "num_generations": 4,
+    "completions_per_step": 8,
+    "learning_rate": 2e-5,
+    "beta": 0.0,
+    "temperature": 1.0,
+    "train_max_tokens": 32,
+    "n_eval": 128,
+    "eval_batch_size": 32,
+    "eval_budgets": {"short": [32, 96, 256], "open": [96, 256, 512]},
+    "max_truncation_rate": 0.05,
+    "threads": 1,
+}
 LABELS = {
     "none": "no training",
-    "em_rl_token_grpo": "EM-RL token (GRPO)",
-    "em_rl_token_rloo": "EM-RL token (RLOO)",
+    "em_rl_token": "EM-RL token (GRPO)",
+    "supervised": "supervised GRPO (accuracy reward)",
+    "majority_vote": "majority vote (TTRL-style)",
     "em_rl_trajectory": "EM-RL trajectory (GRPO)",
     "emft": "EM-FT",
+    "em_rl_token_rloo": "EM-RL token (RLOO)",
     "forking_0.2": "forking 0.2 + EM-RL token",
-    "majority_vote": "majority vote (TTRL-style)",
-    "supervised": "supervised GRPO (accuracy reward)",
+    "self_certainty": "self-certainty (Intuitor)",
+    "rent": "RENT (entropy + format penalty)",
+}
+# (regime, method) -> number of seeds
+PLAN = {
+    **{(regime, method): 3 for regime in REGIMES for method in ("none", "em_rl_token", "supervised", "majority_vote")},
+    ("open", "em_rl_trajectory"): 3,
+    **{("open", m): 1 for m in ("emft", "em_rl_token_rloo", "forking_0.2", "self_certainty", "rent")},
 }
 
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=8, help="optimizer steps of every trained method")
-    parser.add_argument("--prompts-per-step", type=int, default=2)
-    parser.add_argument("--num-generations", type=int, default=4, help="completions per prompt (group size)")
-    parser.add_argument("--learning-rate", type=float, default=1e-5)
-    parser.add_argument("--max-tokens", type=int, default=32, help="completion budget, training and evaluation")
-    parser.add_argument("--n-eval", type=int, default=64, help="held-out problems")
-    parser.add_argument("--seeds", type=int, default=3, help="seeds of no training, EM-RL token GRPO, supervised")
-    parser.add_argument("--other-seeds", type=int, default=1, help="seeds of the other methods")
-    parser.add_argument("--methods", nargs="*", default=None, help="subset of methods (default: all)")
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--fresh", action="store_true", help="discard cached runs")
-    parser.add_argument("--summarize-only", action="store_true", help="rebuild table, JSON and PNG from the cache")
-    parser.add_argument(
-        "--check-reproducibility",
-        action="store_true",
-        help="run a short EM-RL token (GRPO) case twice in fresh processes and compare weights and outputs bitwise",
-    )
-    parser.add_argument("--repro-child", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--readme", action="store_true", help="print the README rows from the cached results")
+    parser.add_argument("--worker", action="store_true", help="run the plan's missing runs (claims each with a lock)")
+    parser.add_argument("--only", nargs="*", default=None, help="run keys regime/method/seed to run (default: all)")
+    parser.add_argument("--summarize-only", action="store_true", help="rebuild JSON, PNG and table from the runs")
+    parser.add_argument("--readme", action="store_true", help="print the README rows")
+    parser.add_argument("--step-time-check", action="store_true", help="measure per-step time under thread settings")
+    parser.add_argument("--step-time-child", default=None, help=argparse.SUPPRESS)
     return parser.parse_args()
 
 
-def settings_of(args: argparse.Namespace) -> dict:
-    return {
-        "model": "SmolLM2-135M-Instruct (embedded)",
-        "task": "ArithmeticTask(prompt_style='short'), 1 <= a, b <= 20",
-        "steps": args.steps,
-        "prompts_per_step": args.prompts_per_step,
-        "num_generations": args.num_generations,
-        "completions_per_step": args.prompts_per_step * args.num_generations,
-        "learning_rate": args.learning_rate,
-        "beta": 0.0,
-        "temperature": 1.0,
-        "max_tokens": args.max_tokens,
-        "n_eval": args.n_eval,
-        "threads": args.threads,
-    }
+# ---- problems -------------------------------------------------------------------------------------------------------
 
 
-def majority_vote_reward(prompts: list, completions: list, **kwargs) -> list[float]:
-    """TTRL-style label-free reward: 1.0 for a completion whose extracted answer equals the majority answer of the
-    completions of the same prompt, else 0.0 (0.0 for all when no completion has an answer).
+def problem_split() -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+    """``(held_out, train_pool)``: the 400 operand pairs in a fixed shuffle, the first 128 held out."""
+    pairs = [(a, b) for a in range(1, 21) for b in range(1, 21)]
+    random.Random(2026).shuffle(pairs)
+    return pairs[: PROTOCOL["n_eval"]], pairs[PROTOCOL["n_eval"] :]
 
-    TODO: switch to ``trl_entropy.rewards.majority_vote_reward`` once the signals branch lands it.
-    """
-    from trl_entropy.generate import majority_vote, normalize_answer
+
+def problems(regime: str, pairs: list[tuple[int, int]]) -> list[dict]:
+    from trl_entropy.tasks import ArithmeticTask
+
+    task = ArithmeticTask(prompt_style=regime)
+    return [task.problem(a, "+", b) for a, b in pairs]
+
+
+def train_pairs(seed: int) -> list[tuple[int, int]]:
+    _, pool = problem_split()
+    return random.Random(seed).sample(pool, PROTOCOL["steps"] * PROTOCOL["prompts_per_step"])
+
+
+# ---- training -------------------------------------------------------------------------------------------------------
+
+
+def parse_answer(text: str) -> str | None:
+    from trl_entropy.generate import normalize_answer
     from trl_entropy.tasks import extract_answer
 
-    answers = [normalize_answer(extract_answer(c)) for c in completions]
-    groups: dict[str, list[int]] = {}
-    for index, prompt in enumerate(prompts):
-        groups.setdefault(json.dumps(prompt, sort_keys=True), []).append(index)
-    rewards = [0.0] * len(completions)
-    for indices in groups.values():
-        winner = majority_vote([answers[i] for i in indices])
-        for i in indices:
-            rewards[i] = float(winner is not None and answers[i] == winner)
-    return rewards
+    return normalize_answer(extract_answer(text))
 
 
-def train(method: str, seed: int, args: argparse.Namespace, model, tokenizer, train_set):
-    """Train ``model`` in place with ``method``; returns the trainer's log history."""
+class Progress(TrainerCallback):
+    """Prints each optimizer step and keeps its wall time (long runs show progress)."""
+
+    def __init__(self, key: str):
+        self.key, self.start, self.step_times = key, 0.0, []
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self.start = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.step_times.append(time.perf_counter() - self.start)
+        print(
+            f"[{time.strftime('%H:%M:%S')}] {self.key} step {state.global_step}/{state.max_steps} "
+            f"{self.step_times[-1]:.1f} s",
+            flush=True,
+        )
+
+
+def make_trainer(method: str, seed: int, model, tokenizer, train_rows: list[dict], output_dir: str, callbacks):
     import torch
+    from datasets import Dataset
     from trl import GRPOConfig, GRPOTrainer
 
+    from trl_entropy.rewards import majority_vote_reward, rent_reward
     from trl_entropy.tasks import accuracy_reward
     from trl_entropy.trainers import (
         EMFTConfig,
@@ -133,408 +169,501 @@ def train(method: str, seed: int, args: argparse.Namespace, model, tokenizer, tr
         EntropyRLOOTrainer,
     )
 
-    completions = args.prompts_per_step * args.num_generations
-    with tempfile.TemporaryDirectory() as output_dir:
-        common = dict(
-            output_dir=output_dir,
-            learning_rate=args.learning_rate,
-            beta=0.0,
-            temperature=1.0,
-            max_completion_length=args.max_tokens,
-            max_steps=args.steps,
-            per_device_train_batch_size=completions,
-            logging_steps=1,
-            save_strategy="no",
-            report_to="none",
-            seed=seed,
-            use_cpu=not torch.cuda.is_available(),
-            gradient_checkpointing=False,
-            disable_tqdm=True,
+    p = PROTOCOL
+    common = dict(
+        output_dir=output_dir,
+        learning_rate=p["learning_rate"],
+        beta=p["beta"],
+        temperature=p["temperature"],
+        max_completion_length=p["train_max_tokens"],
+        max_steps=p["steps"],
+        per_device_train_batch_size=p["completions_per_step"],
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        seed=seed,
+        use_cpu=not torch.cuda.is_available(),
+        activation_checkpointing=False,
+        disable_tqdm=True,
+    )
+    group = dict(num_generations=p["num_generations"])
+    labelled = Dataset.from_list(train_rows)
+    prompts_only = labelled.select_columns(["prompt"])  # label-free methods never see an answer
+    kwargs = dict(model=model, processing_class=tokenizer, callbacks=callbacks)
+    if method == "em_rl_token":
+        return EntropyGRPOTrainer(
+            args=EntropyGRPOConfig(entropy_reward="token", **group, **common), train_dataset=prompts_only, **kwargs
         )
-        prompts_only = train_set.select_columns(["prompt"])  # label-free methods never see an answer
-        group = dict(num_generations=args.num_generations)
-        if method == "em_rl_token_grpo":
-            trainer = EntropyGRPOTrainer(
-                model=model,
-                args=EntropyGRPOConfig(entropy_reward="token", **group, **common),
-                train_dataset=prompts_only,
-                processing_class=tokenizer,
-            )
-        elif method == "em_rl_token_rloo":
-            trainer = EntropyRLOOTrainer(
-                model=model,
-                args=EntropyRLOOConfig(entropy_reward="token", **group, **common),
-                train_dataset=prompts_only,
-                processing_class=tokenizer,
-            )
-        elif method == "em_rl_trajectory":
-            trainer = EntropyGRPOTrainer(
-                model=model,
-                args=EntropyGRPOConfig(entropy_reward="trajectory", **group, **common),
-                train_dataset=prompts_only,
-                processing_class=tokenizer,
-            )
-        elif method == "forking_0.2":
-            trainer = EntropyGRPOTrainer(
-                model=model,
-                args=EntropyGRPOConfig(entropy_reward="token", forking_token_ratio=0.2, **group, **common),
-                train_dataset=prompts_only,
-                processing_class=tokenizer,
-            )
-        elif method == "emft":
-            trainer = EMFTTrainer(
-                model=model,
-                args=EMFTConfig(num_samples_per_prompt=1, log_entropy_after=False, **common),
-                train_dataset=prompts_only,
-                processing_class=tokenizer,
-            )
-        elif method == "majority_vote":
-            trainer = GRPOTrainer(
-                model=model,
-                reward_funcs=majority_vote_reward,
-                args=GRPOConfig(**group, **common),
-                train_dataset=prompts_only,
-                processing_class=tokenizer,
-            )
-        elif method == "supervised":
-            trainer = GRPOTrainer(
-                model=model,
-                reward_funcs=accuracy_reward,
-                args=GRPOConfig(**group, **common),
-                train_dataset=train_set,  # prompt + answer: the labelled ceiling
-                processing_class=tokenizer,
-            )
-        else:
-            raise ValueError(f"unknown method {method!r}")
-        trainer.train()
-        return [
+    if method == "em_rl_trajectory":
+        return EntropyGRPOTrainer(
+            args=EntropyGRPOConfig(entropy_reward="trajectory", **group, **common),
+            train_dataset=prompts_only,
+            **kwargs,
+        )
+    if method == "self_certainty":
+        return EntropyGRPOTrainer(
+            args=EntropyGRPOConfig(entropy_reward="self_certainty", **group, **common),
+            train_dataset=prompts_only,
+            **kwargs,
+        )
+    if method == "forking_0.2":
+        config = EntropyGRPOConfig(entropy_reward="token", forking_token_ratio=0.2, **group, **common)
+        return EntropyGRPOTrainer(args=config, train_dataset=prompts_only, **kwargs)
+    if method == "em_rl_token_rloo":
+        return EntropyRLOOTrainer(
+            args=EntropyRLOOConfig(entropy_reward="token", **group, **common), train_dataset=prompts_only, **kwargs
+        )
+    if method == "emft":
+        # 4 prompts x 2 samples: the same 8 completions per step (TRL 1.16 samples each prompt at least twice).
+        config = EMFTConfig(num_samples_per_prompt=2, log_entropy_after=False, **common)
+        return EMFTTrainer(args=config, train_dataset=prompts_only, **kwargs)
+    if method == "rent":
+        # Unparsed answers are charged log V nats, the largest entropy possible (49152-token vocabulary).
+        reward = rent_reward(parse_answer, unparsed_entropy=math.log(len(tokenizer)))
+        return EntropyGRPOTrainer(
+            reward_funcs=reward, args=EntropyGRPOConfig(**group, **common), train_dataset=prompts_only, **kwargs
+        )
+    if method == "majority_vote":
+        reward = majority_vote_reward(parse_answer, num_generations=p["num_generations"])
+        return GRPOTrainer(
+            reward_funcs=reward, args=GRPOConfig(**group, **common), train_dataset=prompts_only, **kwargs
+        )
+    if method == "supervised":
+        return GRPOTrainer(
+            reward_funcs=accuracy_reward, args=GRPOConfig(**group, **common), train_dataset=labelled, **kwargs
+        )
+    raise ValueError(f"unknown method {method!r}")
+
+
+# ---- evaluation -----------------------------------------------------------------------------------------------------
+
+
+def evaluate_until_finished(model, tokenizer, held_out: list[dict], regime: str, do_sample: bool, seed: int) -> dict:
+    """Evaluate at the first budget of the regime's ladder where at most 5% of the answers are cut off (the last
+    rung otherwise, flagged ``finished=False``). Greedy answers that finish are the same at any larger budget; sampled
+    ones are drawn afresh at each rung (same seed, same distribution, a longer budget)."""
+    from trl_entropy.evaluation import evaluate
+
+    attempts, result = [], None
+    for budget in PROTOCOL["eval_budgets"][regime]:
+        result = evaluate(
+            model,
+            tokenizer,
+            held_out,
+            max_new_tokens=budget,
+            do_sample=do_sample,
+            temperature=PROTOCOL["temperature"],
+            seed=1000 + seed if do_sample else None,
+            batch_size=PROTOCOL["eval_batch_size"],
+            progress=False,
+        )
+        attempts.append({"budget": budget, "accuracy": result.accuracy, "truncation_rate": result.truncation_rate})
+        if result.truncation_rate <= PROTOCOL["max_truncation_rate"]:
+            break
+    summary = result.to_dict()
+    summary["finished"] = result.truncation_rate <= PROTOCOL["max_truncation_rate"]
+    summary["budget_attempts"] = attempts
+    return {
+        "summary": summary,
+        "correct": list(result.correct),
+        "lengths": [c.num_tokens for c in result.completions],
+        "examples": [c.text for c in result.completions[:3]],
+    }
+
+
+def run_one(regime: str, method: str, seed: int) -> dict:
+    import torch
+    from transformers import set_seed
+
+    from trl_entropy.models import load_default_model
+
+    key = f"{regime}/{method}/{seed}"
+    start_wall, start_cpu = time.perf_counter(), time.process_time()
+    held_out_pairs, _ = problem_split()
+    held_out = problems(regime, held_out_pairs)
+    set_seed(seed)
+    model, tokenizer = load_default_model()
+    log, progress, train_s = [], Progress(key), 0.0
+    if method != "none":
+        rows = problems(regime, train_pairs(seed))
+        with tempfile.TemporaryDirectory() as output_dir:
+            trainer = make_trainer(method, seed, model, tokenizer, rows, output_dir, [progress])
+            train_start = time.perf_counter()
+            trainer.train()
+            train_s = time.perf_counter() - train_start
+        log = [
             {k: v for k, v in entry.items() if isinstance(v, int | float)}
             for entry in trainer.state.log_history
             if "loss" in entry
         ]
-
-
-def run_one(method: str, seed: int, args: argparse.Namespace) -> dict:
-    import torch
-    from transformers import set_seed
-
-    from trl_entropy.evaluation import evaluate
-    from trl_entropy.models import load_default_model
-    from trl_entropy.tasks import ArithmeticTask
-
-    task = ArithmeticTask(prompt_style="short")
-    held_out = task.dataset(args.n_eval, split="test", seed=0)  # the same problems for every method and seed
-    start_wall, start_cpu = time.perf_counter(), time.process_time()
-    set_seed(seed)
-    model, tokenizer = load_default_model()
-    log = []
-    train_s = 0.0
-    if method != "none":
-        train_set = task.dataset(args.steps * args.prompts_per_step * args.num_generations, split="train", seed=seed)
-        log = train(method, seed, args, model, tokenizer, train_set)
-        train_s = time.perf_counter() - start_wall
-    common = dict(max_new_tokens=args.max_tokens, batch_size=args.n_eval, progress=False)
-    greedy = evaluate(model, tokenizer, held_out, do_sample=False, seed=None, **common)
-    sampled = evaluate(model, tokenizer, held_out, do_sample=True, temperature=1.0, seed=1000 + seed, **common)
+        model = trainer.model
+    eval_start = time.perf_counter()
+    greedy = evaluate_until_finished(model, tokenizer, held_out, regime, do_sample=False, seed=seed)
+    sampled = evaluate_until_finished(model, tokenizer, held_out, regime, do_sample=True, seed=seed)
+    eval_s = time.perf_counter() - eval_start
     del model
-    torch.cuda.empty_cache() if torch.cuda.is_available() else None
     return {
+        "regime": regime,
         "method": method,
         "seed": seed,
-        "greedy": greedy.to_dict(),
-        "sampled": sampled.to_dict(),
-        "greedy_correct": greedy.correct,
-        "sampled_correct": sampled.correct,
+        "protocol": PROTOCOL,
+        "greedy": greedy,
+        "sampled": sampled,
+        "step_times": progress.step_times,
         "train_s": train_s,
+        "eval_s": eval_s,
         "wall_s": time.perf_counter() - start_wall,
         "cpu_s": time.process_time() - start_cpu,
+        "torch_threads": torch.get_num_threads(),
         "training_log": log,
     }
 
 
-REPRO_STEPS, REPRO_EVAL = 2, 16
+# ---- the plan and its runs ------------------------------------------------------------------------------------------
 
 
-def repro_child(args: argparse.Namespace) -> None:
-    """One short EM-RL token (GRPO) run; prints SHA-256 digests of the trained weights, the training log and the
-    generated token ids as one JSON line."""
-    import hashlib
-
-    import torch
-    from transformers import set_seed
-
-    from trl_entropy.evaluation import generate_completions
-    from trl_entropy.models import load_default_model
-    from trl_entropy.tasks import ArithmeticTask
-
-    def digest(data: bytes) -> str:
-        return hashlib.sha256(data).hexdigest()[:16]
-
-    task = ArithmeticTask(prompt_style="short")
-    short = argparse.Namespace(**{**vars(args), "steps": REPRO_STEPS})
-    set_seed(0)
-    model, tokenizer = load_default_model()
-    before = digest(b"".join(p.detach().numpy().tobytes() for p in model.parameters()))
-    log = train("em_rl_token_grpo", 0, short, model, tokenizer, task.dataset(16, split="train", seed=0))
-    weights = digest(b"".join(p.detach().numpy().tobytes() for p in model.parameters()))
-    prompts = list(task.dataset(REPRO_EVAL, split="test", seed=0)["prompt"])
-    # Wall-clock entries (step_time, runtimes) differ from run to run by nature; everything else must not.
-    log = [{k: v for k, v in entry.items() if "time" not in k and "per_second" not in k} for entry in log]
-    out = {"weights_before": before, "weights_after": weights, "log": digest(json.dumps(log).encode())}
-    for mode, sample in (("greedy", False), ("sampled", True)):
-        completions = generate_completions(
-            model, tokenizer, prompts, max_new_tokens=args.max_tokens, do_sample=sample, seed=1, progress=False
-        )
-        out[mode] = digest(json.dumps([c.token_ids for c in completions]).encode())
-        out[f"{mode}_entropies"] = digest(json.dumps([c.token_entropies for c in completions]).encode())
-    out["torch_threads"] = torch.get_num_threads()
-    print("REPRO " + json.dumps(out), flush=True)
+def plan() -> list[tuple[str, str, int]]:
+    """Seed-major: every method's first seed before any second seed, so an interrupted study covers every method."""
+    keys = []
+    for seed in range(max(PLAN.values())):
+        for (regime, method), seeds in PLAN.items():
+            if seed < seeds:
+                keys.append((regime, method, seed))
+    return keys
 
 
-def check_reproducibility(args: argparse.Namespace) -> dict:
-    import subprocess
-
-    command = [sys.executable, __file__, "--repro-child", "--threads", str(args.threads)]
-    command += ["--max-tokens", str(args.max_tokens), "--learning-rate", str(args.learning_rate)]
-    command += ["--prompts-per-step", str(args.prompts_per_step), "--num-generations", str(args.num_generations)]
-    digests = []
-    for attempt in range(2):
-        print(f"[{time.strftime('%H:%M:%S')}] reproducibility run {attempt + 1}/2", flush=True)
-        text = subprocess.run(command, check=True, capture_output=True, text=True).stdout
-        digests.append(json.loads(next(line for line in text.splitlines() if line.startswith("REPRO "))[6:]))
-    keys = [k for k in digests[0] if k != "torch_threads"]
-    return {
-        "case": f"EM-RL token (GRPO), {REPRO_STEPS} steps, seed 0, then {REPRO_EVAL} held-out problems greedy and "
-        "sampled (seed 1), in two fresh processes",
-        "threads": args.threads,
-        "identical": {k: digests[0][k] == digests[1][k] for k in keys},
-        "bit_reproducible": all(digests[0][k] == digests[1][k] for k in keys),
-        "digests": digests,
-    }
+def run_path(regime: str, method: str, seed: int) -> Path:
+    return RUNS_DIR / regime / f"{method}_seed{seed}.json"
 
 
-def readme_rows(summary: dict) -> str:
-    """Markdown rows for the README's "Measured results" table."""
-    s = summary["settings"]
-
-    def cell(row: dict, mode: str) -> str:
-        acc, trunc = row[mode]["accuracy"], row[mode]["truncation_rate"]
-        spread_text = f" +- {100 * acc['std']:.1f}" if acc["std"] is not None else ""
-        return f"{100 * acc['mean']:.1f}%{spread_text} ({100 * trunc['mean']:.1f}%)"
-
-    lines = [
-        f"| `bench_label_free` ([JSON](benchmarks/results/bench_label_free.json)): every method {s['steps']} steps x "
-        f"{s['completions_per_step']} completions at T=1, lr {s['learning_rate']:g}, then {s['n_eval']} held-out "
-        f"a + b (short prompt), budget {s['max_tokens']} tokens; accuracy mean +- std over seeds (truncated) | "
-        f"total CPU time {summary['total_cpu_s'] / 60:.1f} min |"
-    ]
-    for row in summary["rows"]:
-        seeds = len(row["seeds"])
-        lines.append(
-            f"| &nbsp;&nbsp;{row['label']}, {seeds} seed{'s' * (seeds > 1)} | greedy {cell(row, 'greedy')}; "
-            f"sampled {cell(row, 'sampled')} |"
-        )
-    return "\n".join(lines)
+def _claim(path: Path) -> bool:
+    """Claim a run for this process with a lock file (a stale lock of a dead process is taken over)."""
+    lock = path.with_suffix(".lock")
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        try:
+            os.kill(int(lock.read_text() or 0), 0)
+            return False  # another live worker has it
+        except (ProcessLookupError, ValueError):
+            lock.unlink(missing_ok=True)
+            return _claim(path)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(str(os.getpid()))
+    return True
 
 
-def load_cache(path: Path, settings: dict, fresh: bool) -> dict:
-    if fresh or not path.is_file():
-        return {}
-    cached = json.loads(path.read_text())
-    if cached.get("settings") != settings:
-        raise SystemExit(
-            f"{path} holds runs made with other settings ({cached.get('settings')}); rerun with --fresh to discard "
-            "them, or with the same settings to resume."
-        )
-    return cached.get("runs", {})
+def work(only: list[str] | None) -> list[str]:
+    failures = []
+    for regime, method, seed in plan():
+        key = f"{regime}/{method}/{seed}"
+        path = run_path(regime, method, seed)
+        if (only and key not in only) or path.is_file() or not _claim(path):
+            continue
+        print(f"[{time.strftime('%H:%M:%S')}] running {key}", flush=True)
+        try:
+            result = run_one(regime, method, seed)
+            tmp = path.with_suffix(".json.tmp")
+            tmp.write_text(json.dumps(result, indent=1) + "\n")
+            os.replace(tmp, path)  # atomic: an interrupted run never leaves a half-written file
+            g, s = result["greedy"]["summary"], result["sampled"]["summary"]
+            print(
+                f"[{time.strftime('%H:%M:%S')}] {key}: greedy {g['accuracy']:.3f} ({g['max_new_tokens']} tok, "
+                f"{g['truncation_rate']:.1%} cut), sampled {s['accuracy']:.3f} ({s['max_new_tokens']} tok, "
+                f"{s['truncation_rate']:.1%} cut); train {result['train_s']:.0f} s, eval {result['eval_s']:.0f} s",
+                flush=True,
+            )
+        except Exception as err:  # one failing run must not lose the others; it is retried on rerun
+            traceback.print_exc()
+            failures.append(f"{key}: {type(err).__name__}: {err}")
+        finally:
+            path.with_suffix(".lock").unlink(missing_ok=True)
+    return failures
+
+
+# ---- summary --------------------------------------------------------------------------------------------------------
+
+
+def load_runs() -> dict[tuple[str, str, int], dict]:
+    runs = {}
+    for regime, method, seed in plan():
+        path = run_path(regime, method, seed)
+        if path.is_file():
+            run = json.loads(path.read_text())
+            if run.get("protocol") == PROTOCOL:
+                runs[(regime, method, seed)] = run
+    return runs
 
 
 def spread(values: list[float]) -> dict:
     return {
         "mean": statistics.fmean(values),
         "std": statistics.stdev(values) if len(values) > 1 else None,
-        "min": min(values),
-        "max": max(values),
         "values": values,
     }
 
 
-def summarize(runs: dict, settings: dict) -> dict:
+def summarize(runs: dict) -> dict:
+    from trl_entropy.stats import mcnemar_exact_p, paired_bootstrap_interval
+
     rows = []
-    for method in (*MAIN_METHODS, *OTHER_METHODS):
-        entries = sorted((r for r in runs.values() if r["method"] == method), key=lambda r: r["seed"])
+    for (regime, method), _ in PLAN.items():
+        entries = sorted((r for k, r in runs.items() if k[:2] == (regime, method)), key=lambda r: r["seed"])
         if not entries:
             continue
-        row = {"method": method, "label": LABELS[method], "seeds": [r["seed"] for r in entries]}
+        row = {"regime": regime, "method": method, "label": LABELS[method], "seeds": [r["seed"] for r in entries]}
         for mode in ("greedy", "sampled"):
-            row[mode] = {
-                "accuracy": spread([r[mode]["accuracy"] for r in entries]),
-                "truncation_rate": spread([r[mode]["truncation_rate"] for r in entries]),
-                "mean_completion_length": spread([r[mode]["mean_completion_length"] for r in entries]),
-                "mean_token_entropy": spread([r[mode]["mean_token_entropy"] for r in entries]),
-                "accuracy_ci95_per_seed": [r[mode]["accuracy_ci95"] for r in entries],
+            stats = {
+                "accuracy": spread([r[mode]["summary"]["accuracy"] for r in entries]),
+                "truncation_rate": spread([r[mode]["summary"]["truncation_rate"] for r in entries]),
+                "mean_length": spread([r[mode]["summary"]["mean_completion_length"] for r in entries]),
+                "token_entropy": spread([r[mode]["summary"]["mean_token_entropy"] for r in entries]),
+                "budgets": [r[mode]["summary"]["max_new_tokens"] for r in entries],
+                "all_finished": all(r[mode]["summary"]["finished"] for r in entries),
+                "wilson_ci95_per_seed": [r[mode]["summary"]["accuracy_ci95"] for r in entries],
             }
+            paired = []
+            for r in entries:
+                base = runs.get((regime, "none", r["seed"]))
+                if base is None or method == "none":
+                    continue
+                before, after = base[mode]["correct"], r[mode]["correct"]
+                paired.append(
+                    {
+                        "seed": r["seed"],
+                        "change": (sum(after) - sum(before)) / len(before),
+                        "bootstrap_ci95": list(paired_bootstrap_interval(before, after, seed=r["seed"])),
+                        "mcnemar_p": mcnemar_exact_p(before, after),
+                    }
+                )
+            stats["paired_vs_none"] = paired
+            row[mode] = stats
+        times = [t for r in entries for t in r["step_times"]]
+        row["step_time_s"] = {"median": statistics.median(times), "mean": statistics.fmean(times)} if times else None
         row["cpu_s"] = sum(r["cpu_s"] for r in entries)
         rows.append(row)
-    return {"rows": rows, "total_cpu_s": sum(r["cpu_s"] for r in runs.values()), "settings": settings}
+    return {"rows": rows, "total_cpu_s": sum(r["cpu_s"] for r in runs.values()), "num_runs": len(runs)}
 
 
-def flat_table(summary: dict) -> list[dict]:
-    """One flat row per method (means and standard deviations over seeds), for docs/benchmarks.md."""
+def verdicts(summary: dict) -> list[dict]:
+    """For each label-free method and regime: does it beat no training, greedy and sampled (mean change over seeds,
+    and on how many seeds the paired interval excludes 0 on either side)?"""
     out = []
     for row in summary["rows"]:
-        flat = {"method": row["label"], "seeds": len(row["seeds"])}
+        if row["method"] == "none":
+            continue
+        entry = {"regime": row["regime"], "method": row["label"], "seeds": len(row["seeds"])}
         for mode in ("greedy", "sampled"):
-            stats = row[mode]
-            flat[f"{mode}_accuracy_mean"] = stats["accuracy"]["mean"]
-            flat[f"{mode}_accuracy_std"] = stats["accuracy"]["std"]
-            flat[f"{mode}_truncated"] = stats["truncation_rate"]["mean"]
-            flat[f"{mode}_mean_length"] = stats["mean_completion_length"]["mean"]
-            flat[f"{mode}_token_entropy"] = stats["mean_token_entropy"]["mean"]
-        flat["cpu_s"] = row["cpu_s"]
-        out.append(flat)
+            paired = row[mode]["paired_vs_none"]
+            if not paired:
+                continue
+            entry[f"{mode}_change_mean"] = statistics.fmean(p["change"] for p in paired)
+            entry[f"{mode}_seeds_up"] = sum(p["bootstrap_ci95"][0] > 0 for p in paired)
+            entry[f"{mode}_seeds_down"] = sum(p["bootstrap_ci95"][1] < 0 for p in paired)
+        out.append(entry)
     return out
 
 
 def table_rows(summary: dict) -> list[dict]:
-    def fmt(stat: dict, pct: bool = True) -> str:
-        scale, unit = (100, "%") if pct else (1, "")
-        text = f"{scale * stat['mean']:.1f}{unit}"
-        if stat["std"] is not None:
-            text += f" +- {scale * stat['std']:.1f}"
-        return text
+    def pct(stat: dict) -> str:
+        text = f"{100 * stat['mean']:.1f}"
+        return text + (f" +- {100 * stat['std']:.1f}" if stat["std"] is not None else "")
+
+    def change(paired: list[dict]) -> str:
+        if not paired:
+            return "-"
+        return " ".join(f"{100 * p['change']:+.1f}(p={p['mcnemar_p']:.2g})" for p in paired)
 
     out = []
     for row in summary["rows"]:
+        g, s = row["greedy"], row["sampled"]
         out.append(
             {
+                "regime": row["regime"],
                 "method": row["label"],
                 "seeds": len(row["seeds"]),
-                "greedy acc": fmt(row["greedy"]["accuracy"]),
-                "greedy trunc": fmt(row["greedy"]["truncation_rate"]),
-                "greedy len": fmt(row["greedy"]["mean_completion_length"], pct=False),
-                "sampled acc": fmt(row["sampled"]["accuracy"]),
-                "sampled trunc": fmt(row["sampled"]["truncation_rate"]),
-                "sampled len": fmt(row["sampled"]["mean_completion_length"], pct=False),
+                "greedy %": pct(g["accuracy"]),
+                "greedy vs none": change(g["paired_vs_none"]),
+                "g tok/trunc/len": f"{'/'.join(map(str, sorted(set(g['budgets']))))}/"
+                f"{100 * g['truncation_rate']['mean']:.1f}%/{g['mean_length']['mean']:.0f}",
+                "sampled %": pct(s["accuracy"]),
+                "sampled vs none": change(s["paired_vs_none"]),
+                "s tok/trunc/len": f"{'/'.join(map(str, sorted(set(s['budgets']))))}/"
+                f"{100 * s['truncation_rate']['mean']:.1f}%/{s['mean_length']['mean']:.0f}",
             }
         )
     return out
 
 
+def readme_rows(summary: dict) -> str:
+    """Markdown rows for the README's results table, one per (regime, method)."""
+    lines = [
+        "| Regime | Method (seeds) | Greedy accuracy, mean +- std | Paired change vs no training, per seed "
+        "(McNemar p) | Sampled T=1 accuracy | Paired change | Budget / truncated / mean length (greedy; sampled) |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for row in summary["rows"]:
+        cells = []
+        for mode in ("greedy", "sampled"):
+            acc = row[mode]["accuracy"]
+            text = f"{100 * acc['mean']:.1f}%" + (f" +- {100 * acc['std']:.1f}" if acc["std"] is not None else "")
+            paired = row[mode]["paired_vs_none"]
+            change = ", ".join(f"{100 * p['change']:+.1f} (p={p['mcnemar_p']:.2g})" for p in paired) or "-"
+            cells += [text, change]
+        budgets = "; ".join(
+            f"{'/'.join(map(str, sorted(set(row[m]['budgets']))))} tok, "
+            f"{100 * row[m]['truncation_rate']['mean']:.1f}%, {row[m]['mean_length']['mean']:.0f}"
+            for m in ("greedy", "sampled")
+        )
+        lines.append(
+            f"| {row['regime']} | {row['label']} ({len(row['seeds'])}) | {cells[0]} | {cells[1]} | {cells[2]} | "
+            f"{cells[3]} | {budgets} |"
+        )
+    return "\n".join(lines)
+
+
 def plot(summary: dict, path: Path) -> Path | None:
     try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        from matplotlib.figure import Figure
     except ImportError:
         return None
-    rows = summary["rows"]
-    fig, ax = plt.subplots(figsize=(9, 4.5))
-    for offset, mode, colour in ((-0.17, "greedy", "tab:blue"), (0.17, "sampled", "tab:orange")):
-        for i, row in enumerate(rows):
-            stat = row[mode]["accuracy"]
-            x = i + offset
-            ax.bar(x, stat["mean"], width=0.3, color=colour, alpha=0.35, label=mode if i == 0 else None)
-            ax.scatter([x] * len(stat["values"]), stat["values"], color=colour, s=14, zorder=3)
-            if stat["std"] is not None:
-                ax.errorbar(x, stat["mean"], yerr=stat["std"], color="black", capsize=3, lw=1)
-    ax.set_xticks(range(len(rows)))
-    ax.set_xticklabels(
-        [f"{r['label']}\n({len(r['seeds'])} seed{'s' * (len(r['seeds']) > 1)})" for r in rows],
-        fontsize=7,
-        rotation=20,
-        ha="right",
-    )
-    s = summary["settings"]
-    ax.set_ylabel(f"held-out accuracy (n = {s['n_eval']})")
-    ax.set_title(
-        f"SmolLM2-135M-Instruct, {s['steps']} steps x {s['completions_per_step']} completions, lr "
-        f"{s['learning_rate']:g}, budget {s['max_tokens']} tokens\n(bars: mean over seeds; dots: one seed each; "
-        "black: +- 1 standard deviation)",
+    figure = Figure(figsize=(13, 4.8))
+    axes = figure.subplots(1, len(REGIMES), sharey=True)
+    for ax, regime in zip(axes, REGIMES):
+        rows = [r for r in summary["rows"] if r["regime"] == regime]
+        for offset, mode, colour in ((-0.18, "greedy", "tab:blue"), (0.18, "sampled", "tab:orange")):
+            for i, row in enumerate(rows):
+                stat = row[mode]["accuracy"]
+                ax.bar(i + offset, stat["mean"], width=0.34, color=colour, alpha=0.35, label=mode if i == 0 else None)
+                ax.scatter([i + offset] * len(stat["values"]), stat["values"], color=colour, s=14, zorder=3)
+        base = next((r for r in rows if r["method"] == "none"), None)
+        if base is not None:
+            ax.axhline(base["greedy"]["accuracy"]["mean"], color="tab:blue", linestyle=":", linewidth=1)
+            ax.axhline(base["sampled"]["accuracy"]["mean"], color="tab:orange", linestyle=":", linewidth=1)
+        ax.set_xticks(range(len(rows)))
+        ax.set_xticklabels([f"{r['label']} ({len(r['seeds'])})" for r in rows], rotation=30, ha="right", fontsize=7)
+        ax.set_title(f"prompt regime '{regime}'", fontsize=9)
+        ax.set_ylim(0, 1)
+    axes[0].set_ylabel(f"held-out accuracy (n = {PROTOCOL['n_eval']})")
+    axes[0].legend(fontsize=8, loc="upper left")
+    p = PROTOCOL
+    figure.suptitle(
+        f"SmolLM2-135M-Instruct, a + b: {p['steps']} steps x {p['completions_per_step']} completions, lr "
+        f"{p['learning_rate']:g}, budgets where >= 95% of answers finish (bars: mean over seeds; dots: seeds; "
+        "dotted: no training)",
         fontsize=8,
     )
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
     return path
+
+
+# ---- step time ------------------------------------------------------------------------------------------------------
+
+STEP_TIME_STEPS = 6
+
+
+def step_time_child(spec: str) -> None:
+    """One EM-RL token run of STEP_TIME_STEPS steps on the open regime's seed-1 prompts; prints its step times."""
+    threads = int(spec)
+    import torch
+
+    if threads:
+        torch.set_num_threads(threads)
+    from transformers import set_seed
+
+    from trl_entropy.models import load_default_model
+
+    set_seed(1)
+    model, tokenizer = load_default_model()
+    progress = Progress(f"threads={threads or 'default'}")
+    with tempfile.TemporaryDirectory() as output_dir:
+        rows = problems("open", train_pairs(1))
+        trainer = make_trainer("em_rl_token", 1, model, tokenizer, rows, output_dir, [progress])
+        trainer.args.max_steps = STEP_TIME_STEPS
+        trainer.train()
+    print("STEPTIMES " + json.dumps({"threads": torch.get_num_threads(), "step_times": progress.step_times}))
+
+
+def step_time_check() -> dict:
+    """Per-step time of the same EM-RL token configuration, alone and beside a second identical job, with 1 torch
+    thread or torch's default (2 on 2 cores) per process: what explains a fivefold spread."""
+    cases = {
+        "alone, 1 thread": ["1"],
+        "alone, default threads": ["0"],
+        "2 jobs, 1 thread each": ["1", "1"],
+        "1 thread beside a default-thread job": ["1", "0"],
+        "2 jobs, default threads each": ["0", "0"],
+    }
+    results = {}
+    for name, specs in cases.items():
+        print(f"[{time.strftime('%H:%M:%S')}] step time: {name}", flush=True)
+        env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+        procs = [
+            subprocess.Popen(
+                [sys.executable, __file__, "--step-time-child", spec], stdout=subprocess.PIPE, text=True, env=env
+            )  # fmt: skip
+            for spec in specs
+        ]
+        outputs = [p.communicate()[0] for p in procs]
+        runs = [
+            json.loads(next(line[10:] for line in out.splitlines() if line.startswith("STEPTIMES ")))
+            for out in outputs
+        ]
+        first = runs[0]["step_times"]
+        results[name] = {
+            "torch_threads": runs[0]["threads"],
+            "step_times_s": first,
+            "median_s_after_step_1": statistics.median(first[1:]),
+        }
+    return {
+        "steps": STEP_TIME_STEPS,
+        "configuration": "EM-RL token (GRPO), open regime, seed 1, 8 x 32 tokens",
+        "cases": results,
+        "cpus": os.cpu_count(),
+    }
 
 
 def main() -> None:
     args = parse_args()
-    os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
+    if args.step_time_child is not None:
+        step_time_child(args.step_time_child)
+        return
+    os.environ.setdefault("OMP_NUM_THREADS", str(PROTOCOL["threads"]))
     import torch
 
-    torch.set_num_threads(args.threads)
-    if args.repro_child:
-        repro_child(args)
-        return
-    settings = settings_of(args)
-    path = RESULTS_DIR / f"{NAME}.json"
-    runs = load_cache(path, settings, args.fresh)
-    previous = json.loads(path.read_text()) if path.is_file() and runs else {}
-    reproducibility = previous.get("reproducibility")
-    # Keys this script does not write (e.g. a recorded pilot run) are kept as they are.
-    written = ("settings", "table", "stats", "summary", "runs", "plot", "reproducibility")
-    kept = {k: v for k, v in previous.items() if k not in written}
-    methods = args.methods or [*MAIN_METHODS, *OTHER_METHODS]
-    unknown = set(methods) - set(LABELS)
-    if unknown:
-        raise SystemExit(f"--methods must be among {sorted(LABELS)}, got {sorted(unknown)}")
-    # Order: one seed of every method first, so an interrupted run still covers every method.
-    plan = []
-    for seed in range(max(args.seeds, args.other_seeds)):
-        for method in methods:
-            if seed < (args.seeds if method in MAIN_METHODS else args.other_seeds):
-                plan.append((method, seed))
-
-    def save() -> dict:
-        summary = summarize(runs, settings)
-        png = plot(summary, RESULTS_DIR / f"{NAME}.png") if runs else None
-        payload = {"settings": settings, "table": flat_table(summary), "stats": summary, "runs": runs, **kept}
-        if reproducibility is not None:
-            payload["reproducibility"] = reproducibility
-        if png:
-            payload["plot"] = str(png.relative_to(RESULTS_DIR.parent.parent))
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
-        os.replace(tmp, path)  # atomic: an interrupted run never leaves a half-written cache
-        return summary
-
-    failures: dict[str, str] = {}
-    if not args.summarize_only:
-        for method, seed in plan:
-            key = f"{method}/{seed}"
-            if key in runs:
-                print(f"[cached] {key}", flush=True)
-                continue
-            print(f"[{time.strftime('%H:%M:%S')}] running {key}", flush=True)
-            try:
-                r = run_one(method, seed, args)
-            except Exception as err:  # one failing method must not lose the others; it is retried on rerun
-                traceback.print_exc()
-                failures[key] = f"{type(err).__name__}: {err}"
-                continue
-            runs[key] = r
-            print(
-                f"[{time.strftime('%H:%M:%S')}] {key}: greedy {r['greedy']['accuracy']:.3f} "
-                f"(trunc {r['greedy']['truncation_rate']:.3f}), sampled {r['sampled']['accuracy']:.3f} "
-                f"(trunc {r['sampled']['truncation_rate']:.3f}); train {r['train_s']:.0f} s, "
-                f"wall {r['wall_s']:.0f} s, cpu {r['cpu_s']:.0f} s",
-                flush=True,
-            )
-            save()
-    if args.check_reproducibility:
-        reproducibility = check_reproducibility(args)
-        print(json.dumps(reproducibility, indent=2), flush=True)
-    summary = save()
+    torch.set_num_threads(PROTOCOL["threads"])
+    summary_path = RESULTS_DIR / f"{NAME}.json"
+    previous = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
+    if args.step_time_check:
+        previous["step_time_check"] = step_time_check()
+    failures = work(args.only) if args.worker else []
+    runs = load_runs()
+    summary = summarize(runs)
+    png = plot(summary, RESULTS_DIR / f"{NAME}.png") if runs else None
+    payload = {
+        "settings": PROTOCOL,
+        "table": table_rows(summary),
+        "verdicts": verdicts(summary),
+        "summary": summary,
+        "total_cpu_hours": summary["total_cpu_s"] / 3600,
+        "runs_done": f"{len(runs)} of {len(plan())}",
+        "plot": str(png.relative_to(RESULTS_DIR.parent.parent)) if png else None,
+    }
+    if "step_time_check" in previous:
+        payload["step_time_check"] = previous["step_time_check"]
+    tmp = summary_path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, summary_path)
+    rows = table_rows(summary)
+    if rows:
+        print_table(rows, list(rows[0]))
+    print(f"{len(runs)} of {len(plan())} runs, total CPU time {summary['total_cpu_s'] / 3600:.2f} h")
     if args.readme:
         print(readme_rows(summary))
-    print_table(table_rows(summary), list(table_rows(summary)[0]) if summary["rows"] else [])
-    print(f"total CPU time {summary['total_cpu_s'] / 60:.1f} min")
-    for key, error in failures.items():
-        print(f"FAILED {key}: {error}")
+    for failure in failures:
+        print(f"FAILED {failure}")
 
 
 if __name__ == "__main__":

@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 
 from trl import TrlParser
 
-from trl_entropy.generate import GenerateArguments, run_generate
+from trl_entropy.cli.arguments import GenerateArguments
+from trl_entropy.cli.generate import run_generate
 from trl_entropy.models import load_model
 
 

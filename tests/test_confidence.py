@@ -11,6 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from trl_entropy.cli.arguments import CalibrateArguments, EarlyStopGenerateArguments
+from trl_entropy.cli.confidence import run_calibrate, run_early_stop_generate
 from trl_entropy.confidence import (
     THRESHOLD_METHODS,
     ConfidenceSignal,
@@ -19,8 +20,6 @@ from trl_entropy.confidence import (
     TokenConfidenceRecorder,
     deepconf_threshold,
     delimiter_token_ids,
-    run_calibrate,
-    run_early_stop_generate,
     think_just_enough_generate,
     welch_p_value,
 )

@@ -7,7 +7,7 @@ import re
 import pytest
 import torch
 
-from trl_entropy.demo import DemoArguments, paired_bootstrap_interval, render_report, run_demo
+from trl_entropy.demo import DemoArguments, render_report, run_demo
 from trl_entropy.evaluation import (
     EvaluationResult,
     evaluate,
@@ -15,6 +15,7 @@ from trl_entropy.evaluation import (
     plot_entropy_histograms,
     wilson_interval,
 )
+from trl_entropy.stats import paired_bootstrap_interval
 from trl_entropy.tasks import grade
 from trl_entropy.testing import make_tiny_model_and_tokenizer, tiny_prompts
 

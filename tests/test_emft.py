@@ -49,7 +49,7 @@ def emft_config(tmp_path, **overrides) -> EMFTConfig:
         learning_rate=1e-2,
         use_cpu=True,
         bf16=False,
-        gradient_checkpointing=False,
+        activation_checkpointing=False,
         report_to=[],
         save_strategy="no",
         logging_steps=1,
@@ -124,10 +124,13 @@ def assert_gradients_match(model32, model64):
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def test_one_sample_per_prompt_maps_to_num_generations_one(tmp_path):
-    config = emft_config(tmp_path, per_device_train_batch_size=3, gradient_accumulation_steps=1)
-    assert config.num_generations == 1 and type(config.num_generations) is int
-    assert config.generation_batch_size == 3  # an odd batch is fine: no group of two is needed
+def test_one_sample_per_prompt_is_refused_naming_the_trl_version(tmp_path):
+    """TRL 1.16's GRPOConfig requires num_generations >= 2; EMFTConfig says so instead of getting 1 past the check
+    (the code before this test passed an int subclass whose `<` answered untruly)."""
+    with pytest.raises(ValueError, match=r"`num_samples_per_prompt` must be an integer >= 2, got 1.*TRL 1\.16"):
+        emft_config(tmp_path, num_samples_per_prompt=1)
+    config = emft_config(tmp_path, per_device_train_batch_size=4, gradient_accumulation_steps=1)
+    assert config.num_samples_per_prompt == 2 and config.num_generations == 2 and type(config.num_generations) is int
     assert config.vllm_importance_sampling_correction is False
 
 

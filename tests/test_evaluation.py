@@ -15,6 +15,7 @@ from trl_entropy.evaluation import (
 )
 from trl_entropy.generate import generate_completions as generate_samples
 from trl_entropy.generate import score_completions
+from trl_entropy.tasks import extract_answer, grade
 from trl_entropy.testing import make_tiny_model_and_tokenizer, tiny_prompts
 
 
@@ -81,7 +82,7 @@ def test_generate_samples_report_truncation_like_evaluation():
     evaluated = generate_completions(model, tokenizer, prompts, max_new_tokens=5, batch_size=2, progress=False)
     expected = [end_id not in ref for ref in references]
     assert [s[0].truncated for s in samples] == [c.truncated for c in evaluated] == expected
-    records, summary = score_completions(samples)
+    records, summary = score_completions(samples, None, parse_answer=extract_answer, is_correct=grade)
     assert [r["truncated"] for r in records] == [[t] for t in expected]
     assert summary["truncation_rate"] == pytest.approx(sum(expected) / 5)
     assert summary["mean_completion_length"] == pytest.approx(sum(s[0].num_tokens for s in samples) / 5)

@@ -27,7 +27,14 @@ import torch
 from datasets import Dataset
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from trainer_utils import TINY_KWARGS, RecordingReward, brute_force_rewards, tiny_setup
+from trainer_utils import (
+    TINY_KWARGS,
+    RecordingReward,
+    ScoringSourceMixin,
+    SourceRecorder,
+    brute_force_rewards,
+    tiny_setup,
+)
 from transformers import TrainerCallback
 
 from trl_entropy import ops
@@ -138,11 +145,12 @@ def test_resume_after_a_crash_gives_the_same_losses_and_stats_file(tmp_path):
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-class ForwardSourceGRPOTrainer(EntropyGRPOTrainer):
-    """The vLLM fallback path (one chunked forward after generation) on the plain generator."""
+class ForwardSourceGRPOTrainer(ScoringSourceMixin, EntropyGRPOTrainer):
+    """The vLLM path on the plain generator: with no pass of TRL's before the rewards, one chunked forward."""
 
-    def _entropy_source(self):
-        return "forward" if self.entropy_reward_func is not None else None
+
+class ScoringSourceRLOOTrainer(ScoringSourceMixin, EntropyRLOOTrainer):
+    """The vLLM path on RLOO: the signals are read from RLOO's own policy pass."""
 
 
 def constant_reward(completions, **kwargs):
@@ -293,7 +301,7 @@ def test_custom_backend_with_one_token_and_max_length_completions(tmp_path, vari
         processing_class=tokenizer,
         rollout_func=make_rollout({1}),
     )
-    assert trainer._entropy_source() == "forward"
+    assert trainer._entropy_source() == "scoring"  # no pass of TRL's before the rewards: one forward
     trainer.train()
     lengths = [len(c) for c in recorder.completion_ids]
     assert lengths[1] == 1 and trainer.max_completion_length in lengths
@@ -331,19 +339,25 @@ def test_recorder_and_forward_path_with_empty_and_full_length_completions(tmp_pa
 
 
 @pytest.mark.parametrize(
-    "trainer_class,config_class", [(EntropyGRPOTrainer, EntropyGRPOConfig), (EntropyRLOOTrainer, EntropyRLOOConfig)]
+    "trainer_class,config_class,extra,source",
+    [
+        (EntropyGRPOTrainer, EntropyGRPOConfig, {}, "generation"),
+        (EntropyRLOOTrainer, EntropyRLOOConfig, {"beta": 0.0}, "generation"),
+        (ForwardSourceGRPOTrainer, EntropyGRPOConfig, {"num_iterations": 2}, "old_logps"),
+        (ScoringSourceRLOOTrainer, EntropyRLOOConfig, {"beta": 0.0}, "old_logps"),
+    ],
 )
-def test_every_completion_truncated_and_masked(tmp_path, trainer_class, config_class):
+def test_every_completion_truncated_and_masked(tmp_path, trainer_class, config_class, extra, source):
     """`mask_truncated_completions=True` with no completion reaching EOS: no valid token in the loss. The step runs,
     the loss and gradient are exactly 0 (nothing to learn from) and nothing is selected.
 
-    The reward depends on where it is read. Recorded during generation (GRPO's default) it scores the generated tokens,
-    truncated or not. Read from the old-log-probs pass (RLOO; GRPO with `num_iterations > 1`) it can not: TRL runs
-    that pass with the truncated completions' attention masked out, so they are unscorable (NaN, advantage 0)."""
+    The reward is the exact entropy of the generated tokens whatever the source: TRL runs its old-log-probs pass with
+    the truncated completions' attention masked out, so those rows are scored again with their tokens attended (the
+    code before this test read NaN there and made every completion unscorable)."""
     model, tokenizer, dataset = tiny_setup()
     before = copy.deepcopy(model)
     recorder = RecordingReward()
-    extra = {"beta": 0.0} if config_class is EntropyRLOOConfig else {}
+    sources = SourceRecorder()
     args = config_class(
         output_dir=str(tmp_path),
         entropy_reward="token",
@@ -354,19 +368,19 @@ def test_every_completion_truncated_and_masked(tmp_path, trainer_class, config_c
         temperature=0.8,
         **{**TINY_KWARGS, "learning_rate": 1e-2, **extra},
     )
-    trainer = trainer_class(model, reward_funcs=recorder, args=args, train_dataset=dataset, processing_class=tokenizer)
+    trainer = trainer_class(
+        model, reward_funcs=recorder, args=args, train_dataset=dataset, processing_class=tokenizer, callbacks=[sources]
+    )
     trainer.train()
     logged = trainer.state.log_history[0]
-    assert logged["loss"] == 0.0
+    # RLOO's loss is minus the mean advantage times a ratio of 1 here: 0 up to the rounding of that mean.
+    assert abs(logged["loss"]) < 1e-6
     assert logged["forking/selected_fraction"] == 0.0
     assert all(len(ids) == 6 for ids in recorder.completion_ids)
-    got = list(trainer._logs["rewards"]["entropy_token"])
-    if trainer._entropy_source() == "generation":
-        expected = brute_force_rewards(before, tokenizer, recorder.prompts, recorder.completion_ids, 0.8, "token")
-        assert got == pytest.approx(expected, abs=1e-4)
-    else:
-        assert trainer._entropy_source() == "old_logps"
-        assert all(math.isnan(v) for v in got) and set(trainer._logs["advantages"]) == {0.0}
+    assert set(sources.sources) == {source}
+    got = list(trainer._logs["rewards"]["entropy_token"])[: len(recorder.completion_ids)]
+    expected = brute_force_rewards(before, tokenizer, recorder.prompts, recorder.completion_ids, 0.8, "token")
+    assert got == pytest.approx(expected, abs=1e-4)
     # Zero gradient: AdamW's first step moves a parameter by lr * sign(grad), so no parameter moved.
     for a, b in zip(before.parameters(), trainer.model.parameters()):
         assert torch.equal(a, b)

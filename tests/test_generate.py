@@ -6,19 +6,20 @@ from collections import Counter
 import pytest
 import torch
 
+from trl_entropy.cli.arguments import GenerateArguments
+from trl_entropy.cli.generate import run_generate
 from trl_entropy.generate import (
     Completion,
-    GenerateArguments,
     count_generated_tokens,
     generate_completions,
     load_prompts,
     majority_vote,
     normalize_answer,
     render_prompt,
-    run_generate,
     score_completions,
     wilson_interval,
 )
+from trl_entropy.tasks import extract_answer, grade
 
 
 def test_count_generated_tokens_matches_a_python_loop():
@@ -117,7 +118,7 @@ def test_score_completions():
         [Completion("no idea", [0] * 3), Completion("", [0] * 0), Completion("5", [0] * 1)],  # vote 5: wrong
         [Completion("12", [0] * 1), Completion("12", [0] * 1), Completion("3", [0] * 1)],  # no answer known
     ]
-    records, summary = score_completions(completions, ["7", "6", None])
+    records, summary = score_completions(completions, ["7", "6", None], parse_answer=extract_answer, is_correct=grade)
     assert [r["prediction"] for r in records] == ["7", "5", "12"]
     assert [r["correct"] for r in records] == [True, False, None]
     assert summary["num_graded"] == 2 and summary["num_correct"] == 1 and summary["accuracy"] == 0.5

@@ -4,7 +4,14 @@ import math
 
 import pytest
 import torch
-from trainer_utils import TINY_KWARGS, RecordingReward, brute_force_rewards, tiny_setup
+from trainer_utils import (
+    TINY_KWARGS,
+    RecordingReward,
+    ScoringSourceMixin,
+    SourceRecorder,
+    brute_force_rewards,
+    tiny_setup,
+)
 from transformers import LogitsProcessorList
 from trl import GRPOConfig, GRPOTrainer
 
@@ -14,23 +21,23 @@ from trl_entropy.trainers import EntropyGRPOConfig, EntropyGRPOTrainer
 from trl_entropy.trainers._entropy import GenerationEntropyRecorder, sequence_rewards
 
 
-class ForwardSourceGRPOTrainer(EntropyGRPOTrainer):
-    """Takes the fallback path that vLLM runs use (one chunked forward after generation)."""
-
-    def _entropy_source(self):
-        return "forward" if self.entropy_reward_func is not None else None
+class ScoringSourceGRPOTrainer(ScoringSourceMixin, EntropyGRPOTrainer):
+    """Takes the path of vLLM runs: signals from TRL's policy pass when it makes one, else one forward."""
 
 
-# (variant, extra config, trainer class, expected source)
+# (variant, extra config, trainer class, expected source). With transformers' generate the decoding logits are the
+# source whatever passes TRL makes; otherwise TRL's pass when it makes one (GRPO: reused generation batches).
 REWARD_CASES = [
     ("token", {}, EntropyGRPOTrainer, "generation"),
-    ("token", {"num_iterations": 2}, EntropyGRPOTrainer, "old_logps"),
-    ("token", {}, ForwardSourceGRPOTrainer, "forward"),
+    ("token", {"num_iterations": 2}, EntropyGRPOTrainer, "generation"),
+    ("token", {"num_iterations": 2}, ScoringSourceGRPOTrainer, "old_logps"),
+    ("token", {}, ScoringSourceGRPOTrainer, "forward"),
     ("trajectory", {}, EntropyGRPOTrainer, "generation"),
-    ("trajectory", {"num_iterations": 2}, EntropyGRPOTrainer, "old_logps"),
-    ("trajectory", {}, ForwardSourceGRPOTrainer, "forward"),
+    ("trajectory", {"num_iterations": 2}, ScoringSourceGRPOTrainer, "old_logps"),
+    ("trajectory", {}, ScoringSourceGRPOTrainer, "forward"),
     ("self_certainty", {}, EntropyGRPOTrainer, "generation"),
-    ("self_certainty", {}, ForwardSourceGRPOTrainer, "forward"),
+    ("self_certainty", {"num_iterations": 2}, ScoringSourceGRPOTrainer, "forward"),  # not in TRL's pass
+    ("self_certainty", {}, ScoringSourceGRPOTrainer, "forward"),
 ]
 
 
@@ -46,9 +53,17 @@ def test_entropy_reward_matches_brute_force(tmp_path, variant, extra, trainer_cl
         temperature=0.7,
         **{**TINY_KWARGS, **extra},
     )
-    trainer = trainer_class(model, reward_funcs=recorder, args=args, train_dataset=dataset, processing_class=tokenizer)
-    assert trainer._entropy_source() == source
+    sources = SourceRecorder()
+    trainer = trainer_class(
+        model,
+        reward_funcs=recorder,
+        args=args,
+        train_dataset=dataset,
+        processing_class=tokenizer,
+        callbacks=[sources],
+    )
     trainer.train()
+    assert set(sources.sources) == {source}
     name = trainer.entropy_reward_func.__name__
     got = list(trainer._logs["rewards"][name])
     expected = brute_force_rewards(trainer.model, tokenizer, recorder.prompts, recorder.completion_ids, 0.7, variant)

@@ -2,7 +2,14 @@
 
 import pytest
 import torch
-from trainer_utils import TINY_KWARGS, RecordingReward, brute_force_rewards, tiny_setup
+from trainer_utils import (
+    TINY_KWARGS,
+    RecordingReward,
+    ScoringSourceMixin,
+    SourceRecorder,
+    brute_force_rewards,
+    tiny_setup,
+)
 from trl import RLOOConfig, RLOOTrainer
 
 from trl_entropy.trainers import EntropyRLOOConfig, EntropyRLOOTrainer
@@ -11,19 +18,19 @@ from trl_entropy.trainers import EntropyRLOOConfig, EntropyRLOOTrainer
 TINY_KWARGS = {**TINY_KWARGS, "beta": 0.0}
 
 
-class ForwardSourceRLOOTrainer(EntropyRLOOTrainer):
-    def _entropy_source(self):
-        return "forward" if self.entropy_reward_func is not None else None
+class ScoringSourceRLOOTrainer(ScoringSourceMixin, EntropyRLOOTrainer):
+    """Takes the path of vLLM runs: RLOO always makes its policy pass before the rewards, which is then read."""
 
 
 @pytest.mark.parametrize(
     "variant,trainer_class,source",
     [
-        ("token", EntropyRLOOTrainer, "old_logps"),
-        ("trajectory", EntropyRLOOTrainer, "old_logps"),
+        ("token", EntropyRLOOTrainer, "generation"),
+        ("token", ScoringSourceRLOOTrainer, "old_logps"),
+        ("trajectory", ScoringSourceRLOOTrainer, "old_logps"),
         ("self_certainty", EntropyRLOOTrainer, "generation"),
-        ("self_certainty", ForwardSourceRLOOTrainer, "forward"),
-        ("token", EntropyRLOOTrainer, "old_logps+lora-kl"),
+        ("self_certainty", ScoringSourceRLOOTrainer, "forward"),
+        ("token", ScoringSourceRLOOTrainer, "old_logps+lora-kl"),
     ],
 )
 def test_entropy_reward_matches_brute_force(tmp_path, variant, trainer_class, source):
@@ -45,11 +52,18 @@ def test_entropy_reward_matches_brute_force(tmp_path, variant, trainer_class, so
         temperature=0.8,
         **kwargs,
     )
+    sources = SourceRecorder()
     trainer = trainer_class(
-        model, reward_funcs=recorder, args=args, train_dataset=dataset, processing_class=tokenizer, **trainer_kwargs
+        model,
+        reward_funcs=recorder,
+        args=args,
+        train_dataset=dataset,
+        processing_class=tokenizer,
+        callbacks=[sources],
+        **trainer_kwargs,
     )
-    assert trainer._entropy_source() == source
     trainer.train()
+    assert set(sources.sources) == {source}
     got = list(trainer._logs["rewards"][trainer.entropy_reward_func.__name__])
     expected = brute_force_rewards(trainer.model, tokenizer, recorder.prompts, recorder.completion_ids, 0.8, variant)
     assert len(got) == 4

@@ -9,7 +9,7 @@ import inspect
 import pytest
 import torch
 from datasets import Dataset
-from trainer_utils import TINY_KWARGS, tiny_setup
+from trainer_utils import TINY_KWARGS, ScoringSourceMixin, SourceRecorder, tiny_setup
 from transformers import TrainerCallback
 
 from trl_entropy.rewards import entropy_token_reward
@@ -119,13 +119,25 @@ class PlainReward:
         return [0.0] * len(prompts)
 
 
-def run_one_step(tmp_path, kind, extra, reward):
+class ScoringGRPOTrainer(ScoringSourceMixin, EntropyGRPOTrainer):
+    pass
+
+
+class ScoringRLOOTrainer(ScoringSourceMixin, EntropyRLOOTrainer):
+    pass
+
+
+def run_one_step(tmp_path, kind, extra, reward, sources=None):
+    """One training step; returns the trainer, the tokenizer, the source of the batch's signals (None: none were
+    computed) and the number of model forward passes."""
     model, tokenizer, dataset = tiny_setup()
     forwards = []
     model.register_forward_pre_hook(lambda module, args: forwards.append(1))
     config_class, trainer_class = {
         "grpo": (EntropyGRPOConfig, EntropyGRPOTrainer),
         "rloo": (EntropyRLOOConfig, EntropyRLOOTrainer),
+        "grpo-scoring": (EntropyGRPOConfig, ScoringGRPOTrainer),
+        "rloo-scoring": (EntropyRLOOConfig, ScoringRLOOTrainer),
     }[kind]
     args = config_class(
         output_dir=str(tmp_path),
@@ -134,16 +146,22 @@ def run_one_step(tmp_path, kind, extra, reward):
         reward_weights=[0.0],
         **{**TINY_KWARGS, **extra},
     )
+    recorder = SourceRecorder()
     trainer = trainer_class(model, reward_funcs=reward, args=args, train_dataset=dataset, processing_class=tokenizer)
-    source = trainer._entropy_source()
+    if trainer._requested_signals() is not None:  # an observer only where signals are computed anyway
+        trainer.add_callback(recorder)
     trainer.train()
-    return trainer, tokenizer, source, len(forwards)
+    assert len(set(recorder.sources)) <= 1
+    return trainer, tokenizer, (recorder.sources or [None])[0], len(forwards)
 
 
+SIGNALS_AND_MASK = ("token_entropy", "token_logprob", "token_mask")
 CASES = [
-    ("grpo", {}, ("token_entropy", "token_logprob", "token_mask"), "generation"),
-    ("grpo", {"num_iterations": 2}, ("token_entropy", "token_logprob", "token_mask"), "old_logps"),
-    ("rloo", {"beta": 0.0}, ("token_entropy", "token_logprob", "token_mask"), "old_logps"),
+    ("grpo", {}, SIGNALS_AND_MASK, "generation"),
+    ("grpo", {"num_iterations": 2}, SIGNALS_AND_MASK, "generation"),
+    ("grpo-scoring", {"num_iterations": 2}, SIGNALS_AND_MASK, "old_logps"),
+    ("rloo", {"beta": 0.0}, SIGNALS_AND_MASK, "generation"),
+    ("rloo-scoring", {"beta": 0.0}, SIGNALS_AND_MASK, "old_logps"),
     ("rloo", {"beta": 0.0}, ("token_entropy", "token_logprob", "token_self_certainty"), "generation"),
 ]
 
@@ -230,6 +248,7 @@ def test_environment_tokens_are_left_out_of_the_mask_and_the_entropy_reward(tmp_
         temperature=TEMPERATURE,
         **{**TINY_KWARGS, **extra},
     )
+    sources = SourceRecorder()
     trainer = EntropyGRPOTrainer(
         model,
         reward_funcs=recorder,
@@ -237,9 +256,10 @@ def test_environment_tokens_are_left_out_of_the_mask_and_the_entropy_reward(tmp_
         train_dataset=dataset,
         processing_class=tokenizer,
         rollout_func=env_rollout,
+        callbacks=[sources],
     )
-    assert trainer._entropy_source() == source
     trainer.train()
+    assert set(sources.sources) == {source}
     (call,) = recorder.calls
     got = list(trainer._logs["rewards"]["entropy_token"])
     for i, (prompt, completion) in enumerate(zip(call["prompts"], call["completion_ids"])):

@@ -47,6 +47,26 @@ class RecordingReward:
         return [0.0] * len(prompts)
 
 
+class SourceRecorder(TrainerCallback):
+    """A signal observer asking for nothing: keeps where each batch's signals came from (`signals.source`)."""
+
+    requested_signals = ()
+
+    def __init__(self):
+        self.sources: list[str] = []
+
+    def on_signals(self, signals, trainer):
+        self.sources.append(signals.source)
+
+
+class ScoringSourceMixin:
+    """Makes a trainer take the path of generators that return no logits (vLLM, tools, a rollout_func): the signals
+    come after generation, from TRL's policy pass when it makes one, else from one forward."""
+
+    def _plain_generate(self):
+        return False
+
+
 @torch.no_grad()
 def brute_force_rewards(model, tokenizer, prompts, completion_ids, temperature: float, variant: str) -> list[float]:
     """Per-completion entropy rewards recomputed in float64 from full logits, one sequence at a time."""

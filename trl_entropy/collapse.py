@@ -36,6 +36,7 @@ __all__ = [
     "repetition_fired",
     "identical_completions_fired",
     "probe_drop_fired",
+    "probe_within_budget",
     "identical_completion_fraction",
     "signal_triggers",
 ]
@@ -108,6 +109,15 @@ class CollapseGuardConfig:
             (18/32 then 11/32, then down to 2/32): 0.15 sits between, with a thin margin on 32 problems.
         probe_patience (`int`, *optional*, defaults to `1`):
             Consecutive probe evaluations below the margin before `probe_drop` fires, in [1, 100].
+        max_probe_time_fraction (`float` or `None`, *optional*, defaults to `0.1`):
+            In (0, 1]: the guard's probe budget. A probe (scheduled or triggered) after the start runs only while the
+            time spent in probes is at most this fraction of the training time so far (wall clock, probes excluded),
+            otherwise it is skipped and logged; the fraction is logged as `collapse_guard/probe_time_fraction`.
+            None: no budget.
+        triggered_probe_cooldown (`int`, *optional*, defaults to `5`):
+            >= 0: a log-signal suspicion triggers an out-of-schedule probe only if no probe ran in the last this many
+            global steps (the log signals also fire on healthy runs: measured 14 times from step 34 of the 2e-5
+            run, see `benchmarks/bench_collapse.py`).
         signals_need_probe (`bool`, *optional*, defaults to `True`):
             With a probe set: a log-signal trigger only makes the guard evaluate the probe at once (out of schedule)
             and act if `probe_drop` then fires; it is logged, not acted on. This keeps strong but healthy entropy
@@ -145,6 +155,12 @@ class CollapseGuardConfig:
         default=0.15, metadata={"help": "Probe accuracy drop below the best that fires, in (0, 1]; None: off."}
     )
     probe_patience: int = field(default=1, metadata={"help": "Probe evaluations below the margin, in [1, 100]."})
+    max_probe_time_fraction: float | None = field(
+        default=0.1, metadata={"help": "Probe time budget as a fraction of training time, in (0, 1]; None: none."}
+    )
+    triggered_probe_cooldown: int = field(
+        default=5, metadata={"help": "Steps without a probe before a log signal may trigger one, >= 0."}
+    )
     signals_need_probe: bool = field(
         default=True, metadata={"help": "With a probe set, log signals only trigger a probe evaluation."}
     )
@@ -160,6 +176,7 @@ class CollapseGuardConfig:
         _check_optional("max_identical_group_fraction", self.max_identical_group_fraction, 0.0, 1.0, low_open=True)
         _check_optional("min_reward_std", self.min_reward_std, 0.0, math.inf, low_open=False)
         _check_optional("max_probe_drop", self.max_probe_drop, 0.0, 1.0, low_open=True)
+        _check_optional("max_probe_time_fraction", self.max_probe_time_fraction, 0.0, 1.0, low_open=True)
         for name, low, high in (
             ("trend_window", 2, 1000),
             ("patience", 1, 1000),
@@ -168,6 +185,7 @@ class CollapseGuardConfig:
             ("probe_max_new_tokens", 1, 10**6),
             ("probe_batch_size", 1, 10**6),
             ("probe_patience", 1, 100),
+            ("triggered_probe_cooldown", 0, 10**9),
         ):
             value = getattr(self, name)
             if not (isinstance(value, int) and not isinstance(value, bool) and low <= value <= high):
@@ -258,6 +276,14 @@ def probe_drop_fired(accuracies: Sequence[float], max_drop: float, patience: int
         return False
     best = max(accuracies[:-patience])
     return all(a < best - max_drop - 1e-9 for a in accuracies[-patience:])
+
+
+def probe_within_budget(probe_seconds: float, train_seconds: float, max_fraction: float | None) -> bool:
+    """Whether the time spent in probes is within ``max_fraction`` of the training time so far (probes excluded);
+    always True without a budget (None)."""
+    if max_fraction is None:
+        return True
+    return probe_seconds <= max_fraction * max(train_seconds, 0.0)
 
 
 def identical_completion_fraction(completion_ids: Sequence[Sequence[int]], group_size: int) -> float:

@@ -18,10 +18,18 @@ Example::
     trainer.train()  # -> output_dir/collapse_guard.jsonl
 
 Several processes: every rank evaluates the probe (a sharded model needs every rank in ``generate``) and keeps its own
-copy of the best weights; the main process takes each decision and broadcasts it, so every rank stops, restores and
-logs the same thing. Save and resume: ``on_save`` writes the guard's state to ``collapse_guard_state.json`` in the
-checkpoint folder and the best weights (once per best step) to ``output_dir/collapse_guard_best.pt``; a resumed run
-reads both back.
+full copy of the best weights (under DeepSpeed, the optimizer's fp32 master values, gathered); the main process takes
+each decision and broadcasts it, so every rank stops, restores and logs the same thing. A restore puts the best weights
+back into the model and, under DeepSpeed ZeRO-1/2/3, into the optimizer's fp32 master copy, and resets the
+optimizer's state (Adam's moments and step count; see :meth:`CollapseGuardCallback._act`), on every engine, so that a
+checkpoint saved after it resumes to the same weights under DDP and ZeRO. FSDP is refused at ``on_train_begin`` for
+``stop_and_restore`` (untested: accelerate never enables it on CPU). Save and resume: ``on_save`` writes the guard's
+state to ``collapse_guard_state.json`` in the checkpoint folder and the best weights (once per best step) to
+``output_dir/collapse_guard_best.pt``; a resumed run reads both back.
+
+Cost: each probe is timed; probes after the start run only within a budget (``max_probe_time_fraction`` of the
+training time, 10% by default), triggered probes at most once per ``triggered_probe_cooldown`` steps, and the fraction
+spent is logged as ``collapse_guard/probe_time_fraction``.
 """
 
 from __future__ import annotations
@@ -30,6 +38,7 @@ import json
 import logging
 import math
 import os
+import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
@@ -37,8 +46,9 @@ from typing import Any
 import torch
 from transformers import TrainerCallback
 
-from .collapse import CollapseGuardConfig, probe_drop_fired, signal_triggers
+from .collapse import CollapseGuardConfig, probe_drop_fired, probe_within_budget, signal_triggers
 from .files import append_jsonl_record, json_safe, truncate_jsonl, write_atomically
+from .weights import reset_optimizer_state, restore_weights, snapshot_weights, weights_engine
 
 logger = logging.getLogger(__name__)
 
@@ -105,6 +115,11 @@ class CollapseGuardCallback(TrainerCallback):
         self._best_state: dict[str, torch.Tensor] | None = None
         self._best_written_step: int | None = None
         self._pending_logs: dict[str, float] = {}
+        self.probe_seconds = 0.0  # wall time spent in probes
+        self.train_seconds = 0.0  # wall time of training so far, probes excluded (carried over a resume)
+        self.skipped_probes = 0
+        self._clock: float | None = None
+        self._engine = "plain"
 
     def state_dict(self) -> dict[str, Any]:
         """The guard's JSON-ready state (everything but the best weights)."""
@@ -119,6 +134,9 @@ class CollapseGuardCallback(TrainerCallback):
             "fired_step": self.fired_step,
             "fired_reason": self.fired_reason,
             "best_weights_step": self._best_written_step,
+            "probe_seconds": self.probe_seconds,
+            "train_seconds": self._train_seconds_now(),
+            "skipped_probes": self.skipped_probes,
         }
 
     def load_state_dict(self, payload: Mapping[str, Any]) -> None:
@@ -133,28 +151,39 @@ class CollapseGuardCallback(TrainerCallback):
         self.fired_step = payload.get("fired_step")
         self.fired_reason = payload.get("fired_reason")
         self._best_written_step = payload.get("best_weights_step")
+        self.probe_seconds = float(payload.get("probe_seconds", 0.0))
+        self.train_seconds = float(payload.get("train_seconds", 0.0))
+        self.skipped_probes = int(payload.get("skipped_probes", 0))
 
     # ---- events --------------------------------------------------------------------------------------------------
     def on_train_begin(self, args, state, control, model=None, processing_class=None, **kwargs):
         self._reset()
+        if model is not None:
+            self._engine = weights_engine(model, args)
+            if self._engine == "fsdp" and self.config.action == "stop_and_restore":
+                raise ValueError(
+                    "The collapse guard's `action='stop_and_restore'` does not support FSDP (untested: accelerate 1.15"
+                    " never enables FSDP on CPU); use `action='stop'` or 'warn', or DDP / DeepSpeed ZeRO-1/2/3."
+                )
         if state.global_step > 0:
             self._restore(args, state)
+        self._clock = time.perf_counter()
         if state.is_world_process_zero:
             os.makedirs(args.output_dir, exist_ok=True)
             # Resumed: drop lines logged after the checkpoint; fresh run: start a new file.
             truncate_jsonl(self._log_path(args), state.global_step if state.global_step > 0 else -1)
         if self.probe_problems is not None and state.global_step == 0:
-            self._probe(args, state, model, processing_class)  # the starting point is a candidate best
+            self._probe(args, state, model, processing_class, "start")  # the starting point is a candidate best
 
-    def on_step_end(self, args, state, control, model=None, processing_class=None, **kwargs):
+    def on_step_end(self, args, state, control, model=None, processing_class=None, optimizer=None, **kwargs):
         if self.probe_problems is None:
             return
-        if state.global_step % self.config.probe_every == 0:
-            self._probe(args, state, model, processing_class)
+        if state.global_step % self.config.probe_every == 0 and self._may_probe(args, state, "scheduled"):
+            self._probe(args, state, model, processing_class, "scheduled")
             if self.fired_step is None and self._probe_fired():
-                self._act(args, state, control, model, ["probe_drop"])
+                self._act(args, state, control, model, ["probe_drop"], optimizer)
 
-    def on_log(self, args, state, control, logs=None, model=None, processing_class=None, **kwargs):
+    def on_log(self, args, state, control, logs=None, model=None, processing_class=None, optimizer=None, **kwargs):
         if logs is None or any(str(key).startswith(("eval_", "test_")) for key in logs) or "loss" not in logs:
             return
         if not self.steps or self.steps[-1] != state.global_step:
@@ -167,18 +196,24 @@ class CollapseGuardCallback(TrainerCallback):
         if fired:
             if self.probe_problems is not None and self.config.signals_need_probe:
                 # The log signals raise a suspicion; the probe decides (it may already have run at this step).
-                if not self.probe_steps or self.probe_steps[-1] != state.global_step:
-                    self._probe(args, state, model, processing_class)
-                if self._probe_fired():
-                    self._act(args, state, control, model, ["probe_drop", *fired])
+                probed = bool(self.probe_steps) and self.probe_steps[-1] == state.global_step
+                if not probed and self._may_probe(args, state, "triggered"):
+                    self._probe(args, state, model, processing_class, "triggered")
+                    probed = True
+                if probed and self._probe_fired():
+                    self._act(args, state, control, model, ["probe_drop", *fired], optimizer)
                     fired = ["probe_drop", *fired]
                 else:
-                    self._record(args, state, {"event": "suspect", "signals": fired, "action": "probe"})
+                    action = "probe" if probed else "none (no probe: cooldown or budget)"
+                    self._record(args, state, {"event": "suspect", "signals": fired, "action": action})
                     logger.info("Step %d: collapse signals %s; probe accuracy holds.", state.global_step, fired)
             else:
-                self._act(args, state, control, model, fired)
+                self._act(args, state, control, model, fired, optimizer)
         for name in fired:
             self._pending_logs[f"collapse_guard/{name}"] = 1.0
+        if self.probe_problems is not None:
+            self._pending_logs["collapse_guard/probe_time_fraction"] = self.probe_time_fraction()
+            self._pending_logs["collapse_guard/probe_seconds"] = self.probe_seconds
         logs.update(self._pending_logs)
         if state.log_history and state.log_history[-1].get("step") == state.global_step:
             state.log_history[-1].update(self._pending_logs)
@@ -199,6 +234,37 @@ class CollapseGuardCallback(TrainerCallback):
             self._best_written_step = self.best_step
         data = json.dumps(json_safe(self.state_dict()), allow_nan=False).encode("utf-8")
         write_atomically(os.path.join(folder, GUARD_STATE_FILE), data)
+
+    # ---- cost ----------------------------------------------------------------------------------------------------
+    def _train_seconds_now(self) -> float:
+        """Training wall time so far, probes excluded."""
+        if self._clock is None:
+            return self.train_seconds
+        return self.train_seconds + (time.perf_counter() - self._clock) - self._probe_seconds_this_run
+
+    _probe_seconds_this_run = 0.0
+
+    def probe_time_fraction(self) -> float:
+        """Time spent in probes over the training time so far (probes excluded)."""
+        train = self._train_seconds_now()
+        return self.probe_seconds / train if train > 0 else 0.0
+
+    def _may_probe(self, args, state, kind: str) -> bool:
+        """Whether a ``kind`` ("scheduled" or "triggered") probe runs now: within the time budget, and for a triggered
+        one after the cooldown. The main process decides for every rank (a sharded model needs all in ``generate``)."""
+        config = self.config
+        allowed = probe_within_budget(self.probe_seconds, self._train_seconds_now(), config.max_probe_time_fraction)
+        if kind == "triggered" and self.probe_steps:
+            allowed = allowed and state.global_step - self.probe_steps[-1] >= config.triggered_probe_cooldown
+        allowed = self._broadcast(allowed, args)
+        if not allowed:
+            self.skipped_probes += 1
+            self._record(
+                args,
+                state,
+                {"event": "probe_skipped", "kind": kind, "probe_time_fraction": self.probe_time_fraction()},
+            )
+        return allowed
 
     # ---- internals -----------------------------------------------------------------------------------------------
     def _log_path(self, args) -> str:
@@ -224,13 +290,14 @@ class CollapseGuardCallback(TrainerCallback):
         )
 
     @torch.no_grad()
-    def _probe(self, args, state, model, processing_class) -> None:
+    def _probe(self, args, state, model, processing_class, kind: str = "scheduled") -> None:
         from .evaluation import evaluate
 
         if model is None or processing_class is None:
             raise RuntimeError("The collapse guard's probe needs the `model` and `processing_class` callback kwargs.")
         tokenizer = getattr(processing_class, "tokenizer", processing_class)
         budget = self.config.probe_max_new_tokens
+        start = time.perf_counter()
         result = evaluate(
             model,
             tokenizer,
@@ -249,7 +316,11 @@ class CollapseGuardCallback(TrainerCallback):
         if is_best:
             self.best_accuracy, self.best_step = accuracy, state.global_step
             if self.config.action == "stop_and_restore":
-                self._best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+                self._best_state = snapshot_weights(model, self._engine)  # full values, every rank
+        seconds = time.perf_counter() - start
+        if state.global_step > 0:  # the start's probe is the reference of every later one: outside the budget
+            self.probe_seconds += seconds
+        self._probe_seconds_this_run += seconds
         low, high = result.accuracy_interval()
         self._pending_logs.update(
             {
@@ -263,6 +334,7 @@ class CollapseGuardCallback(TrainerCallback):
             state,
             {
                 "event": "probe",
+                "kind": kind,
                 "probe_accuracy": accuracy,
                 "probe_ci95": [low, high],
                 "num_problems": result.num_problems,
@@ -271,10 +343,18 @@ class CollapseGuardCallback(TrainerCallback):
                 "mean_length": result.mean_length,
                 "best_accuracy": self.best_accuracy,
                 "best_step": self.best_step,
+                "seconds": seconds,
+                "correct": list(result.correct),
+                "lengths": [c.num_tokens for c in result.completions],
             },
         )
 
-    def _act(self, args, state, control, model, fired: list[str]) -> None:
+    def _act(self, args, state, control, model, fired: list[str], optimizer=None) -> None:
+        """Fire: warn, stop, or stop and restore. A restore loads the best probe step's weights into the model (and
+        under DeepSpeed into the optimizer's fp32 master copy) on every rank and resets the optimizer's state to that
+        of a fresh optimizer: the Adam moments at the firing step were accumulated on the trajectory that collapsed,
+        and would push the restored weights back along it; a fresh state also costs no copy (keeping the best step's
+        optimizer state would double the guard's memory)."""
         self.fired_step = state.global_step
         latest = {key: values[-1] for key, values in self.history.items() if values}
         if "probe_drop" in fired and self.probe_accuracies:
@@ -302,7 +382,9 @@ class CollapseGuardCallback(TrainerCallback):
             if best is None:
                 logger.warning("No saved weights of the best step %s to restore; stopped only.", self.best_step)
             else:
-                model.load_state_dict(best)
+                restore_weights(model, self._engine, best)
+                if optimizer is not None:
+                    reset_optimizer_state(optimizer)
                 restored = self.restored_step = self.best_step
         self._pending_logs.update({"collapse_guard/fired": 1.0})
         if restored is not None:
@@ -361,6 +443,9 @@ class CollapseGuardArguments:
             Probe evaluation every this many steps, >= 1.
         collapse_guard_probe_max_new_tokens (`int`, *optional*, defaults to `96`):
             Token budget of the greedy probe, >= 1 (pick one where the answers finish; the truncation rate is logged).
+        collapse_guard_max_probe_time_fraction (`float`, *optional*, defaults to `0.1`):
+            The probes' time budget, a fraction of the training time in [0, 1]; 0 switches the budget off (see
+            `CollapseGuardConfig.max_probe_time_fraction`).
     """
 
     collapse_guard: bool = field(default=False, metadata={"help": "Stop (or flag) a collapsing run."})
@@ -373,6 +458,9 @@ class CollapseGuardArguments:
     collapse_guard_probe_size: int = field(default=32, metadata={"help": "Probe problems, >= 1."})
     collapse_guard_probe_every: int = field(default=5, metadata={"help": "Probe every N steps, >= 1."})
     collapse_guard_probe_max_new_tokens: int = field(default=96, metadata={"help": "Probe token budget, >= 1."})
+    collapse_guard_max_probe_time_fraction: float = field(
+        default=0.1, metadata={"help": "Probe time budget as a fraction of training time, in [0, 1]; 0: no budget."}
+    )
 
     def __post_init__(self):
         from .collapse import ACTIONS
@@ -383,6 +471,9 @@ class CollapseGuardArguments:
             value = getattr(self, name)
             if not (isinstance(value, int) and value >= 1):
                 raise ValueError(f"`{name}` must be an integer >= 1, got {value!r}.")
+        fraction = self.collapse_guard_max_probe_time_fraction
+        if not (isinstance(fraction, int | float) and math.isfinite(fraction) and 0 <= fraction <= 1):
+            raise ValueError(f"`collapse_guard_max_probe_time_fraction` must be in [0, 1], got {fraction!r}.")
         probe = self.collapse_guard_probe
         if probe is not None and probe != "arithmetic" and not probe.endswith((".json", ".jsonl")):
             raise ValueError(f"`collapse_guard_probe` must be 'arithmetic' or a .json/.jsonl file, got {probe!r}.")
@@ -406,4 +497,5 @@ class CollapseGuardArguments:
             action=self.collapse_guard_action,
             probe_every=self.collapse_guard_probe_every,
             probe_max_new_tokens=self.collapse_guard_probe_max_new_tokens,
+            max_probe_time_fraction=self.collapse_guard_max_probe_time_fraction or None,
         )

@@ -19,7 +19,6 @@ import logging
 import math
 import os
 import platform
-import random
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -27,9 +26,11 @@ from typing import Any
 
 import torch
 
+from .stats import paired_bootstrap_interval
+
 logger = logging.getLogger(__name__)
 
-__all__ = ["DemoArguments", "run_demo", "paired_bootstrap_interval", "render_report", "truncation_warnings"]
+__all__ = ["DemoArguments", "run_demo", "render_report", "truncation_warnings"]
 
 _HUB_TASKS = ("gsm8k", "math500")
 
@@ -168,32 +169,6 @@ class DemoArguments:
             self.num_eval_problems = 8
 
 
-def paired_bootstrap_interval(
-    before: list[bool], after: list[bool], confidence: float = 0.95, resamples: int = 2000, seed: int = 0
-) -> tuple[float, float]:
-    """Percentile bootstrap interval of ``mean(after) - mean(before)`` over problems resampled with replacement.
-
-    The two lists grade the same problems, so resampling problems (not completions) keeps each problem's pair
-    together: the interval accounts for easy and hard problems moving together.
-    """
-    if len(before) != len(after) or not before:
-        raise ValueError(
-            f"`before` and `after` must be non-empty and of equal length, got {len(before)}, {len(after)}."
-        )
-    if not (0 < confidence < 1):
-        raise ValueError(f"`confidence` must be in (0, 1), got {confidence}.")
-    if resamples < 1:
-        raise ValueError(f"`resamples` must be >= 1, got {resamples}.")
-    rng = random.Random(seed)
-    differences = [int(a) - int(b) for b, a in zip(before, after)]
-    n = len(differences)
-    means = sorted(sum(differences[rng.randrange(n)] for _ in range(n)) / n for _ in range(resamples))
-    tail = (1 - confidence) / 2
-    low = means[min(resamples - 1, int(math.floor(tail * resamples)))]
-    high = means[min(resamples - 1, int(math.ceil((1 - tail) * resamples)) - 1)]
-    return low, high
-
-
 def _load_problems(args: DemoArguments):
     """``(held-out problems with answers, training prompts without answers)``."""
     from .tasks import ArithmeticTask, load_task
@@ -263,7 +238,7 @@ def _train(model, tokenizer, train_prompts, args: DemoArguments):
         report_to="none",
         seed=args.seed,
         use_cpu=not torch.cuda.is_available(),
-        gradient_checkpointing=False,  # TRL turns it on; a 135M model fits easily and recomputation costs ~30%
+        activation_checkpointing=False,  # TRL turns it on; a 135M model fits easily and recomputation costs ~30%
     )
     trainer = EntropyGRPOTrainer(model=model, args=config, train_dataset=train_prompts, processing_class=tokenizer)
     try:

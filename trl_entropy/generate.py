@@ -1,17 +1,18 @@
-"""Batched generation with or without EM-INF / adaptive temperature, self-consistency voting and accuracy scoring.
-
-``run_generate(GenerateArguments(...))`` is what ``trl-entropy generate`` runs: it loads a model (the embedded
-SmolLM2 by default), reads prompts from a JSONL file (``prompt`` and optional ``answer`` per line) or a built-in
-task, generates ``num_samples`` completions per prompt, takes the majority vote over their extracted answers
-(self-consistency, Wang et al., 2023) when ``num_samples > 1``, and writes one JSONL row per prompt plus a JSON
-summary (accuracy with a 95% Wilson interval when answers are known, generated-token cost).
+"""Batched generation (with any logits processors: EM-INF, adaptive temperature), self-consistency voting and
+scoring against known answers. Plain values in, plain values out: no command line and no task here; what
+``trl-entropy generate`` runs (model loading, prompt files, the built-in tasks, output files) is
+:func:`trl_entropy.cli.generate.run_generate`.
 
 Example::
 
-    from trl_entropy.generate import GenerateArguments, run_generate
+    from trl_entropy.generate import generate_completions, render_prompt, score_completions
+    from trl_entropy.inference import EMInfLogitsProcessor
+    from trl_entropy.tasks import extract_answer, grade
 
-    # EM-INF as in the released script: logits optimisation, then sampling at temperature 0.1.
-    summary = run_generate(GenerateArguments(em_inf=True, do_sample=True, temperature=0.1, num_problems=32))
+    prompts = [render_prompt(tokenizer, "What is 2 + 3?")]
+    samples = generate_completions(model, tokenizer, prompts, do_sample=True, temperature=0.1,
+                                   logits_processors=[EMInfLogitsProcessor()])
+    records, summary = score_completions(samples, ["5"], parse_answer=extract_answer, is_correct=grade)
 """
 
 from __future__ import annotations
@@ -20,22 +21,15 @@ import json
 import logging
 import math
 import os
-import time
 from collections import Counter
-from collections.abc import Sequence
-from dataclasses import asdict
-from pathlib import Path
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 from transformers import LogitsProcessor, LogitsProcessorList, PreTrainedModel, PreTrainedTokenizerBase
 
-from .cli.arguments import GenerateArguments
-from .evaluation import TRUNCATION_WARNING_RATE, Completion, truncation_rate, wilson_interval
-from .files import write_atomically
-from .inference import AdaptiveTemperatureLogitsProcessor, EMInfLogitsProcessor
-from .tasks import extract_answer, grade
+from .evaluation import Completion, truncation_rate, wilson_interval
 
 logger = logging.getLogger(__name__)
 
@@ -49,8 +43,6 @@ __all__ = [
     "majority_vote",
     "wilson_interval",
     "score_completions",
-    "build_logits_processors",
-    "run_generate",
 ]
 
 
@@ -211,11 +203,18 @@ def majority_vote(answers: Sequence[str | None]) -> str | None:
 
 
 def score_completions(
-    completions: Sequence[Sequence[Completion]], answers: Sequence[str | None] | None = None
+    completions: Sequence[Sequence[Completion]],
+    answers: Sequence[str | None] | None,
+    parse_answer: Callable[[str], str | None],
+    is_correct: Callable[[str, str], bool],
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Per-prompt records (extracted answers, vote, correctness) and a summary (accuracy with its 95% Wilson interval
     over the prompts that have an answer, generated-token cost, and the fraction of completions cut off at the token
     budget: an accuracy whose answers were cut off partly measures the budget).
+
+    ``parse_answer(text)`` extracts a completion's answer (None when there is none); ``is_correct(prediction,
+    answer)`` grades the voted answer (e.g. :func:`trl_entropy.tasks.extract_answer` and
+    :func:`trl_entropy.tasks.grade`).
 
     Returns:
         ``(records, summary)``; ``records[i]`` has ``completions``, ``num_tokens``, ``extracted``, ``prediction`` and
@@ -226,11 +225,11 @@ def score_completions(
         raise ValueError(f"Got {len(completions)} prompts' completions but {len(answers)} answers.")
     records, n_graded, n_correct = [], 0, 0
     for samples, answer in zip(completions, answers):
-        extracted = [extract_answer(c.text) for c in samples]
+        extracted = [parse_answer(c.text) for c in samples]
         prediction = majority_vote(extracted)
         correct = None
         if answer is not None:
-            correct = prediction is not None and grade(prediction, str(answer))
+            correct = prediction is not None and is_correct(prediction, str(answer))
             n_graded += 1
             n_correct += int(correct)
         records.append(
@@ -260,92 +259,3 @@ def score_completions(
         "truncation_rate": truncation_rate([c for samples in completions for c in samples]) if n else None,
     }
     return records, summary
-
-
-def build_logits_processors(args: GenerateArguments) -> list[LogitsProcessor]:
-    """The EM-INF or adaptive-temperature processor the arguments ask for (empty list for plain decoding)."""
-    if args.em_inf:
-        return [EMInfLogitsProcessor.from_config(args.em_inf_config(), track_stats=True)]
-    if args.adaptive_temperature:
-        return [AdaptiveTemperatureLogitsProcessor(config=args.adaptive_temperature_config())]
-    return []
-
-
-def _load_problems(args: GenerateArguments) -> list[dict[str, Any]]:
-    if args.prompts_file is not None:
-        rows = load_prompts(args.prompts_file)
-        return rows[: args.num_problems] if args.num_problems else rows
-    from .tasks import load_task
-
-    return list(load_task(args.task, args.num_problems, split=args.split, seed=args.seed))
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_atomically(path, text.encode("utf-8"))
-
-
-def run_generate(
-    args: GenerateArguments,
-    model: PreTrainedModel | None = None,
-    tokenizer: PreTrainedTokenizerBase | None = None,
-) -> dict[str, Any]:
-    """Run :class:`GenerateArguments`: generate, vote, score, and write ``args.output_file`` (one JSON object per
-    prompt) and the summary file. A preloaded ``model``/``tokenizer`` may be passed to skip loading.
-
-    Returns:
-        The summary (also written to disk): accuracy and its 95% Wilson interval when answers are known, generated
-        tokens, wall time, EM-INF statistics when EM-INF is on, and the arguments.
-    """
-    if (model is None) != (tokenizer is None):
-        raise ValueError("Pass both `model` and `tokenizer`, or neither.")
-    if model is None:
-        from .models import load_model
-
-        model, tokenizer = load_model(args.model_name_or_path)
-    model.eval()
-    problems = _load_problems(args)
-    prompts = [render_prompt(tokenizer, p["prompt"], args.apply_chat_template) for p in problems]
-    processors = build_logits_processors(args)
-    start = time.perf_counter()
-    completions = generate_completions(
-        model,
-        tokenizer,
-        prompts,
-        max_new_tokens=args.max_new_tokens,
-        batch_size=args.batch_size,
-        do_sample=args.do_sample,
-        temperature=args.temperature,
-        top_k=args.top_k,
-        top_p=args.top_p,
-        num_samples=args.num_samples,
-        logits_processors=processors,
-        seed=args.seed,
-        add_special_tokens=not (args.apply_chat_template and getattr(tokenizer, "chat_template", None)),
-    )
-    seconds = time.perf_counter() - start
-    records, summary = score_completions(completions, [p.get("answer") for p in problems])
-    lines = []
-    for index, (problem, record) in enumerate(zip(problems, records)):
-        extra = {k: v for k, v in problem.items() if k not in record}
-        lines.append(json.dumps({"index": index, **extra, **record}, ensure_ascii=False))
-    output = Path(args.output_file)
-    _write_atomic(output, "\n".join(lines) + "\n")
-    summary["max_new_tokens"] = args.max_new_tokens
-    if summary["truncation_rate"] is not None and summary["truncation_rate"] > TRUNCATION_WARNING_RATE:
-        logger.warning(
-            "%.1f%% of the completions were cut off at max_new_tokens=%d: an accuracy measured on them partly "
-            "measures the budget; raise max_new_tokens until at most %.0f%% are.",
-            100 * summary["truncation_rate"],
-            args.max_new_tokens,
-            100 * TRUNCATION_WARNING_RATE,
-        )
-    summary["seconds"] = seconds
-    summary["generated_tokens_per_second"] = summary["total_generated_tokens"] / seconds if seconds > 0 else None
-    if args.em_inf:
-        summary["em_inf_stats"] = processors[0].stats
-    summary["arguments"] = asdict(args)
-    summary_path = Path(args.summary_file) if args.summary_file else output.with_suffix(".summary.json")
-    _write_atomic(summary_path, json.dumps(summary, indent=2) + "\n")
-    summary["output_file"], summary["summary_file"] = str(output), str(summary_path)
-    return summary

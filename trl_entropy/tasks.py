@@ -62,7 +62,13 @@ class ArithmeticTask:
 
     def _problem(self, rng: random.Random) -> dict:
         a, b = rng.randint(self.low, self.high), rng.randint(self.low, self.high)
-        op = rng.choice(self.operations)
+        return self.problem(a, rng.choice(self.operations), b)
+
+    def problem(self, a: int, op: str, b: int) -> dict:
+        """The row of the problem "What is ``a op b``?": ``prompt`` (in this task's prompt style), ``question`` and
+        ``answer``."""
+        if op not in self.operations:
+            raise ValueError(f"`op` must be one of this task's operations {self.operations}, got {op!r}.")
         answer = _apply(a, op, b)
         question = f"What is {a} {op} {b}?"
         examples = self._examples(op)

@@ -12,6 +12,7 @@ import argparse
 import importlib
 import json
 import sys
+import warnings
 from collections.abc import Sequence
 from typing import Any, NoReturn
 
@@ -41,14 +42,14 @@ _HELP = {
 }
 _SIMPLE = {
     # command: (module of the arguments class, arguments class, module of the run function, run function)
-    "calibrate": ("trl_entropy.cli.arguments", "CalibrateArguments", "trl_entropy.confidence", "run_calibrate"),
+    "calibrate": ("trl_entropy.cli.arguments", "CalibrateArguments", "trl_entropy.cli.confidence", "run_calibrate"),
     "plot": ("trl_entropy.plots", "PlotArguments", "trl_entropy.plots", "run_plot"),
     "demo": ("trl_entropy.demo", "DemoArguments", "trl_entropy.demo", "run_demo"),
-    "generate": ("trl_entropy.cli.arguments", "GenerateArguments", "trl_entropy.generate", "run_generate"),
+    "generate": ("trl_entropy.cli.arguments", "GenerateArguments", "trl_entropy.cli.generate", "run_generate"),
     "generate --early_stopping": (
         "trl_entropy.cli.arguments",
         "EarlyStopGenerateArguments",
-        "trl_entropy.confidence",
+        "trl_entropy.cli.confidence",
         "run_early_stop_generate",
     ),
 }
@@ -60,8 +61,30 @@ class UsageError(Exception):
     """A mistake in the command line, the config file or the data, reported in one line with exit status 2."""
 
 
+# transformers 5 renamed these TrainingArguments fields and warns on every config built with the old names, which TRL
+# 1.16's configs still default; a command line or YAML file that uses them is read under the current names.
+_CURRENT_NAMES = {
+    "gradient_checkpointing": "activation_checkpointing",
+    "gradient_checkpointing_kwargs": "activation_checkpointing_kwargs",
+}
+
+
+def _current_option(item: str) -> str:
+    flag, sep, value = item.partition("=")
+    name = flag.removeprefix("--")
+    return f"--{_CURRENT_NAMES[name]}{sep}{value}" if flag.startswith("--") and name in _CURRENT_NAMES else item
+
+
 class _OneLineParser(TrlParser):
-    """A :class:`~trl.TrlParser` whose errors are one line: the option, what it accepts, and what was given."""
+    """A :class:`~trl.TrlParser` whose errors are one line: the option, what it accepts, and what was given; options
+    with a deprecated transformers name are read under the current one."""
+
+    def parse_args_and_config(self, args=None, *rest, **kwargs):
+        args = [_current_option(item) for item in (sys.argv[1:] if args is None else args)]
+        return super().parse_args_and_config(args, *rest, **kwargs)
+
+    def set_defaults_with_config(self, **kwargs) -> list[str]:
+        return super().set_defaults_with_config(**{_CURRENT_NAMES.get(k, k): v for k, v in kwargs.items()})
 
     def error(self, message: str) -> NoReturn:
         option = message.split(":", 1)[0].removeprefix("argument ").split("/")[0]
@@ -129,8 +152,11 @@ def make_parser(command: str, argv: Sequence[str] = ()) -> TrlParser:
         )
         parser = _OneLineParser(dataclass_types, prog=prog, description=_HELP[command])
         # TRL trains in bf16 by default, which needs an accelerator: on a CPU-only machine default to the CPU instead
-        # of failing (a --config file or the command line still override it).
-        parser.set_defaults_with_config(use_cpu=not _has_accelerator())
+        # of failing (a --config file or the command line still override it). TRL's checkpointing default goes to
+        # the current field name, so that no config is built with the deprecated one.
+        checkpointing = config_class.__dataclass_fields__["gradient_checkpointing"].default
+        parser.set_defaults_with_config(use_cpu=not _has_accelerator(), activation_checkpointing=checkpointing)
+        parser.set_defaults(gradient_checkpointing=None)
         return parser
     key = _command_key(command, argv)
     if key not in _SIMPLE:
@@ -183,6 +209,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``trl-entropy`` console script. Returns the process exit status (0); exits with status
     2 on a usage, config or data error, 1 on an error after the model has loaded."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    # TRL 1.16 reads this deprecated property of transformers at every generation batch: not the user's to fix.
+    warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
     top = _top_level_parser()
     if not argv or argv[0].startswith("-"):
         top.parse_args(argv)  # --help / --version exit here; anything else is an error

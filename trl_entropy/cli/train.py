@@ -9,6 +9,7 @@ dataset name, ``trainer.end()``. Everything that can be checked without the mode
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.util
 import os
@@ -83,6 +84,20 @@ def _quantization_config(model_args: EntropyModelConfig, method: str):
     return get_quantization_config(model_args)
 
 
+@contextlib.contextmanager
+def _no_progress_bars():
+    """``datasets``' progress bars off while the training data loads (restored after)."""
+    import datasets
+
+    was_disabled = datasets.are_progress_bars_disabled()
+    datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if not was_disabled:
+            datasets.enable_progress_bars()
+
+
 def _load_datasets(
     script_args: TrainScriptArguments, dataset_args: DatasetMixtureConfig, seed: int, with_eval: bool
 ) -> tuple[Any, Any, str]:
@@ -104,11 +119,12 @@ def _load_datasets(
     else:
         source = script_args.dataset_name
         builder = _FILE_DATASETS.get(os.path.splitext(source)[1].lower())
-        if builder is not None:
-            check_data_file(source)
-            data = load_dataset(builder, data_files=source)
-        else:
-            data = load_dataset(source, name=script_args.dataset_config, streaming=script_args.dataset_streaming)
+        with _no_progress_bars():  # a bad file must get its one-line error alone on stderr
+            if builder is not None:
+                check_data_file(source)
+                data = load_dataset(builder, data_files=source)
+            else:
+                data = load_dataset(source, name=script_args.dataset_config, streaming=script_args.dataset_streaming)
     split = script_args.dataset_train_split
     if split not in data:
         raise ValueError(f"`dataset_train_split`: {source} has no split {split!r} (splits: {', '.join(data)}).")

@@ -13,12 +13,12 @@ Building blocks, from the smallest:
   correct from incorrect answers at all.
 * :class:`TokenConfidenceRecorder` (a ``LogitsProcessor``) records the signal at every decoding step and
   :class:`EntropyEarlyStopping` (a ``StoppingCriteria``) stops rows from it, inside ``model.generate``.
-* :func:`think_just_enough_generate` is the paper's two-stage pipeline, with a token-budget mode;
-  :func:`run_calibrate` / :func:`run_early_stop_generate` drive it from the command line.
+* :func:`think_just_enough_generate` is the paper's two-stage pipeline, with a token-budget mode.
 
 One layer per module: :mod:`.signals` (per-token maths), :mod:`.calibration` (statistics), :mod:`.stopping` (hooks
-inside ``generate``), :mod:`.pipeline` (the two-stage method), :mod:`.commands` (what the CLI runs); the command
-arguments are in :mod:`trl_entropy.cli.arguments`.
+inside ``generate``), :mod:`.pipeline` (the two-stage method). What ``trl-entropy calibrate`` and ``generate
+--early_stopping`` run (model and task loading, grading, files) lives beside the CLI, in
+:mod:`trl_entropy.cli.confidence`; this package knows no command line and no task.
 """
 
 from .calibration import (
@@ -28,7 +28,6 @@ from .calibration import (
     deepconf_threshold,
     welch_p_value,
 )
-from .commands import run_calibrate, run_early_stop_generate
 from .pipeline import EarlyStopResult, think_just_enough_generate
 from .signals import ConfidenceSignal
 from .stopping import EntropyEarlyStopping, TokenConfidenceRecorder, delimiter_token_ids
@@ -45,6 +44,4 @@ __all__ = [
     "delimiter_token_ids",
     "EarlyStopResult",
     "think_just_enough_generate",
-    "run_calibrate",
-    "run_early_stop_generate",
 ]

@@ -241,7 +241,6 @@ class EntropyTrainerMixin(CompletionSignalsMixin):
     # Class-level defaults, so an override called on an object built without `__init__` (as TRL's own unit tests
     # do) finds the state of a trainer with every entropy option off.
     entropy_reward_func: EntropyReward | None = None
-    _capture_old_logps_pass: bool = False
 
     def __init__(self, model, reward_funcs=None, args=None, *pos_args, **kwargs):
         if args is None:
@@ -255,7 +254,9 @@ class EntropyTrainerMixin(CompletionSignalsMixin):
             return
         user_funcs = reward_funcs_of(reward_funcs)
         self.entropy_reward_func = EntropyReward(settings.entropy_reward)
-        # A shallow copy, so the caller's config object is not changed by appending the entropy weight.
+        user_weights = args.reward_weights
+        # TRL reads one weight per reward function from the config it is given: a shallow copy carries the entropy
+        # reward's, so the caller's config object is left as it is.
         args = copy.copy(args)
         weights = args.reward_weights if args.reward_weights is not None else [1.0] * len(user_funcs)
         if len(weights) != len(user_funcs):
@@ -279,6 +280,9 @@ class EntropyTrainerMixin(CompletionSignalsMixin):
                 )
             bound.arguments["reward_processing_classes"] = [*processing_classes, None]  # the entropy reward's
         super().__init__(*bound.args, **bound.kwargs)
+        # TRL has built `self.reward_weights` (the entropy reward's weight last); the trainer's config keeps the
+        # caller's `reward_weights`, so `trainer.args` and the saved `training_args.bin` build the same trainer again.
+        self.args.reward_weights = user_weights
         self._check_signal_columns(getattr(self, "train_dataset", None), getattr(self, "eval_dataset", None))
 
     # ------------------------------------------------------------------------------------------------------------

@@ -1,11 +1,25 @@
-"""Fills :class:`~trl_entropy.signals.CompletionSignals` once per generation batch, from TRL's own hooks.
+"""Fills :class:`~trl_entropy.signals.CompletionSignals` once per generation batch, from what TRL already computes.
 
-The mixin overrides only the hooks where the values already exist: ``_generate_single_turn`` (the decoding steps'
-logits), ``_get_per_token_logps_and_entropies`` (TRL's old-log-probs pass), ``_generate`` (the completions and their
-tool/environment mask, and the forward fallback for generators that return no logits), ``_calculate_rewards`` (hands
-the signals to reward functions that declare them) and ``_generate_and_score_completions`` (plans the batch). Every
-override works on a trainer built without ``__init__`` (TRL's tests do that): with nothing planned it only calls
-``super()``.
+Where the values come from (:attr:`CompletionSignals.source <trl_entropy.signals.CompletionSignals>`):
+
+- ``"generation"``: plain transformers ``generate`` (no vLLM, continuous batching, ``rollout_func`` or tools). A
+  forward hook reads each decoding step's logits, so every completion, finished or cut off at the budget, is scored
+  exactly and no forward pass is added. This is the source whenever generation runs through transformers, whatever
+  passes TRL makes afterwards.
+- ``"old_logps"``: the other generators, when TRL runs its own no-grad pass of the policy over the completions before
+  the rewards (RLOO always; GRPO with vLLM importance sampling or reused generation batches). The pass is *observed*,
+  not predicted from TRL's configuration: the first call of ``_get_per_token_logps_and_entropies`` between generation
+  and the rewards that runs the policy (``self.model``, without gradient, with a PEFT policy's adapters active: TRL
+  scores a PEFT reference with the same module, adapters off). Completions TRL masked out of that pass
+  (``mask_truncated_completions``) have no value there; they are scored by TRL's pass function again, with their
+  completion tokens attended, so a signal never depends on that option.
+- ``"forward"``: otherwise, one policy pass through TRL's pass function (chunked, its fused LM head).
+
+The hooks overridden, each calling ``super()``: ``_generate_and_score_completions`` (plans the batch),
+``_generate_single_turn`` (records the decoding steps), ``_generate`` (the completions and their tool/environment
+mask), ``_get_per_token_logps_and_entropies`` (observes TRL's pass) and ``_calculate_rewards`` (completes the signals
+and hands them to the reward functions that declare them). Every override works on a trainer built without
+``__init__`` (TRL's tests do that): with nothing planned it only calls ``super()``.
 """
 
 from __future__ import annotations
@@ -17,10 +31,11 @@ import torch
 
 from ..ops import self_certainty, token_entropy
 from ..signals import MASK_NAME, SIGNAL_NAMES, CompletionSignals, declared_signals, signal_observers
+from ._trl import generate_fields
 
 logger = logging.getLogger(__name__)
 
-_OLD_LOGPS_SIGNALS = frozenset({"token_entropy", "token_logprob"})  # what TRL's fused pass returns
+_TRL_PASS_SIGNALS = frozenset({"token_entropy", "token_logprob"})  # what TRL's fused pass returns
 
 
 class GenerationEntropyRecorder:
@@ -81,23 +96,47 @@ class GenerationEntropyRecorder:
 
 
 @dataclass
+class _PolicyPass:
+    """TRL's own no-grad pass of the policy over the batch's completions, as TRL called it."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    logits_to_keep: int
+    args: tuple
+    kwargs: dict
+    logps: torch.Tensor
+    entropies: torch.Tensor | None
+
+
+@dataclass
 class _SignalPlan:
-    """What the current generation batch computes, and from where."""
+    """What the current generation batch computes, and from where (``"generation"``, or ``"scoring"``: after
+    generation, from TRL's pass when it makes one, else from one of ours)."""
 
     names: tuple[str, ...]
     source: str
-    pending: tuple[list[list[int]], list[torch.Tensor]] | None = None  # waiting for the old-log-probs pass
     generation_values: dict[str, list[torch.Tensor]] | None = None
+    completions: tuple[list[list[int]], list[list[int]], list[torch.Tensor]] | None = None  # prompts, ids, mask
+    policy_pass: _PolicyPass | None = None
+    published: bool = False
+
+
+def _is_multimodal(inputs: list[dict]) -> bool:
+    """Whether a batch carries images (TRL's own test: an ``images`` or ``image`` column)."""
+    return any(row.get("images") or row.get("image") is not None for row in inputs if isinstance(row, dict))
 
 
 class CompletionSignalsMixin:
     """Computes the per-token signals that reward functions and callbacks ask for, once per generation batch.
 
     Who asks: reward functions through their parameters (:func:`~trl_entropy.signals.declared_signals`), callbacks
-    through ``on_signals`` / ``requested_signals`` (:func:`~trl_entropy.signals.signal_observers`). Where from
-    (:meth:`_entropy_source`): TRL's old-log-probs pass when it makes one and the signals are among what it returns
-    (free); else the decoding steps' logits on plain ``generate`` (no extra forward); else one chunked forward.
+    through ``on_signals`` / ``requested_signals`` (:func:`~trl_entropy.signals.signal_observers`). Where from: see the
+    module docstring; :meth:`_entropy_source` gives the plan, ``CompletionSignals.source`` what a batch used.
     """
+
+    _generate_fields: tuple[str, ...] = ()  # the layout of TRL's `_generate` result, set by each trainer
+    _watch_policy_pass: bool = False
+    _signal_plan: _SignalPlan | None = None
 
     # ---- who asks for what ---------------------------------------------------------------------------------------
     def _signal_observers(self) -> list:
@@ -120,30 +159,21 @@ class CompletionSignalsMixin:
             return None
         return tuple(name for name in SIGNAL_NAMES if name in wanted)
 
-    def _makes_old_logps_pass(self) -> bool:
-        """Whether TRL runs the policy over the completions before the rewards (GRPO's rule; RLOO always does)."""
-        args = getattr(self, "args", None)
-        if args is None:
-            return False
-        generate_every = args.steps_per_generation * getattr(self, "num_iterations", 1)
-        misaligned = args.gradient_accumulation_steps % generate_every != 0
-        vllm_correction = getattr(self, "use_vllm", False) and getattr(self, "vllm_importance_sampling_correction", 0)
-        return misaligned or bool(vllm_correction)
-
-    def _entropy_source(self) -> str | None:
-        """``"old_logps"``, ``"generation"``, ``"forward"``, or None when no reward function and no observer asks."""
-        names = self._requested_signals()
-        if names is None:
-            return None
-        if names and set(names) <= _OLD_LOGPS_SIGNALS and self._makes_old_logps_pass():
-            return "old_logps"  # TRL's own pass over the completions: exact and free
-        plain_generate = not (
+    def _plain_generate(self) -> bool:
+        """Whether completions come from transformers ``generate`` on this process, whose logits the hook sees."""
+        return not (
             getattr(self, "use_vllm", False)
             or getattr(self, "use_transformers_continuous_batching", False)
             or getattr(self, "rollout_func", None) is not None
             or getattr(self, "tools", None)
         )
-        return "generation" if plain_generate else "forward"
+
+    def _entropy_source(self) -> str | None:
+        """The plan: ``"generation"`` (decoding logits), ``"scoring"`` (TRL's pass of the policy over the completions
+        when it makes one, else one forward of ours), or None when no reward function and no observer asks."""
+        if self._requested_signals() is None:
+            return None
+        return "generation" if self._plain_generate() else "scoring"
 
     def _check_signal_columns(self, *datasets) -> None:
         """A dataset column named like a signal would be shadowed in the reward kwargs: refuse it at init."""
@@ -161,8 +191,11 @@ class CompletionSignalsMixin:
 
     # ---- the batch -----------------------------------------------------------------------------------------------
     def _needs_old_per_token_logps(self) -> bool:
-        """Whether the loss needs TRL's per-token old log-probs kept in the batch (RLOO's token-level loss)."""
+        """Whether the loss needs the per-token log-probs of TRL's policy pass kept (RLOO's forking-token loss)."""
         return False
+
+    def _on_policy_pass(self, logps: torch.Tensor) -> None:
+        """Called with the log-probs of TRL's first policy pass of a batch (see :meth:`_needs_old_per_token_logps`)."""
 
     def _add_to_scored_batch(self, output: dict) -> dict:
         return output
@@ -171,11 +204,11 @@ class CompletionSignalsMixin:
         source = self._entropy_source()
         self._signal_plan = _SignalPlan(self._requested_signals(), source) if source is not None else None
         self._signals = None
-        self._capture_old_logps_pass = source == "old_logps" or self._needs_old_per_token_logps()
+        self._watch_policy_pass = source == "scoring" or self._needs_old_per_token_logps()
         try:
             output = super()._generate_and_score_completions(inputs)
         finally:
-            self._capture_old_logps_pass = False
+            self._watch_policy_pass = False
             self._signal_plan = None
             self._signals = None
         return self._add_to_scored_batch(output)
@@ -183,11 +216,13 @@ class CompletionSignalsMixin:
     def _publish_signals(self, signals: CompletionSignals) -> None:
         """Keep the batch's signals for the rewards and hand them to every observer, on every rank."""
         self._signals = signals
+        if self._signal_plan is not None:
+            self._signal_plan.published = True
         for observer in self._signal_observers():
             observer.on_signals(signals, self)
 
     def _generate_single_turn(self, *args, **kwargs):
-        plan = getattr(self, "_signal_plan", None)
+        plan = self._signal_plan
         if plan is None or plan.source != "generation" or not plan.names:
             return super()._generate_single_turn(*args, **kwargs)
         with GenerationEntropyRecorder(self._causal_lm(), self.temperature, plan.names) as recorder:
@@ -196,31 +231,126 @@ class CompletionSignalsMixin:
         plan.generation_values = recorder.per_completion(completion_ids)
         return result
 
+    def _generate_owner(self) -> str:
+        """The class whose ``_generate`` this mixin's ``super()`` runs (TRL's, or a subclass of it)."""
+        mro = type(self).__mro__
+        after = mro[mro.index(CompletionSignalsMixin) + 1 :]
+        return next((c.__name__ for c in after if "_generate" in vars(c)), "the trainer")
+
     def _causal_lm(self) -> torch.nn.Module:
         unwrapped = self.accelerator.unwrap_model(self.model)
         return unwrapped.get_base_model() if hasattr(unwrapped, "get_base_model") else unwrapped
 
     def _generate(self, prompts: list):
         result = super()._generate(prompts)
-        plan = getattr(self, "_signal_plan", None)
+        plan = self._signal_plan
         if plan is None:
             return result
-        prompt_ids, completion_ids = result[0], result[1]
-        # GRPO returns TRL's `tool_mask` (tool results; a rollout_func's `env_mask`) third; RLOO has no tools.
-        tool_mask = result[2] if len(result) > 3 else None
+        fields = generate_fields(result, self._generate_fields, self._generate_owner())
+        # TRL's `tool_mask`: 0 on tool results and on a rollout_func's environment tokens (RLOO has no tools).
+        tool_mask = fields.get("tool_mask")
         if tool_mask is None:
-            token_mask = [torch.ones(len(ids), dtype=torch.bool) for ids in completion_ids]
+            token_mask = [torch.ones(len(ids), dtype=torch.bool) for ids in fields["completion_ids"]]
         else:
             token_mask = [torch.tensor(list(m), dtype=torch.bool).reshape(-1) for m in tool_mask]
-        if plan.source == "old_logps":
-            plan.pending = (completion_ids, token_mask)  # the values come with TRL's pass, before the rewards
-            return result
         if plan.source == "generation":
             values = plan.generation_values or {}
-        else:
-            values = self._signals_by_forward(prompt_ids, completion_ids, plan.names)
-        self._publish_signals(CompletionSignals(completion_ids, token_mask, **values, source=plan.source))
+            self._publish_signals(
+                CompletionSignals(fields["completion_ids"], token_mask, **values, source="generation")
+            )
+        else:  # completed in `_calculate_rewards`, after the passes TRL makes
+            plan.completions = (fields["prompt_ids"], fields["completion_ids"], token_mask)
         return result
+
+    # ---- TRL's pass of the policy --------------------------------------------------------------------------------
+    def _scores_the_policy(self, model) -> bool:
+        """Whether a pass with ``model`` runs the policy: ``self.model``, and for a PEFT policy with its adapters
+        active (TRL 1.16 scores a PEFT reference with the same module, adapters disabled or its ``"ref"`` adapter
+        active)."""
+        if model is not self.model:
+            return False
+        unwrapped = self.accelerator.unwrap_model(model)
+        if getattr(unwrapped, "peft_config", None) is None:
+            return True
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        layer = next((m for m in unwrapped.modules() if isinstance(m, BaseTunerLayer)), None)
+        return layer is None or (not layer.disable_adapters and "ref" not in layer.active_adapters)
+
+    def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, *args, **kwargs):
+        if not self._watch_policy_pass or torch.is_grad_enabled() or not self._scores_the_policy(model):
+            return super()._get_per_token_logps_and_entropies(
+                model, input_ids, attention_mask, logits_to_keep, *args, **kwargs
+            )
+        self._watch_policy_pass = False  # the first pass of the policy in the batch
+        plan = self._signal_plan
+        reads = plan is not None and plan.source == "scoring" and plan.completions is not None
+        wanted_entropy = kwargs.get("compute_entropy", False)
+        if reads and "token_entropy" in plan.names:
+            kwargs["compute_entropy"] = True
+        logps, entropies, aux = super()._get_per_token_logps_and_entropies(
+            model, input_ids, attention_mask, logits_to_keep, *args, **kwargs
+        )
+        if reads:
+            plan.policy_pass = _PolicyPass(input_ids, attention_mask, logits_to_keep, args, kwargs, logps, entropies)
+        self._on_policy_pass(logps)
+        return logps, entropies if wanted_entropy else None, aux
+
+    # ---- completing the signals after the passes -----------------------------------------------------------------
+    def _complete_signals(self, inputs: list[dict]) -> None:
+        """Publish the batch's signals when they come after generation (``"scoring"``): from TRL's policy pass when it
+        made one, else from one forward. Called before the rewards."""
+        plan = self._signal_plan
+        if plan is None or plan.published or plan.completions is None:
+            return
+        prompt_ids, completion_ids, token_mask = plan.completions
+        names = plan.names
+        observed = plan.policy_pass
+        if names and observed is not None and set(names) <= _TRL_PASS_SIGNALS:
+            values, source = self._signals_from_pass(observed, completion_ids, names), "old_logps"
+        else:
+            if names and _is_multimodal(inputs):
+                raise RuntimeError(
+                    f"The per-token signals {list(names)} of multimodal completions from a generator that returns no "
+                    "logits (vLLM, tools, a rollout_func) need the image inputs, which TRL builds after generation "
+                    "and hands only to its own passes, and it made none before the rewards. Keep vLLM's importance "
+                    "sampling correction on (TRL's pass then provides token_entropy and token_logprob), or generate "
+                    "with transformers."
+                )
+            values, source = self._signals_by_forward(prompt_ids, completion_ids, names), "forward"
+        self._publish_signals(CompletionSignals(completion_ids, token_mask, **values, source=source))
+
+    @torch.no_grad()
+    def _signals_from_pass(
+        self, observed: _PolicyPass, completion_ids: list[list[int]], names: tuple[str, ...]
+    ) -> dict[str, list[torch.Tensor]]:
+        """The values of TRL's pass. Completions it did not attend to in full (masked out by
+        ``mask_truncated_completions``) are scored again by TRL's pass function, on the same inputs with their
+        completion tokens attended, so that they get their exact values too."""
+        width = observed.logits_to_keep
+        attended = observed.attention_mask[:, -width:].bool()
+        full = torch.zeros_like(attended)
+        for row, ids in enumerate(completion_ids):
+            full[row, : len(ids)] = True
+        per_name = {"token_entropy": observed.entropies, "token_logprob": observed.logps}
+        incomplete = [row for row, ids in enumerate(completion_ids) if not bool(attended[row, : len(ids)].all())]
+        if incomplete:
+            attention = observed.attention_mask.clone()
+            attention[:, -width:] = full.to(attention.dtype)
+            kwargs = {**observed.kwargs, "compute_entropy": "token_entropy" in names}
+            logps, entropies, _ = super()._get_per_token_logps_and_entropies(
+                self.model, observed.input_ids, attention, width, *observed.args, **kwargs
+            )
+            rescored = {"token_entropy": entropies, "token_logprob": logps}
+            keep = torch.tensor([row not in incomplete for row in range(len(completion_ids))], device=attended.device)
+            per_name = {name: torch.where(keep.unsqueeze(1), per_name[name], rescored[name]) for name in names}
+        return {
+            name: [
+                per_name[name][row, : len(ids)].detach().float().cpu().clone()
+                for row, ids in enumerate(completion_ids)
+            ]
+            for name in names
+        }
 
     @torch.no_grad()
     def _signals_by_forward(
@@ -262,7 +392,7 @@ class CompletionSignalsMixin:
                     chunks["token_logprob"].append(torch.log_softmax(scaled, -1).gather(-1, targets).squeeze(-1))
             padded = {name: torch.cat(parts) for name, parts in chunks.items()}
         else:
-            logps, entropies, _ = self._get_per_token_logps_and_entropies(
+            logps, entropies, _ = super()._get_per_token_logps_and_entropies(
                 self.model,
                 input_ids,
                 attention_mask,
@@ -276,43 +406,9 @@ class CompletionSignalsMixin:
             for name in names
         }
 
-    # ---- the old-log-probs pass ----------------------------------------------------------------------------------
-    def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, *args, **kwargs):
-        capture = getattr(self, "_capture_old_logps_pass", False) and model is self.model
-        if not capture or torch.is_grad_enabled():
-            return super()._get_per_token_logps_and_entropies(
-                model, input_ids, attention_mask, logits_to_keep, *args, **kwargs
-            )
-        self._capture_old_logps_pass = False  # only the first pass of the batch: later ones score the reference
-        plan = getattr(self, "_signal_plan", None)
-        wanted_entropy = kwargs.get("compute_entropy", False)
-        if plan is not None and plan.source == "old_logps" and "token_entropy" in plan.names:
-            kwargs["compute_entropy"] = True
-        logps, entropies, aux = super()._get_per_token_logps_and_entropies(
-            model, input_ids, attention_mask, logits_to_keep, *args, **kwargs
-        )
-        self._on_old_logps_pass(logps, entropies, attention_mask[:, -logits_to_keep:])
-        return logps, entropies if wanted_entropy else None, aux
-
-    def _on_old_logps_pass(self, logps: torch.Tensor, entropies: torch.Tensor | None, completion_mask: torch.Tensor):
-        """Fill the batch's signals from TRL's pass. Positions TRL ran with their attention masked out (truncated
-        completions under ``mask_truncated_completions``) have no exact value there: they get NaN."""
-        plan = getattr(self, "_signal_plan", None)
-        if plan is None or plan.source != "old_logps" or plan.pending is None:
-            return
-        completion_ids, token_mask = plan.pending
-        plan.pending = None
-        attended = completion_mask.bool().cpu()
-        full = {"token_entropy": entropies, "token_logprob": logps}
-        values = {}
-        for name in plan.names:
-            rows = full[name].detach().float().cpu()
-            rows = torch.where(attended, rows, torch.full_like(rows, float("nan")))
-            values[name] = [rows[row, : len(ids)].clone() for row, ids in enumerate(completion_ids)]
-        self._publish_signals(CompletionSignals(completion_ids, token_mask, **values, source="old_logps"))
-
     # ---- the rewards ---------------------------------------------------------------------------------------------
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
+        self._complete_signals(inputs)
         signals = getattr(self, "_signals", None)
         asked = self._reward_signal_names() if signals is not None else set()
         if asked:

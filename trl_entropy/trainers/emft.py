@@ -20,23 +20,11 @@ from trl.models.utils import disable_gradient_checkpointing
 
 from ._model_card import EntropyModelCardMixin
 from ._signals import CompletionSignalsMixin
+from ._trl import GRPO_GENERATE_FIELDS, SUPPORTED_TRL, multimodal_forward_names
 
 __all__ = ["EMFTConfig", "EMFTTrainer"]
 
 ENTROPY_NORMALIZATIONS = ("token", "sequence")
-
-
-class _UngroupedSampleCount(int):
-    """The group size 1 as :class:`~trl.GRPOConfig`'s validation sees it.
-
-    GRPOConfig rejects ``num_generations < 2`` because GRPO's group baseline needs two samples of a prompt; EM-FT has
-    no baseline, and the paper draws one sample per prompt. This int *is* 1 for every other check (``generation
-    batch % num_generations``, the eval-batch divisibility), so those stay exact; only the ``< 2`` comparison is
-    answered "no". :meth:`EMFTConfig.__post_init__` replaces it by a plain ``1`` as soon as GRPOConfig is done.
-    """
-
-    def __lt__(self, other: object) -> bool:
-        return False if other == 2 else int(self) < other
 
 
 @dataclass
@@ -59,15 +47,16 @@ class EMFTConfig(GRPOConfig):
     this is exactly the paper's EM-FT loss. The completions are fixed data for the loss: the gradient flows through
     the entropies only, never through the sampling.
 
-    One sample per prompt: GRPOConfig insists on ``num_generations >= 2`` (its group baseline needs two samples).
-    EMFTConfig owns the sample count instead (``num_samples_per_prompt``, ``>= 1``), lets GRPOConfig run every other
-    check with the true count, and then sets ``num_generations`` to it; at run time GRPOTrainer handles groups of one
-    (its reward standardisation already falls back to a zero spread), and EM-FT ignores advantages anyway.
+    Samples per prompt: EMFTTrainer samples through GRPOTrainer, and TRL 1.16's GRPOConfig requires
+    ``num_generations >= 2`` (GRPO's group baseline, which EM-FT does not use). The paper's one sample per prompt is
+    therefore not available on TRL 1.16; the default is two samples of half as many prompts, the same objective (the
+    mean token entropy over the model's own samples) with each prompt's two samples drawn independently.
 
     Parameters:
-        num_samples_per_prompt (`int`, *optional*, defaults to `1`):
-            Completions sampled per prompt, ``>= 1``. The paper samples one. TRL's ``num_generations`` is set from it
-            (leave ``num_generations`` unset); the generation batch must be divisible by it.
+        num_samples_per_prompt (`int`, *optional*, defaults to `2`):
+            Completions sampled per prompt, ``>= 2`` on TRL 1.16 (see above; the paper samples one). TRL's
+            ``num_generations`` is set from it (leave ``num_generations`` unset); the generation batch must be
+            divisible by it.
         entropy_normalization (`str`, *optional*, defaults to `"token"`):
             How token entropies are averaged. ``"token"``: one mean over all completion tokens of the batch, so a
             long completion weighs more (the paper's "mean over completion tokens"). ``"sequence"``: the mean of each
@@ -99,10 +88,10 @@ class EMFTConfig(GRPOConfig):
 
     # EM-FT's own fields
     num_samples_per_prompt: int = field(
-        default=1,
+        default=2,
         metadata={
-            "help": "Completions sampled per prompt, >= 1 (the paper samples 1). Sets TRL's `num_generations`; the "
-            "generation batch must be divisible by it."
+            "help": "Completions sampled per prompt, >= 2 on TRL 1.16 (its GRPOConfig requires num_generations >= 2; "
+            "the paper samples 1). Sets TRL's `num_generations`; the generation batch must be divisible by it."
         },
     )
     entropy_normalization: str = field(
@@ -143,8 +132,12 @@ class EMFTConfig(GRPOConfig):
 
     def __post_init__(self):
         samples = self.num_samples_per_prompt
-        if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
-            raise ValueError(f"`num_samples_per_prompt` must be an integer >= 1, got {samples!r}.")
+        if isinstance(samples, bool) or not isinstance(samples, int) or samples < 2:
+            raise ValueError(
+                f"`num_samples_per_prompt` must be an integer >= 2, got {samples!r}: EMFTTrainer samples through TRL "
+                f"{SUPPORTED_TRL}'s GRPOConfig, which requires num_generations >= 2 (the paper's 1 sample per prompt "
+                "is not available on it)."
+            )
         if self.num_generations is not None and self.num_generations != samples:
             raise ValueError(
                 f"`num_generations` is set from `num_samples_per_prompt` in EM-FT; leave it unset. Got "
@@ -172,10 +165,8 @@ class EMFTConfig(GRPOConfig):
         if self.reward_weights is not None:
             raise ValueError("`reward_weights` must be None: EM-FT uses no reward functions.")
 
-        # GRPOConfig validates num_generations >= 2 for its group baseline; see _UngroupedSampleCount.
-        self.num_generations = _UngroupedSampleCount(1) if samples == 1 else samples
+        self.num_generations = samples
         super().__post_init__()
-        self.num_generations = int(self.num_generations)
 
 
 def _no_reward(completions: list, **kwargs) -> list[float]:
@@ -226,6 +217,7 @@ class EMFTTrainer(EntropyModelCardMixin, CompletionSignalsMixin, GRPOTrainer):
         peft_config: a PEFT config (e.g. ``LoraConfig``) to train an adapter instead of the full model.
     """
 
+    _generate_fields = GRPO_GENERATE_FIELDS
     _tag_names = ["trl", "trl-entropy", "emft"]
     _name = "EM-FT"
     _paper = {
@@ -280,6 +272,7 @@ class EMFTTrainer(EntropyModelCardMixin, CompletionSignalsMixin, GRPOTrainer):
     # ------------------------------------------------------------------------------------------------------------
 
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
+        self._complete_signals(inputs)  # for the observers; no reward function is called
         # The gathered [global batch, n_funcs] shape TRL expects, all zeros: advantages are zero and unused.
         local = torch.zeros(len(prompts), len(self.reward_funcs), device=self.accelerator.device)
         return self.accelerator.gather(local)
@@ -329,6 +322,8 @@ class EMFTTrainer(EntropyModelCardMixin, CompletionSignalsMixin, GRPOTrainer):
         logits_to_keep = completion_ids.size(1)
         mask = completion_mask if "tool_mask" not in inputs else completion_mask * inputs["tool_mask"]
         mask = mask.to(torch.float32)
+        # Image inputs, exactly as TRL's own loss passes them from the batch to the model.
+        multimodal = {name: inputs.get(name) for name in multimodal_forward_names()}
 
         per_token_logps, entropies, aux_loss = self._get_per_token_logps_and_entropies(
             model,
@@ -337,6 +332,7 @@ class EMFTTrainer(EntropyModelCardMixin, CompletionSignalsMixin, GRPOTrainer):
             logits_to_keep,
             compute_entropy=True,
             compute_aux_loss=self.aux_loss_enabled,
+            **multimodal,
         )
 
         floor = self.args.entropy_floor
@@ -372,6 +368,7 @@ class EMFTTrainer(EntropyModelCardMixin, CompletionSignalsMixin, GRPOTrainer):
                     "attention_mask": attention_mask,
                     "logits_to_keep": logits_to_keep,
                     "mask": mask,
+                    "multimodal": multimodal,
                 }
             )
             stats = torch.stack([(entropies.detach() * mask).sum(), mask.sum()])
@@ -393,8 +390,15 @@ class EMFTTrainer(EntropyModelCardMixin, CompletionSignalsMixin, GRPOTrainer):
                     batch["attention_mask"],
                     batch["logits_to_keep"],
                     compute_entropy=True,
+                    **batch["multimodal"],
                 )
                 stats += torch.stack([(entropies * batch["mask"]).sum(), batch["mask"].sum()])
+        # ZeRO-3 prefetches parameters along the training forward's trace; this extra forward, outside the training
+        # step, can leave some in flight, and a callback that then gathers them fails ("Cannot partition a param in
+        # flight"). DeepSpeed's engine waits for and releases them all.
+        release = getattr(self.model_wrapped, "empty_partition_cache", None) if self.is_deepspeed_enabled else None
+        if release is not None:
+            release()
         return stats
 
     def _log_entropy_update(self) -> None:

@@ -9,9 +9,11 @@ from trl import GRPOConfig, GRPOTrainer
 
 from ._entropy import EntropyMethodsArguments, EntropyTrainerMixin, entropy_settings
 from ._model_card import EntropyModelCardMixin
+from ._trl import GRPO_GENERATE_FIELDS, SUPPORTED_TRL
 
 # How each GRPO `loss_type` of TRL 1.16 normalises its token losses, which decides what
-# `forking_token_normalization="selected"` does (see `forking_normalization_weights`).
+# `forking_token_normalization="selected"` does (see `forking_normalization_weights`). A loss type TRL adds later is
+# refused with "selected" at config time (its normaliser is unknown here); "all" needs no entry.
 LOSS_AGGREGATION = {
     "dapo": "token",
     "bnpo": "token",
@@ -46,6 +48,23 @@ class EntropyGRPOConfig(EntropyMethodsArguments, GRPOConfig):
                 "log-prob enters the sequence ratio, so the mask can not restrict the gradient (got "
                 f"forking_token_ratio={self.forking_token_ratio}, importance_sampling_level='sequence')."
             )
+        if self.forking_tokens_enabled and self.forking_token_normalization == "selected":
+            aggregation = LOSS_AGGREGATION.get(self.loss_type)
+            if aggregation is None:
+                raise ValueError(
+                    f"`forking_token_normalization='selected'` is defined for the loss types of TRL {SUPPORTED_TRL} "
+                    f"({', '.join(LOSS_AGGREGATION)}), got loss_type={self.loss_type!r}: use "
+                    "`forking_token_normalization='all'`."
+                )
+            if aggregation == "sequence" and (self.entropy_coef != 0.0 or self.use_adaptive_entropy):
+                # TRL's entropy bonus averages over `mask * weights`; per-row weights would turn it into a weighted
+                # mean, not its mean over the selected tokens.
+                raise ValueError(
+                    "GRPO's entropy bonus (`entropy_coef`, `use_adaptive_entropy`) with `forking_token_ratio` < 1 and "
+                    f"`forking_token_normalization='selected'` needs a token-mean loss type, got loss_type="
+                    f"{self.loss_type!r}: use `forking_token_normalization='all'` or a loss type among "
+                    f"{[name for name, kind in LOSS_AGGREGATION.items() if kind != 'sequence']}."
+                )
         super().__post_init__()
 
 
@@ -70,6 +89,7 @@ class EntropyGRPOTrainer(EntropyModelCardMixin, EntropyTrainerMixin, GRPOTrainer
 
     _config_class = EntropyGRPOConfig
     _trl_name = "GRPO"
+    _generate_fields = GRPO_GENERATE_FIELDS
 
     def __init__(self, model, reward_funcs=None, args: EntropyGRPOConfig | None = None, *pos_args, **kwargs):
         super().__init__(model, reward_funcs, args, *pos_args, **kwargs)
@@ -78,9 +98,20 @@ class EntropyGRPOTrainer(EntropyModelCardMixin, EntropyTrainerMixin, GRPOTrainer
             self.top_entropy_quantile = self.args.forking_token_ratio
 
     def _forking_aggregation(self) -> str:
-        return LOSS_AGGREGATION[self.loss_type]
+        # Only read under "selected", whose loss types the config checked; "all" weights every selected token 1.
+        return LOSS_AGGREGATION.get(self.loss_type, "constant")
 
     def get_high_entropy_mask(self, entropies: torch.Tensor, mask: torch.Tensor, threshold: float) -> torch.Tensor:
+        """The forking-token mask, as float weights ``[B, T]`` (TRL's own method returns a bool mask).
+
+        The contract with TRL 1.16's caller (``GRPOTrainer._compute_loss``, tested in ``tests/test_dropin.py``): it
+        calls this hook when ``self.top_entropy_quantile < 1``, which this trainer sets to ``forking_token_ratio``
+        (the fraction of tokens kept, TRL's meaning of that attribute), multiplies the per-token loss by the result,
+        and averages the entropy bonus over ``mask * result``. Weights instead of a bool mask carry the
+        ``forking_token_normalization`` of the selected tokens (:func:`forking_normalization_weights`): 0 on an
+        unselected token, 1 (``"all"``) or the loss type's renormaliser (``"selected"``) on a selected one.
+        ``threshold`` (TRL's quantile) is not used: the selection is the exact top-``ceil(rho n)``.
+        """
         if not entropy_settings(self).forking_tokens_enabled:  # TRL's own `top_entropy_quantile` (or a bare object)
             return super().get_high_entropy_mask(entropies, mask, threshold)
         return self.forking_token_weights(entropies, mask)

@@ -5,10 +5,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+import trl
 from trl import RLOOConfig, RLOOTrainer
 
 from ._entropy import FORKING_NORMALIZATIONS, EntropyMethodsArguments, EntropyTrainerMixin, entropy_settings
 from ._model_card import EntropyModelCardMixin
+from ._trl import RLOO_GENERATE_FIELDS, SUPPORTED_TRL
 
 
 @dataclass
@@ -66,22 +68,28 @@ class EntropyRLOOTrainer(EntropyModelCardMixin, EntropyTrainerMixin, RLOOTrainer
 
     _config_class = EntropyRLOOConfig
     _trl_name = "RLOO"
+    _generate_fields = RLOO_GENERATE_FIELDS
+    _old_per_token_logps: torch.Tensor | None = None
     _forking_loss_batch: dict | None = None  # the micro-batch whose loss pass is running, while the mask is on
-
-    def _makes_old_logps_pass(self) -> bool:
-        return True  # RLOO always scores the completions with the policy before the rewards
 
     def _needs_old_per_token_logps(self) -> bool:
         return entropy_settings(self).forking_tokens_enabled
 
-    def _on_old_logps_pass(self, logps, entropies, completion_mask) -> None:
-        super()._on_old_logps_pass(logps, entropies, completion_mask)
+    def _on_policy_pass(self, logps: torch.Tensor) -> None:
         self._old_per_token_logps = logps if entropy_settings(self).forking_tokens_enabled else None
 
     def _add_to_scored_batch(self, output: dict) -> dict:
         if entropy_settings(self).forking_tokens_enabled:
-            output["old_per_token_logps"] = self._old_per_token_logps
-            self._old_per_token_logps = None
+            observed, self._old_per_token_logps = self._old_per_token_logps, None
+            # The per-token values must be those RLOO summed into its `old_logps`: check it, bit for bit.
+            summed = None if observed is None else (observed * output["completion_mask"]).sum(1)
+            if summed is None or not torch.allclose(summed, output["old_logps"], rtol=0, atol=0, equal_nan=True):
+                raise RuntimeError(
+                    "The forking-token mask needs the per-token log-probs of RLOO's policy pass, and the first policy "
+                    f"pass of the batch is not the one RLOO summed into `old_logps`: trl-entropy reads TRL "
+                    f"{SUPPORTED_TRL}'s RLOOTrainer, and TRL {trl.__version__} is installed."
+                )
+            output["old_per_token_logps"] = observed
         return output
 
     def _compute_loss(self, model, inputs):

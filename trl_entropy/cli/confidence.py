@@ -1,6 +1,5 @@
 """What ``trl-entropy calibrate`` and ``trl-entropy generate --early_stopping`` run: load the model and the problems,
-run the pipeline, grade, write the results. The argument classes live beside the CLI, in
-:mod:`trl_entropy.cli.arguments`."""
+run the pipeline of :mod:`trl_entropy.confidence`, grade, write the results."""
 
 from __future__ import annotations
 
@@ -10,16 +9,15 @@ import math
 import os
 from dataclasses import asdict
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
+from ..confidence.calibration import EntropyThresholdCalibrator
+from ..confidence.pipeline import think_just_enough_generate
 from ..files import json_safe
-from .calibration import EntropyThresholdCalibrator
-from .pipeline import think_just_enough_generate
-
-if TYPE_CHECKING:
-    from ..cli.arguments import CalibrateArguments, EarlyStopGenerateArguments, _EarlyStopTaskArguments
+from ..tasks import ArithmeticTask, grade, load_task
+from .arguments import CalibrateArguments, EarlyStopGenerateArguments, _EarlyStopTaskArguments
 
 logger = logging.getLogger(__name__)
 
@@ -27,8 +25,6 @@ __all__ = ["problems_path", "run_calibrate", "run_early_stop_generate"]
 
 
 def _load_problems(args: _EarlyStopTaskArguments) -> tuple[list[list[dict]], list[str]]:
-    from ..tasks import ArithmeticTask, load_task
-
     if args.task == "arithmetic":
         task = ArithmeticTask(args.arithmetic_low, args.arithmetic_high, tuple(args.arithmetic_operations))
         data = task.dataset(args.num_problems, split=args.split, seed=args.seed)
@@ -86,8 +82,6 @@ def run_calibrate(args: CalibrateArguments) -> EntropyThresholdCalibrator:
 
     The per-problem measurements (first-step signal, correctness, completion) are written to
     :func:`problems_path` before the fit, so a failed fit keeps what the generation cost."""
-    from ..tasks import grade
-
     model, tokenizer = _load_model(args)
     prompts, answers = _load_problems(args)
     results = think_just_enough_generate(model, tokenizer, prompts, threshold=None, **_pipeline_kwargs(args))
@@ -119,8 +113,6 @@ def run_calibrate(args: CalibrateArguments) -> EntropyThresholdCalibrator:
 def run_early_stop_generate(args: EarlyStopGenerateArguments) -> dict:
     """Solve ``args.num_problems`` problems with early stopping (and, with ``compare_baseline``, without), grade
     them, print a comparison and write per-problem results to ``args.output_file``. Returns the metrics."""
-    from ..tasks import grade
-
     signal, threshold, calibration = args.signal, args.threshold, None
     if args.calibration_path is not None:
         calibrator = EntropyThresholdCalibrator.load(args.calibration_path)
