@@ -39,10 +39,11 @@ from transformers import TrainerCallback
 
 from trl_entropy import ops
 from trl_entropy.callbacks import EntropyStatsCallback, append_jsonl_record, truncate_jsonl
+from trl_entropy.decoding import GenerationEntropyRecorder
 from trl_entropy.rewards import entropy_token_reward
 from trl_entropy.testing import make_tiny_model_and_tokenizer
 from trl_entropy.trainers import EntropyGRPOConfig, EntropyGRPOTrainer, EntropyRLOOConfig, EntropyRLOOTrainer
-from trl_entropy.trainers._entropy import GenerationEntropyRecorder, sequence_rewards
+from trl_entropy.trainers._entropy import sequence_rewards
 
 REPO = Path(__file__).resolve().parents[1]
 # TRL's configs default to bf16=True, also on CPU: its old-log-probs pass then runs under bf16 autocast and the

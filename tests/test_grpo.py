@@ -15,10 +15,11 @@ from trainer_utils import (
 from transformers import LogitsProcessorList
 from trl import GRPOConfig, GRPOTrainer
 
+from trl_entropy.decoding import GenerationEntropyRecorder
 from trl_entropy.ops import high_entropy_mask, selected_token_count, token_entropy
 from trl_entropy.testing import make_tiny_model_and_tokenizer
 from trl_entropy.trainers import EntropyGRPOConfig, EntropyGRPOTrainer
-from trl_entropy.trainers._entropy import GenerationEntropyRecorder, sequence_rewards
+from trl_entropy.trainers._entropy import sequence_rewards
 
 
 class ScoringSourceGRPOTrainer(ScoringSourceMixin, EntropyGRPOTrainer):

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from .ops import token_entropy
+from .decoding import GenerationEntropyRecorder
 
 __all__ = [
     "TRUNCATION_WARNING_RATE",
@@ -87,6 +87,8 @@ class Completion:
         token_ids: generated token ids up to and including the first end-of-sequence token.
         token_entropies: entropy (nats) of the model's next-token distribution at each token of ``token_ids`` (empty
             when generation did not record it).
+        token_logprobs: log-probability of each token of ``token_ids`` under that distribution (empty when not
+            recorded).
         finished: whether the completion ended with an end-of-sequence token within the token budget; False means
             it was cut off at ``max_new_tokens`` and its final answer may be missing.
     """
@@ -95,6 +97,7 @@ class Completion:
     token_ids: list[int]
     token_entropies: list[float] = field(default_factory=list)
     finished: bool = True
+    token_logprobs: list[float] = field(default_factory=list)
 
     @property
     def num_tokens(self) -> int:
@@ -109,6 +112,12 @@ class Completion:
     def mean_entropy(self) -> float:
         """Mean token entropy, NaN for an empty completion (nothing to average)."""
         finite = [h for h in self.token_entropies if math.isfinite(h)]
+        return sum(finite) / len(finite) if finite else math.nan
+
+    @property
+    def mean_logprob(self) -> float:
+        """Mean log-probability of the completion's tokens, NaN for an empty or unrecorded completion."""
+        finite = [v for v in self.token_logprobs if math.isfinite(v)]
         return sum(finite) / len(finite) if finite else math.nan
 
 
@@ -258,7 +267,9 @@ def generate_completions(
     progress: bool = True,
     desc: str = "Generating",
 ) -> list[Completion]:
-    """Generate one completion per prompt in left-padded batches and record each token's entropy.
+    """Generate one completion per prompt in left-padded batches and record each token's entropy and log-probability
+    (:class:`~trl_entropy.decoding.GenerationEntropyRecorder`: from the raw logits of each decoding step, in memory
+    proportional to batch x steps).
 
     Sampling draws from the full tempered distribution (``top_k=0``, ``top_p=1``), as TRL's GRPO and RLOO do by
     default, so evaluation sees the same distribution as training.
@@ -270,8 +281,8 @@ def generate_completions(
         max_new_tokens: longest completion, ``>= 1``.
         do_sample: sample at ``temperature`` (else greedy decoding).
         temperature: sampling temperature, ``> 0``; ignored for greedy decoding.
-        entropy_temperature: ``T`` of the recorded entropy ``H(softmax(z / T))``; defaults to ``temperature`` when
-            sampling and 1.0 for greedy decoding.
+        entropy_temperature: ``T`` of the recorded entropy ``H(softmax(z / T))`` and log-probability
+            ``log softmax(z / T)``; defaults to ``temperature`` when sampling and 1.0 for greedy decoding.
         batch_size: prompts per ``generate`` call, ``>= 1``.
         seed: seed of the sampling (``torch.manual_seed``) for reproducible runs; None leaves the RNG alone.
         progress: show a tqdm bar over batches.
@@ -310,28 +321,20 @@ def generate_completions(
         for start in tqdm(batches, desc=desc, disable=not progress, leave=False):
             texts = [_prompt_text(tokenizer, p) for p in prompts[start : start + batch_size]]
             inputs = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
-            output = model.generate(
-                **inputs,
-                max_new_tokens=max_new_tokens,
-                pad_token_id=pad_id,
-                return_dict_in_generate=True,
-                output_logits=True,
-                **sampling,
-            )
-            new_tokens = output.sequences[:, inputs["input_ids"].size(1) :].tolist()
-            # logits: one [B, V] tensor per decoding step, raw (before temperature or any processor). Reduced step by
-            # step: stacking them would copy B x steps x V floats (600 MB for 64 x 48 x 49152).
-            entropies = torch.stack([token_entropy(step, entropy_temperature) for step in output.logits], dim=1)
-            entropies = entropies.cpu().tolist()
-            del output
-            for ids, row_entropies in zip(new_tokens, entropies):
-                length = _trim_at_end(ids, end_ids)
+            recorder = GenerationEntropyRecorder(model, entropy_temperature, ("token_entropy", "token_logprob"))
+            with recorder:
+                sequences = model.generate(**inputs, max_new_tokens=max_new_tokens, pad_token_id=pad_id, **sampling)
+            new_tokens = sequences[:, inputs["input_ids"].size(1) :].tolist()
+            trimmed = [ids[: _trim_at_end(ids, end_ids)] for ids in new_tokens]
+            values = recorder.per_completion(trimmed)
+            for row, ids in enumerate(trimmed):
                 completions.append(
                     Completion(
-                        text=tokenizer.decode(ids[:length], skip_special_tokens=True),
-                        token_ids=ids[:length],
-                        token_entropies=row_entropies[:length],
-                        finished=length > 0 and ids[length - 1] in end_ids,
+                        text=tokenizer.decode(ids, skip_special_tokens=True),
+                        token_ids=ids,
+                        token_entropies=values["token_entropy"][row].tolist(),
+                        finished=bool(ids) and ids[-1] in end_ids,
+                        token_logprobs=values["token_logprob"][row].tolist(),
                     )
                 )
     finally:

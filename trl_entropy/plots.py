@@ -333,6 +333,63 @@ def plot_top_tokens(records: Sequence[dict[str, Any]], n: int = 20):
     return figure
 
 
+def plot_diagnosis(result: dict[str, Any], path: str | Path) -> Path:
+    """The PNG of ``trl-entropy diagnose``: accuracies (greedy, sampled, majority@k, pass@k) or, without answers, the
+    label-free agreement; and the sequence entropy of the samples, split by correctness when answers are known."""
+    figure = _figure_class()(figsize=(10, 3.8))
+    left, right = figure.subplots(1, 2)
+    settings = result["settings"]
+    k = settings["num_samples"]
+    if result["has_answers"]:
+        names = ["greedy", f"sampled T={settings['temperature']:g}", f"majority@{k}", f"pass@{k}"]
+        values = [result["greedy"]["accuracy"], result["sampled"]["accuracy"], result["majority_at_k"]]
+        values.append(result["pass_at_k"])
+        left.set_ylabel("accuracy")
+    else:
+        names = ["agree with majority", "greedy = majority", "parsed (sampled)"]
+        free = result["label_free"]
+        values = [free["majority_agreement"], free["greedy_is_majority"], result["sampled"]["parse_rate"]]
+        left.set_ylabel("fraction")
+    left.bar(range(len(values)), values, color=["tab:blue", "tab:orange", "tab:green", "tab:purple"][: len(values)])
+    left.set_xticks(range(len(values)))
+    left.set_xticklabels(names, fontsize=8)
+    left.set_ylim(0, 1)
+    left.set_title(
+        f"{settings['num_prompts']} prompts, budget {settings['max_new_tokens']} tokens "
+        f"({100 * result['sampled']['truncation_rate']:.0f}% of samples cut off)",
+        fontsize=8,
+    )
+    samples = result.get("per_sample")
+    if samples:
+        for correct, colour in ((True, "tab:green"), (False, "tab:red")):
+            values = [
+                s["sequence_entropy"]
+                for s in samples
+                if s["correct"] == correct and np.isfinite(s["sequence_entropy"])
+            ]
+            if values:
+                label = f"{'correct' if correct else 'incorrect'} ({len(values)})"
+                right.hist(values, bins=20, alpha=0.5, color=colour, label=label)
+        separation = result["confidence"]["sequence_entropy"]
+        if separation is not None:
+            low, high = separation["auroc_ci95"]
+            right.set_title(
+                f"AUROC of minus entropy for correctness {separation['auroc']:.2f} [{low:.2f}, {high:.2f}]", fontsize=8
+            )
+        right.legend(fontsize=8)
+    else:
+        right.set_title("sequence entropy of the samples (no answers)", fontsize=8)
+    right.set_xlabel("sequence entropy (mean token entropy, nats)")
+    right.set_ylabel("samples")
+    verdict = result["verdict"]
+    figure.suptitle(f"trl-entropy diagnose: {verdict['verdict']}", fontsize=10)
+    figure.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=110)
+    return path
+
+
 def run_plot(args: PlotArguments) -> list[Path]:
     """Write the PNG figures for ``args`` and return their paths."""
     records = load_entropy_stats(args.stats_file)

@@ -20,6 +20,7 @@ from ..inference import AdaptiveTemperatureConfig, EMInfConfig
 from ..models import DEFAULT_MODEL
 
 __all__ = [
+    "DiagnoseArguments",
     "TrainScriptArguments",
     "EntropyModelConfig",
     "GenerateModeArguments",
@@ -44,6 +45,9 @@ class TrainScriptArguments(GRPOScriptArguments):
             (`datasets.load_dataset`), or a `.json`/`.jsonl`/`.csv`/`.parquet` file. It needs a `prompt` column.
         num_train_prompts (`int`, *optional*, defaults to `1024`):
             Number of prompts drawn for the built-in `arithmetic` task, >= 1 (ignored for other datasets).
+        prompt_style (`str`, *optional*, defaults to `"open"`):
+            Prompt of the built-in `arithmetic` task (:class:`~trl_entropy.tasks.ArithmeticTask`): `"open"` (the
+            question alone) or `"short"` (two worked examples first); ignored for other datasets.
         reward_funcs (`list[str]` or `None`, *optional*, defaults to `None`):
             Reward functions: TRL's `accuracy_reward` (reads the `solution` column), `reasoning_accuracy_reward`,
             `think_format_reward`, `get_soft_overlong_punishment` (with `trl grpo`'s settings), `accuracy`
@@ -66,6 +70,10 @@ class TrainScriptArguments(GRPOScriptArguments):
     )
     num_train_prompts: int = field(
         default=1024, metadata={"help": "Prompts drawn for the built-in 'arithmetic' task (>= 1)."}
+    )
+    prompt_style: str = field(
+        default="open",
+        metadata={"help": "Built-in 'arithmetic' task's prompt: 'open' or 'short'.", "choices": ["open", "short"]},
     )
     reward_funcs: list[str] | None = field(
         default=None,
@@ -405,3 +413,77 @@ class EarlyStopGenerateArguments(_EarlyStopTaskArguments):
             raise ValueError(f"`max_answer_tokens` must be >= 1, got {self.max_answer_tokens}.")
         if self.token_budget is not None and (self.token_budget < 1 or self.mode != "two_stage"):
             raise ValueError("`token_budget` must be >= 1 and needs mode='two_stage'.")
+
+
+@dataclass
+class DiagnoseArguments:
+    """Arguments of ``trl-entropy diagnose``: before training, measure on a few prompts of the training data whether
+    label-free training can help this model (:func:`trl_entropy.diagnose.diagnose`), print a verdict with its rule and
+    numbers, and write ``diagnosis.json`` and ``diagnosis.png`` to `output_dir`.
+
+    Parameters:
+        model_name_or_path (`str`, *optional*, defaults to `"smollm2"`):
+            `"smollm2"` (the embedded SmolLM2-135M-Instruct), a hub id or a local folder, as for `trl-entropy grpo`.
+        dataset_name (`str`, *optional*, defaults to `"arithmetic"`):
+            As for `trl-entropy grpo`: `"arithmetic"`, a hub dataset id or folder, or a data file, with a `prompt`
+            column.
+        dataset_config (`str` or `None`, *optional*, defaults to `None`):
+            Hub dataset configuration.
+        dataset_train_split (`str`, *optional*, defaults to `"train"`):
+            Split the prompts are drawn from.
+        prompt_style (`str`, *optional*, defaults to `"open"`):
+            Prompt of the built-in `arithmetic` task: `"open"` or `"short"`.
+        answer_column (`str` or `None`, *optional*, defaults to `None`):
+            Column of reference answers; None: `answer`, else `solution`, when the data has one, else none (the
+            label-free quantities only). Naming a column the data lacks is an error.
+        num_prompts (`int`, *optional*, defaults to `64`):
+            Prompts measured (the first ones of the split), >= 1.
+        num_samples (`int`, *optional*, defaults to `4`):
+            Samples per prompt at `temperature` (`k` of majority@k and pass@k), >= 2.
+        temperature (`float`, *optional*, defaults to `1.0`):
+            The training temperature (sampling and the measured entropies), > 0.
+        max_completion_length (`int`, *optional*, defaults to `256`):
+            Token budget of every completion, >= 1 (TRL's GRPO default; use the training run's).
+        batch_size (`int`, *optional*, defaults to `64`):
+            Sequences per `generate` call, >= 1.
+        seed (`int`, *optional*, defaults to `0`):
+            Seed of the sampling and of the built-in task's prompts.
+        output_dir (`str`, *optional*, defaults to `"trl-entropy-diagnose"`):
+            Folder of `diagnosis.json` and `diagnosis.png`.
+        num_threads (`int` or `None`, *optional*, defaults to `None`):
+            torch CPU threads; None keeps torch's choice.
+    """
+
+    model_name_or_path: str = field(default=DEFAULT_MODEL, metadata={"help": "Model: 'smollm2', a hub id or path."})
+    dataset_name: str = field(
+        default="arithmetic", metadata={"help": "'arithmetic', a hub dataset id or folder, or a data file."}
+    )
+    dataset_config: str | None = field(default=None, metadata={"help": "Hub dataset configuration."})
+    dataset_train_split: str = field(default="train", metadata={"help": "Split the prompts come from."})
+    prompt_style: str = field(
+        default="open",
+        metadata={"help": "Built-in 'arithmetic' task's prompt: 'open' or 'short'.", "choices": ["open", "short"]},
+    )
+    answer_column: str | None = field(
+        default=None, metadata={"help": "Reference answer column (default: 'answer' or 'solution' when present)."}
+    )
+    num_prompts: int = field(default=64, metadata={"help": "Prompts measured, >= 1."})
+    num_samples: int = field(default=4, metadata={"help": "Samples per prompt (k), >= 2."})
+    temperature: float = field(default=1.0, metadata={"help": "Training temperature, > 0."})
+    max_completion_length: int = field(default=256, metadata={"help": "Token budget per completion, >= 1."})
+    batch_size: int = field(default=64, metadata={"help": "Sequences per generate call, >= 1."})
+    seed: int = field(default=0, metadata={"help": "Seed of sampling and of the built-in task."})
+    output_dir: str = field(default="trl-entropy-diagnose", metadata={"help": "Folder of diagnosis.json/png."})
+    num_threads: int | None = field(default=None, metadata={"help": "torch CPU threads (None: torch's default)."})
+
+    def __post_init__(self):
+        for name, low in (("num_prompts", 1), ("num_samples", 2), ("max_completion_length", 1), ("batch_size", 1)):
+            value = getattr(self, name)
+            if not (isinstance(value, int) and value >= low):
+                raise ValueError(f"`{name}` must be an integer >= {low}, got {value!r}.")
+        if not (math.isfinite(self.temperature) and self.temperature > 0):
+            raise ValueError(f"`temperature` must be a finite number > 0, got {self.temperature}.")
+        if self.prompt_style not in ("open", "short"):
+            raise ValueError(f"`prompt_style` must be 'open' or 'short', got {self.prompt_style!r}.")
+        if self.num_threads is not None and self.num_threads < 1:
+            raise ValueError(f"`num_threads` must be >= 1 or None, got {self.num_threads}.")

@@ -38,12 +38,14 @@ _HELP = {
     "generate": "Generate with EM-INF / adaptive temperature, or with entropy early stopping (--early_stopping).",
     "calibrate": "Calibrate an entropy early-stopping threshold on a few labelled problems.",
     "plot": "PNG plots from the entropy_stats.jsonl of a training run.",
+    "diagnose": "Before training: measure whether label-free training can help this model on this data (verdict).",
     "demo": "Label-free EM-RL on the embedded model: accuracy and entropy before/after, Markdown report.",
 }
 _SIMPLE = {
     # command: (module of the arguments class, arguments class, module of the run function, run function)
     "calibrate": ("trl_entropy.cli.arguments", "CalibrateArguments", "trl_entropy.cli.confidence", "run_calibrate"),
     "plot": ("trl_entropy.plots", "PlotArguments", "trl_entropy.plots", "run_plot"),
+    "diagnose": ("trl_entropy.cli.arguments", "DiagnoseArguments", "trl_entropy.cli.diagnose", "prepare_diagnosis"),
     "demo": ("trl_entropy.demo", "DemoArguments", "trl_entropy.demo", "run_demo"),
     "generate": ("trl_entropy.cli.arguments", "GenerateArguments", "trl_entropy.cli.generate", "run_generate"),
     "generate --early_stopping": (
@@ -234,11 +236,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                 paths = run(parsed[-1])
                 print("\n".join(str(path) for path in paths))
                 return 0
+            if command == "diagnose":  # the data is read and checked here, before the model loads
+                job = run(parsed[-1])
     except (UsageError, ValueError, TypeError, FileNotFoundError, ImportError) as err:
         _fail(command, err, USAGE_ERROR)
 
     try:
-        if command in _TRAINERS:
+        if command in _TRAINERS or command == "diagnose":
             job.run()
             return 0
         result = run(parsed[-1])

@@ -112,7 +112,7 @@ def _load_datasets(
     elif script_args.dataset_name == "arithmetic":
         from ..tasks import ArithmeticTask
 
-        task = ArithmeticTask()
+        task = ArithmeticTask(prompt_style=script_args.prompt_style)
         train = task.dataset(script_args.num_train_prompts, split="train", seed=seed)
         evaluation = task.dataset(max(8, script_args.num_train_prompts // 8), split="test", seed=seed)
         return train, evaluation if with_eval else None, "the arithmetic task"

@@ -16,7 +16,7 @@ import torch
 
 from ..ops import high_entropy_mask
 from ..rewards import entropy_token_reward, entropy_trajectory_reward, self_certainty_reward
-from ._signals import CompletionSignalsMixin, GenerationEntropyRecorder
+from ._signals import CompletionSignalsMixin
 
 ENTROPY_REWARDS = ("none", "token", "trajectory", "self_certainty")
 FORKING_MODES = ("top", "bottom")
@@ -395,7 +395,6 @@ __all__ = [
     "EntropyMethodsArguments",
     "EntropyReward",
     "EntropyTrainerMixin",
-    "GenerationEntropyRecorder",
     "entropy_fields",
     "entropy_settings",
     "forking_normalization_weights",
