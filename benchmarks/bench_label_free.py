@@ -54,7 +54,11 @@ from _common import RESULTS_DIR, print_table  # noqa: E402
 
 NAME = "bench_label_free"
 RUNS_DIR = RESULTS_DIR / NAME
-REGIMES = ("open", "short")
+REGIMES = ("open", "short", "open_2digit")
+# regime -> (ArithmeticTask prompt_style, smallest operand, largest operand). "open_2digit" is a task variant (1 seed
+# of no training and EM-RL token) that checks `trl-entropy diagnose`'s rule on a setting its thresholds were not set
+# on.
+REGIME_TASKS = {"open": ("open", 1, 20), "short": ("short", 1, 20), "open_2digit": ("open", 10, 49)}
 PROTOCOL = {
     "model": "SmolLM2-135M-Instruct (embedded)",
     "task": "ArithmeticTask, 'What is a + b?', 1 <= a, b <= 20",
@@ -86,10 +90,21 @@ LABELS = {
 }
 # (regime, method) -> number of seeds
 PLAN = {
-    **{(regime, method): 3 for regime in REGIMES for method in ("none", "em_rl_token", "supervised", "majority_vote")},
+    **{
+        (regime, method): 3
+        for regime in ("open", "short")
+        for method in ("none", "em_rl_token", "supervised", "majority_vote")
+    },
     ("open", "em_rl_trajectory"): 3,
     **{("open", m): 1 for m in ("emft", "em_rl_token_rloo", "forking_0.2", "self_certainty", "rent")},
+    ("open_2digit", "none"): 1,
+    ("open_2digit", "em_rl_token"): 1,
 }
+
+
+def eval_budgets(regime: str) -> list[int]:
+    """The evaluation budget ladder of a regime (a task variant takes its prompt style's)."""
+    return PROTOCOL["eval_budgets"][REGIME_TASKS[regime][0]]
 
 
 def parse_args() -> argparse.Namespace:
@@ -106,9 +121,11 @@ def parse_args() -> argparse.Namespace:
 # ---- problems -------------------------------------------------------------------------------------------------------
 
 
-def problem_split() -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
-    """``(held_out, train_pool)``: the 400 operand pairs in a fixed shuffle, the first 128 held out."""
-    pairs = [(a, b) for a in range(1, 21) for b in range(1, 21)]
+def problem_split(regime: str = "open") -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+    """``(held_out, train_pool)``: the regime's operand pairs (400 for 1..20) in a fixed shuffle, the first 128 held
+    out."""
+    _, low, high = REGIME_TASKS[regime]
+    pairs = [(a, b) for a in range(low, high + 1) for b in range(low, high + 1)]
     random.Random(2026).shuffle(pairs)
     return pairs[: PROTOCOL["n_eval"]], pairs[PROTOCOL["n_eval"] :]
 
@@ -116,12 +133,13 @@ def problem_split() -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
 def problems(regime: str, pairs: list[tuple[int, int]]) -> list[dict]:
     from trl_entropy.tasks import ArithmeticTask
 
-    task = ArithmeticTask(prompt_style=regime)
+    style, low, high = REGIME_TASKS[regime]
+    task = ArithmeticTask(low=low, high=high, prompt_style=style)
     return [task.problem(a, "+", b) for a, b in pairs]
 
 
-def train_pairs(seed: int) -> list[tuple[int, int]]:
-    _, pool = problem_split()
+def train_pairs(seed: int, regime: str = "open") -> list[tuple[int, int]]:
+    _, pool = problem_split(regime)
     return random.Random(seed).sample(pool, PROTOCOL["steps"] * PROTOCOL["prompts_per_step"])
 
 
@@ -245,7 +263,7 @@ def evaluate_until_finished(model, tokenizer, held_out: list[dict], regime: str,
     from trl_entropy.evaluation import evaluate
 
     attempts, result = [], None
-    for budget in PROTOCOL["eval_budgets"][regime]:
+    for budget in eval_budgets(regime):
         result = evaluate(
             model,
             tokenizer,
@@ -279,13 +297,13 @@ def run_one(regime: str, method: str, seed: int) -> dict:
 
     key = f"{regime}/{method}/{seed}"
     start_wall, start_cpu = time.perf_counter(), time.process_time()
-    held_out_pairs, _ = problem_split()
+    held_out_pairs, _ = problem_split(regime)
     held_out = problems(regime, held_out_pairs)
     set_seed(seed)
     model, tokenizer = load_default_model()
     log, progress, train_s = [], Progress(key), 0.0
     if method != "none":
-        rows = problems(regime, train_pairs(seed))
+        rows = problems(regime, train_pairs(seed, regime))
         with tempfile.TemporaryDirectory() as output_dir:
             trainer = make_trainer(method, seed, model, tokenizer, rows, output_dir, [progress])
             train_start = time.perf_counter()
@@ -298,7 +316,12 @@ def run_one(regime: str, method: str, seed: int) -> dict:
         ]
         model = trainer.model
     eval_start = time.perf_counter()
-    greedy = evaluate_until_finished(model, tokenizer, held_out, regime, do_sample=False, seed=seed)
+    shared = run_path(regime, "none", 0)
+    if method == "none" and seed > 0 and shared.is_file():
+        # Greedy decoding of the untrained model draws no random number: every seed's is seed 0's.
+        greedy = {**json.loads(shared.read_text())["greedy"], "shared_with_seed": 0}
+    else:
+        greedy = evaluate_until_finished(model, tokenizer, held_out, regime, do_sample=False, seed=seed)
     sampled = evaluate_until_finished(model, tokenizer, held_out, regime, do_sample=True, seed=seed)
     eval_s = time.perf_counter() - eval_start
     del model
@@ -465,6 +488,24 @@ def verdicts(summary: dict) -> list[dict]:
     return out
 
 
+def package_summary(summary: dict) -> dict:
+    """The small summary ``trl-entropy demo`` shows beside its own run (``trl_entropy/study_summary.json``)."""
+    rows = []
+    for row in summary["rows"]:
+        entry = {"regime": row["regime"], "method": row["method"], "label": row["label"], "seeds": row["seeds"]}
+        for mode in ("greedy", "sampled"):
+            stat = row[mode]
+            entry[mode] = {
+                "mean": stat["accuracy"]["mean"],
+                "std": stat["accuracy"]["std"],
+                "changes": [p["change"] for p in stat["paired_vs_none"]],
+                "budgets": sorted(set(stat["budgets"])),
+                "truncation_rate": stat["truncation_rate"]["mean"],
+            }
+        rows.append(entry)
+    return {"source": "benchmarks/bench_label_free.py", "protocol": PROTOCOL, "rows": rows}
+
+
 def table_rows(summary: dict) -> list[dict]:
     def pct(stat: dict) -> str:
         text = f"{100 * stat['mean']:.1f}"
@@ -528,7 +569,7 @@ def plot(summary: dict, path: Path) -> Path | None:
         from matplotlib.figure import Figure
     except ImportError:
         return None
-    figure = Figure(figsize=(13, 4.8))
+    figure = Figure(figsize=(16, 4.8))
     axes = figure.subplots(1, len(REGIMES), sharey=True)
     for ax, regime in zip(axes, REGIMES):
         rows = [r for r in summary["rows"] if r["regime"] == regime]
@@ -656,6 +697,9 @@ def main() -> None:
     tmp = summary_path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
     os.replace(tmp, summary_path)
+    if runs:
+        shipped = Path(__file__).resolve().parents[1] / "trl_entropy" / "study_summary.json"
+        shipped.write_text(json.dumps(package_summary(summary), indent=1, sort_keys=True) + "\n")
     rows = table_rows(summary)
     if rows:
         print_table(rows, list(rows[0]))

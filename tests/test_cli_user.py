@@ -259,6 +259,43 @@ def test_unknown_key_in_a_yaml_config_is_one_line(tmp_path, capsys):
     _one_line_error(status, lines, "config file", "--learning_rat")
 
 
+@pytest.mark.parametrize("case", ["no_prompt_column", "bad_option"])
+def test_a_bad_input_error_is_alone_on_stderr(tmp_path, case):
+    """The installed script, as a user runs it: exactly one line on stderr. The code before this test printed
+    transformers' `gradient_checkpointing` FutureWarning (TRL's configs default the deprecated name) and a `datasets`
+    progress bar before the error: 6 lines."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    env.pop("PYTHONWARNINGS", None)
+    data = _write_jsonl(tmp_path / "questions.jsonl", [{"question": "what is 1 + 2 ?", "answer": "3"}] * 4)
+    argv = [sys.executable, "-m", "trl_entropy.cli", "grpo", "--output_dir", str(tmp_path / "out")]
+    argv += ["--dataset_name", data] if case == "no_prompt_column" else ["--forking_token_ratio", "2"]
+    done = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=300)
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert done.returncode == 2 and len(lines) == 1, done.stderr
+    assert lines[0].startswith("trl-entropy grpo: error: ")
+
+
+def test_no_deprecated_transformers_name_reaches_a_config(tmp_path):
+    """`trl-entropy grpo` builds its config under transformers' current name (`activation_checkpointing`), keeping
+    TRL's default and reading a command line or YAML that uses the old name."""
+    import warnings
+
+    from trl_entropy.cli.main import _parse
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        config = _parse("grpo", ["--output_dir", str(tmp_path)])[1]
+        assert config.activation_checkpointing is True  # TRL's GRPO default
+        config = _parse("grpo", ["--output_dir", str(tmp_path), "--gradient_checkpointing", "false"])[1]
+        assert config.activation_checkpointing is False and config.gradient_checkpointing is False
+        path = tmp_path / "config.yaml"
+        path.write_text(yaml.safe_dump({"gradient_checkpointing": False, "output_dir": str(tmp_path)}))
+        assert _parse("grpo", ["--config", str(path)])[1].activation_checkpointing is False
+
+
 def test_console_script_prints_one_line_and_exits_2(tmp_path):
     """The installed `trl-entropy` script, as a user runs it in a shell."""
     import subprocess

@@ -9,7 +9,6 @@ import torch
 
 from trl_entropy.demo import DemoArguments, render_report, run_demo
 from trl_entropy.evaluation import (
-    EvaluationResult,
     evaluate,
     generate_completions,
     plot_entropy_histograms,
@@ -162,63 +161,100 @@ def test_evaluate_grades_every_completion():
     assert result.mean_length == pytest.approx(sum(c.num_tokens for c in completions) / 6)
 
 
-def _result(correct, entropies, lengths, do_sample, budget=32, truncated=()):
-    from trl_entropy.evaluation import Completion
+def _diagnosis(answers, max_new_tokens=4, seed=0):
+    """A real diagnosis of the tiny model (its completions graded against ``answers``)."""
+    from trl_entropy.diagnose import diagnose
 
-    completions = [
-        Completion(text="", token_ids=[0] * n, token_entropies=[h] * n, finished=i not in truncated)
-        for i, (h, n) in enumerate(zip(entropies, lengths))
+    model, tokenizer = make_tiny_model_and_tokenizer(seed=seed)
+    prompts = tiny_prompts(len(answers))
+    return diagnose(
+        model,
+        tokenizer,
+        prompts,
+        answers,
+        parse_answer=lambda t: (t.split() or [None])[-1],
+        is_correct=lambda t, a: (t.split() or [None])[-1] == a,
+        num_samples=2,
+        max_new_tokens=max_new_tokens,
+        batch_size=8,
+        progress=False,
+    )
+
+
+STUDY = {
+    "rows": [
+        {"regime": regime, "method": method, "label": method, "seeds": [0, 1, 2],
+         "greedy": {"mean": g, "std": 0.02, "changes": [0.1, 0.2, 0.3]}, "sampled": {"mean": g / 2, "std": None}}
+        for regime, method, g in (("open", "none", 0.3), ("open", "em_rl_token", 0.6), ("short", "none", 0.5),
+                                  ("short", "em_rl_token", 0.4))
     ]
-    return EvaluationResult(len(correct), sum(correct), do_sample, 1.0, 1.0, budget, completions, correct)
+}  # fmt: skip
 
 
-def _results(before, after):
+def _results(before, after, study=STUDY):
+    from trl_entropy.demo import paired_changes
+
+    args = DemoArguments(num_samples=2)
     return {
-        "args": {**DemoArguments(temperature=1.0).__dict__},
-        "before": {k: v.to_dict() for k, v in before.items()},
-        "after": {k: v.to_dict() for k, v in after.items()},
-        "paired_change_ci95": {"greedy": (0.0, 0.5), "sampled": (-0.25, 1.0)},
-        "timing": {"total_s": 600, "train_s": 400, "eval_s": 150, "cpu_s": 1100, "num_threads": 2, "machine": "x"},
+        "args": {**args.__dict__},
+        "before": before,
+        "after": after,
+        "paired": paired_changes(before, after),
+        "study": study,
+        "study_other_regime": "the other regime line",
+        "timing": {
+            "total_s": 600,
+            "diagnose_s": 100,
+            "train_s": 400,
+            "eval_s": 50,
+            "cpu_s": 1100,
+            "num_threads": 1,
+            "machine": "x",
+        },  # fmt: skip
     }
 
 
-@pytest.mark.parametrize("num_truncated, warned", [(0, False), (1, False), (2, True), (20, True)])
-def test_report_warns_when_more_than_5_percent_of_base_answers_are_truncated(num_truncated, warned):
-    # 20 problems: 1 truncated is exactly 5% (no warning), 2 is 10% (warning).
-    n, budget = 20, 24
-    lengths = [budget] * num_truncated + [7] * (n - num_truncated)
-    truncated = range(num_truncated)
-    before = {
-        "greedy": _result([False] * n, [0.5] * n, lengths, False, budget, truncated),
-        "sampled": _result([False] * n, [1.0] * n, [7] * n, True, budget),
-    }
-    after = {k: _result([True] * n, [0.1] * n, [7] * n, k == "sampled", budget) for k in ("greedy", "sampled")}
+def test_render_report_table_matches_the_results():
+    before = _diagnosis(["what", "is", "3", "=", "?", "4"])
+    after = _diagnosis(["3", "is", "3", "=", "the", "4"], seed=1)
+    results = _results(before, after)
+    report = render_report(results, ["a.png"])
+    row = next(line for line in report.splitlines() if line.startswith("| Accuracy, greedy"))
+    low, high = before["greedy"]["accuracy_ci95"]
+    assert f"{before['greedy']['accuracy']:.1%} [{low:.1%}, {high:.1%}]" in row
+    paired = results["paired"]["greedy"]
+    assert f"{paired['change']:+.1%}" in row and f"p={paired['mcnemar_p']:.2g}" in row
+    assert "30.0% +- 2.0 -> 60.0% +- 2.0" in row  # the study's open regime, mean +- std over seeds
+    greedy_changes = [int(b["greedy_correct"]) - int(a["greedy_correct"])
+                      for a, b in zip(before["per_prompt"], after["per_prompt"])]  # fmt: skip
+    assert paired["change"] == pytest.approx(sum(greedy_changes) / 6)
+    row = next(line for line in report.splitlines() if line.startswith("| Pass@2"))
+    assert f"{before['pass_at_k']:.1%}" in row and f"{after['pass_at_k']:.1%}" in row
+    assert "**6 problems**" in report and "![a](a.png)" in report and "the other regime line" in report
+    assert f"Verdict: **{before['verdict']['verdict']}**" in report
+
+
+@pytest.mark.parametrize("budget, warned", [(3, True), (40, False)])  # at 40 the tiny model may still run on
+def test_report_warns_when_more_than_5_percent_of_base_answers_are_truncated(budget, warned):
+    before = _diagnosis(["3"] * 4, max_new_tokens=budget)
+    after = _diagnosis(["3"] * 4, max_new_tokens=budget, seed=1)
     report = render_report(_results(before, after), [])
+    for key in ("greedy", "sampled"):
+        rate = before[key]["truncation_rate"]
+        assert (f"of the base model's {key} answers are cut off at {budget} tokens" in report) is (rate > 0.05)
+        warned = warned or rate > 0.05
     assert ("Warning" in report) is warned
-    if warned:
-        line = next(line for line in report.splitlines() if "Warning" in line)
-        assert f"{num_truncated / n:.1%} of the base model's greedy answers are cut off at {budget} tokens" in line
-        assert "sampled answers" not in report  # only the setting over the limit is named
     row = next(line for line in report.splitlines() if line.startswith(f"| Truncated at {budget} tokens, greedy"))
-    assert f"| {num_truncated / n:.1%} | 0.0% |" in row
+    assert f"| {before['greedy']['truncation_rate']:.1%} |" in row
 
 
-def test_render_report_table_matches_the_results(tmp_path):
-    before = {
-        "greedy": _result([True, False, False, False], [0.5] * 4, [10] * 4, False),
-        "sampled": _result([False, False, False, True], [1.5] * 4, [20] * 4, True),
-    }
-    after = {
-        "greedy": _result([True, True, False, False], [0.25] * 4, [8] * 4, False),
-        "sampled": _result([True, True, True, False], [0.5] * 4, [12] * 4, True),
-    }
-    report = render_report(_results(before, after), ["a.png"])
-    low, high = wilson_interval(3, 4)
-    row = next(line for line in report.splitlines() if line.startswith("| Accuracy, sampled"))
-    assert f"75.0% [{low:.1%}, {high:.1%}]" in row and "+50.0%" in row
-    row = next(line for line in report.splitlines() if line.startswith("| Mean token entropy (nats), sampled"))
-    assert "1.500" in row and "0.500" in row and "-1.000" in row
-    assert "**4 problems**" in report and "![a](a.png)" in report
+def test_the_shipped_study_summary_names_both_regimes():
+    from trl_entropy.demo import study_reference
+
+    study = study_reference()
+    assert study is not None and study["source"] == "benchmarks/bench_label_free.py"
+    regimes = {(row["regime"], row["method"]) for row in study["rows"]}
+    assert {("open", "none"), ("short", "none"), ("open", "em_rl_token"), ("short", "em_rl_token")} <= regimes
 
 
 def test_plot_entropy_histograms_writes_a_png(tmp_path):
@@ -229,40 +265,39 @@ def test_plot_entropy_histograms_writes_a_png(tmp_path):
 def test_demo_arguments_validation():
     with pytest.raises(ValueError, match="num_generations"):
         DemoArguments(num_generations=1)
+    with pytest.raises(ValueError, match="num_samples"):
+        DemoArguments(num_samples=1)
     with pytest.raises(ValueError, match="task"):
         DemoArguments(task="imagenet")
     with pytest.raises(ValueError, match="temperature"):
         DemoArguments(temperature=0.0)
     quick = DemoArguments(quick=True)
-    assert (quick.max_steps, quick.num_eval_problems) == (2, 8)
+    assert (quick.max_steps, quick.num_eval_problems, quick.num_samples, quick.eval_max_new_tokens) == (2, 8, 2, 32)
+    assert DemoArguments().prompt_style == "open" and DemoArguments().num_threads == 1
 
 
 @pytest.mark.slow
 def test_demo_quick_mode_writes_a_report(tmp_path):
     output_dir = tmp_path / "demo"
-    args = DemoArguments(
-        output_dir=str(output_dir), quick=True, max_completion_length=16, num_generations=4, prompts_per_step=1
-    )
+    args = DemoArguments(output_dir=str(output_dir), quick=True, max_completion_length=16, prompts_per_step=1)
     results = run_demo(args)
 
     report = (output_dir / "report.md").read_text()
-    assert "| Accuracy, greedy |" in report and "| Accuracy, sampled at T=" in report
+    assert "## What to expect on this model and task" in report and "Verdict: **" in report
+    assert "| Accuracy, greedy |" in report and "| Accuracy, sampled T=1 |" in report
     assert "**8 problems**" in report
     images = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", report)
-    assert "heldout_entropy_histogram.png" in images
-    assert any(image.startswith("training/entropy_plots/") for image in images)
+    assert {"before.png", "after.png"} <= set(images)
     for image in images:
         assert (output_dir / image).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-
     saved = json.loads((output_dir / "results.json").read_text())
-    samples = [json.loads(line) for line in (output_dir / "samples.jsonl").read_text().splitlines()]
-    assert len(samples) == 8
     for stage in ("before", "after"):
-        sampled = saved[stage]["sampled"]
-        # The sampled accuracy is the grading of the saved completions, recomputed here independently.
-        assert sampled["num_correct"] == sum(grade(s[stage], s["answer"]) for s in samples)
-        assert sampled["accuracy"] == sampled["num_correct"] / 8
-        assert saved[stage]["greedy"]["num_problems"] == 8
+        per_prompt = saved[stage]["per_prompt"]
+        assert len(per_prompt) == 8
+        assert saved[stage]["greedy"]["accuracy"] == sum(p["greedy_correct"] for p in per_prompt) / 8
+    assert saved["paired"]["greedy"]["change"] == pytest.approx(
+        saved["after"]["greedy"]["accuracy"] - saved["before"]["greedy"]["accuracy"]
+    )
     assert [entry["step"] for entry in saved["training_log"]] == [1, 2]
     assert all("rewards/entropy_token/mean" in entry for entry in saved["training_log"])
-    assert results["after"]["sampled"]["accuracy"] == saved["after"]["sampled"]["accuracy"]
+    assert results["timing"]["num_threads"] == 1

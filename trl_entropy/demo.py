@@ -1,15 +1,18 @@
-"""``trl-entropy demo``: label-free EM-RL on a small model, measured before and after, in a few minutes on a CPU.
+"""``trl-entropy demo``: first what to expect, then label-free EM-RL where this project's study shows it working,
+measured before and after, in about 15 minutes on a 2-core CPU.
 
-The demo takes the embedded SmolLM2-135M-Instruct and the built-in "What is a + b?" task, measures held-out accuracy
-(greedy, and sampled at the training temperature) and the mean token entropy of the completions, trains with EM-RL
-(Agarwal et al., 2025, arXiv 2505.15134: the reward is minus the mean token entropy of each sampled completion, no
-labels, no reward model) through :class:`~trl_entropy.trainers.EntropyGRPOTrainer`, measures again and writes
-``<output_dir>/report.md`` with a before/after table and entropy plots.
+1. :func:`~trl_entropy.diagnose.diagnose` on held-out problems with the embedded SmolLM2-135M-Instruct: greedy and
+   sampled accuracy, majority@k, pass@k, truncation, how well the model's confidence tracks correctness, and a verdict.
+2. EM-RL (Agarwal et al., 2025, arXiv 2505.15134: the reward is minus the mean token entropy of each sampled
+   completion; no labels, no reward model) with :class:`~trl_entropy.trainers.EntropyGRPOTrainer`, in the regime
+   where ``benchmarks/bench_label_free.py`` measured it helping: the "What is a + b?" question alone
+   (``prompt_style="open"``), where the base model explains at length and its greedy answer is right far more often
+   than its sample.
+3. The same measurement after training, paired with the first on the same problems, next to the study's mean over
+   seeds (the demo is one seed on 64 problems), and the study's outcome in the other regime (two worked examples in the
+   prompt), where the same training does not help: one line of the report.
 
-Why it can work without labels: sampling at a temperature spreads probability over many answers, most of them wrong,
-while the model's mode is right more often. EM-RL rewards the completions the model is most confident about, which
-moves probability mass towards the mode, so sampled accuracy moves towards greedy accuracy. Labels are used only to
-*grade* the held-out problems, never in training (the training prompts carry no answer column).
+Labels are used only to grade the held-out problems, never in training (the training prompts carry no answer column).
 """
 
 from __future__ import annotations
@@ -21,82 +24,81 @@ import os
 import platform
 import time
 from dataclasses import asdict, dataclass, field
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .stats import paired_bootstrap_interval
+from .stats import mcnemar_exact_p, paired_bootstrap_interval
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["DemoArguments", "run_demo", "render_report", "truncation_warnings"]
+__all__ = ["DemoArguments", "run_demo", "render_report", "study_reference", "truncation_warnings"]
 
 _HUB_TASKS = ("gsm8k", "math500")
+STUDY_FILE = "study_summary.json"
+"""The study's per-row means over seeds, shipped with the package (written by ``benchmarks/bench_label_free.py``)."""
 
 
 @dataclass
 class DemoArguments:
-    """Arguments of ``trl-entropy demo``. The defaults are the settings measured in the README.
+    """Arguments of ``trl-entropy demo``. The defaults are the study's protocol in its ``open`` regime, sized for a
+    2-core CPU.
 
     Parameters:
         model_name_or_path (`str`, *optional*, defaults to `"smollm2"`):
             Model to train: `"smollm2"` (the embedded SmolLM2-135M-Instruct, offline), a hub id or a local folder.
         task (`str`, *optional*, defaults to `"arithmetic"`):
             `"arithmetic"` (built in: "What is a + b?", 1 <= a, b <= 20, offline), or `"gsm8k"` / `"math500"`
-            (through `datasets.load_dataset`, needs the hub or a populated cache; they need a larger model and a
-            larger `max_completion_length` than the defaults, which are sized for the arithmetic task on a CPU).
+            (through `datasets.load_dataset`, needs the hub or a populated cache, and a larger model and budget).
         output_dir (`str`, *optional*, defaults to `"trl-entropy-demo"`):
             Folder for the report, the results JSON, the plots and the training logs.
-        prompt_style (`str`, *optional*, defaults to `"short"`):
-            Prompt of the arithmetic task (:class:`~trl_entropy.tasks.ArithmeticTask`): `"short"` opens the chat with
-            two worked examples ("What is 3 + 4?" -> "3 + 4 = 7") so that answers finish within the budget (measured
-            with the embedded model: 100% of greedy and 98.4% of T=1 answers within 32 tokens); `"open"` asks the
-            question alone, and the model then explains at length (T=1: mean 107 tokens), so a short budget cuts
-            most answers off and the report measures truncation rather than arithmetic (it warns).
-        num_eval_problems (`int`, *optional*, defaults to `128`):
-            Held-out problems, each solved once per decoding setting, >= 1.
+        prompt_style (`str`, *optional*, defaults to `"open"`):
+            Prompt of the arithmetic task: `"open"` (the question alone: the study's regime where EM-RL helps) or
+            `"short"` (two worked examples first: the regime where it does not; see the report's study line).
+        num_eval_problems (`int`, *optional*, defaults to `64`):
+            Held-out problems (disjoint from the training prompts), >= 1.
+        num_samples (`int`, *optional*, defaults to `4`):
+            Samples per held-out problem at `temperature` (majority@k, pass@k), >= 2.
+        eval_max_new_tokens (`int`, *optional*, defaults to `256`):
+            Token budget of the evaluation, >= 1: where the base model's greedy answers finish with the open prompt
+            (the report gives the fraction cut off; the study's own budgets are larger for sampled base answers).
         num_train_prompts (`int`, *optional*, defaults to `512`):
             Unlabelled training prompts, >= 1 (training stops at `max_steps` whichever comes first).
         max_steps (`int`, *optional*, defaults to `30`):
             Optimizer steps of EM-RL, >= 1.
         prompts_per_step (`int`, *optional*, defaults to `2`):
             Prompts per optimizer step, >= 1; each gets `num_generations` completions.
-        num_generations (`int`, *optional*, defaults to `8`):
+        num_generations (`int`, *optional*, defaults to `4`):
             Completions per prompt (the GRPO group whose mean reward is the baseline), >= 2.
         temperature (`float`, *optional*, defaults to `1.0`):
             Sampling temperature of training and of the sampled evaluation, > 0. The entropy reward is measured at it.
-        learning_rate (`float`, *optional*, defaults to `1e-5`):
-            AdamW learning rate, > 0. The paper uses 1e-6 on a 7B model for hundreds of steps; a short run on a 135M
-            model needs a larger one, but not too large: with the open prompt, 5e-5 collapsed the entropy within 30
-            steps to a degenerate answer ("a + b = a") and held-out accuracy fell to 0%; with the short prompt, a pilot
-            of `benchmarks/bench_label_free.py` at 3e-5 (8 steps of 8 completions) cut EM-RL's greedy accuracy from
-            54.7% to 20.3% and drove supervised GRPO's training reward to 0 by step 3, while at 1e-5 supervised GRPO
-            gains.
+        learning_rate (`float`, *optional*, defaults to `2e-5`):
+            AdamW learning rate, > 0 (the study's; 5e-5 collapsed the entropy to a degenerate answer within 30 steps,
+            see `benchmarks/bench_collapse.py`).
         beta (`float`, *optional*, defaults to `0.0`):
             KL weight to the initial model, >= 0 (the paper: 0.001). 0 loads no reference model (faster on CPU).
         max_completion_length (`int`, *optional*, defaults to `32`):
-            Longest completion in training and evaluation, in tokens, >= 1. The report gives the fraction of answers
-            cut off at it and warns when more than 5% of the base model's answers are: an accuracy change is then
-            partly a change of length (an earlier version of this demo, at 48 tokens with the open prompt, "gained"
-            +37.5 greedy points that shrank to +7.0 at 256 tokens).
+            Longest training completion in tokens, >= 1 (the study's; with the open prompt most training completions
+            are cut off: training teaches the model to answer within it).
         entropy_reward (`str`, *optional*, defaults to `"token"`):
-            EM-RL variant: `"token"` (minus the mean token entropy), `"trajectory"` (mean log-probability of the
-            sampled tokens) or `"self_certainty"`.
+            EM-RL variant: `"token"`, `"trajectory"` or `"self_certainty"`.
         eval_batch_size (`int`, *optional*, defaults to `64`):
-            Problems per `generate` call in evaluation, >= 1.
+            Sequences per `generate` call in evaluation, >= 1.
         seed (`int`, *optional*, defaults to `0`):
             Seed of the problems, of sampling and of training.
-        num_threads (`int` or `None`, *optional*, defaults to `None`):
-            CPU threads for torch (`torch.set_num_threads`); None keeps torch's choice.
+        num_threads (`int` or `None`, *optional*, defaults to `1`):
+            CPU threads for torch. 1 by default: a training step took 9.2 s with 1 thread and 7.5 s with torch's 2
+            alone on 2 cores, but beside a second such job 9.3 s with 1 thread each and 37 s (up to 63 s) with 2
+            each (`bench_label_free.py --step-time-check`). None keeps torch's choice.
         quick (`bool`, *optional*, defaults to `False`):
-            Smoke-test mode: 2 training steps and 8 held-out problems (overrides `max_steps` and `num_eval_problems`).
+            Smoke-test mode: 2 training steps, 8 held-out problems, 2 samples, a 32-token evaluation budget.
         save_model (`bool`, *optional*, defaults to `False`):
             Save the trained model to `<output_dir>/model`.
         collapse_guard (`bool`, *optional*, defaults to `False`):
             Watch training with :class:`~trl_entropy.collapse_guard.CollapseGuardCallback` (its defaults; for the
-            arithmetic task a probe of 32 test-split problems drawn with `seed + 1`): stop and restore the best probe
-            checkpoint on collapse.
+            arithmetic task a probe of 32 test-split problems drawn with `seed + 1`).
     """
 
     model_name_or_path: str = field(
@@ -108,26 +110,28 @@ class DemoArguments:
     )
     output_dir: str = field(default="trl-entropy-demo", metadata={"help": "Folder for report.md, JSON and plots."})
     prompt_style: str = field(
-        default="short",
-        metadata={"help": "Arithmetic prompt: 'short' (two worked examples, answers finish) or 'open'."},
+        default="open",
+        metadata={"help": "Arithmetic prompt: 'open' (the study's regime where EM-RL helps) or 'short'."},
     )
-    num_eval_problems: int = field(default=128, metadata={"help": "Held-out problems, >= 1."})
+    num_eval_problems: int = field(default=64, metadata={"help": "Held-out problems, >= 1."})
+    num_samples: int = field(default=4, metadata={"help": "Samples per held-out problem, >= 2."})
+    eval_max_new_tokens: int = field(default=256, metadata={"help": "Evaluation token budget, >= 1."})
     num_train_prompts: int = field(default=512, metadata={"help": "Unlabelled training prompts, >= 1."})
     max_steps: int = field(default=30, metadata={"help": "EM-RL optimizer steps, >= 1."})
     prompts_per_step: int = field(default=2, metadata={"help": "Prompts per optimizer step, >= 1."})
-    num_generations: int = field(default=8, metadata={"help": "Completions per prompt (GRPO group size), >= 2."})
+    num_generations: int = field(default=4, metadata={"help": "Completions per prompt (GRPO group size), >= 2."})
     temperature: float = field(
         default=1.0, metadata={"help": "Sampling temperature of training and of the sampled evaluation, > 0."}
     )
-    learning_rate: float = field(default=1e-5, metadata={"help": "AdamW learning rate, > 0."})
+    learning_rate: float = field(default=2e-5, metadata={"help": "AdamW learning rate, > 0."})
     beta: float = field(default=0.0, metadata={"help": "KL weight to the initial model, >= 0 (0: no reference)."})
-    max_completion_length: int = field(default=32, metadata={"help": "Longest completion in tokens, >= 1."})
+    max_completion_length: int = field(default=32, metadata={"help": "Longest training completion in tokens, >= 1."})
     entropy_reward: str = field(
         default="token", metadata={"help": "EM-RL variant: 'token', 'trajectory' or 'self_certainty'."}
     )
-    eval_batch_size: int = field(default=64, metadata={"help": "Problems per generate call in evaluation, >= 1."})
+    eval_batch_size: int = field(default=64, metadata={"help": "Sequences per generate call in evaluation, >= 1."})
     seed: int = field(default=0, metadata={"help": "Seed of problems, sampling and training."})
-    num_threads: int | None = field(default=None, metadata={"help": "torch CPU threads (None: torch's default)."})
+    num_threads: int | None = field(default=1, metadata={"help": "torch CPU threads (default 1: robust under load)."})
     quick: bool = field(default=False, metadata={"help": "Smoke test: 2 steps, 8 held-out problems."})
     save_model: bool = field(default=False, metadata={"help": "Save the trained model to <output_dir>/model."})
     collapse_guard: bool = field(default=False, metadata={"help": "Stop and restore the best probe step on collapse."})
@@ -139,6 +143,7 @@ class DemoArguments:
             raise ValueError(f"`prompt_style` must be 'open' or 'short', got {self.prompt_style!r}.")
         for name in (
             "num_eval_problems",
+            "eval_max_new_tokens",
             "num_train_prompts",
             "max_steps",
             "prompts_per_step",
@@ -148,10 +153,10 @@ class DemoArguments:
             value = getattr(self, name)
             if not (isinstance(value, int) and value >= 1):
                 raise ValueError(f"`{name}` must be an integer >= 1, got {value!r}.")
-        if not (isinstance(self.num_generations, int) and self.num_generations >= 2):
-            raise ValueError(
-                f"`num_generations` must be an integer >= 2 (a group baseline), got {self.num_generations}."
-            )
+        for name in ("num_generations", "num_samples"):
+            value = getattr(self, name)
+            if not (isinstance(value, int) and value >= 2):
+                raise ValueError(f"`{name}` must be an integer >= 2, got {value!r}.")
         if not (math.isfinite(self.temperature) and self.temperature > 0):
             raise ValueError(f"`temperature` must be a finite number > 0, got {self.temperature}.")
         if not (math.isfinite(self.learning_rate) and self.learning_rate > 0):
@@ -165,18 +170,28 @@ class DemoArguments:
         if self.num_threads is not None and self.num_threads < 1:
             raise ValueError(f"`num_threads` must be >= 1 or None, got {self.num_threads}.")
         if self.quick:
-            self.max_steps = 2
-            self.num_eval_problems = 8
+            self.max_steps, self.num_eval_problems, self.num_samples, self.eval_max_new_tokens = 2, 8, 2, 32
 
 
 def _load_problems(args: DemoArguments):
-    """``(held-out problems with answers, training prompts without answers)``."""
+    """``(held-out problems with answers, training prompts without answers)``, disjoint by question."""
+    from datasets import Dataset
+
     from .tasks import ArithmeticTask, load_task
 
     if args.task == "arithmetic":
         task = ArithmeticTask(prompt_style=args.prompt_style)
-        held_out = task.dataset(args.num_eval_problems, split="test", seed=args.seed)
         train = task.dataset(args.num_train_prompts, split="train", seed=args.seed)
+        seen = set(train["question"])
+        pool = task.dataset(max(4 * args.num_eval_problems, 400), split="test", seed=args.seed)
+        rows, questions = [], set()
+        for row in pool:
+            if row["question"] not in seen and row["question"] not in questions:
+                questions.add(row["question"])
+                rows.append(row)
+            if len(rows) == args.num_eval_problems:
+                break
+        held_out = Dataset.from_list(rows)
     else:
         held_out = load_task(args.task, n=args.num_eval_problems, split="test")
         try:
@@ -185,39 +200,31 @@ def _load_problems(args: DemoArguments):
             pool = load_task(args.task, split="test")
             end = min(len(pool), args.num_eval_problems + args.num_train_prompts)
             train = pool.select(range(args.num_eval_problems, end))
-    # Label-free: the trainer never sees an answer.
     return held_out, train.select_columns(["prompt"])
 
 
-def _evaluate_both(model, tokenizer, problems, args: DemoArguments, stage: str) -> dict[str, Any]:
-    from .evaluation import TRUNCATION_WARNING_RATE, evaluate
+def _diagnose(model, tokenizer, problems, args: DemoArguments, stage: str) -> dict[str, Any]:
+    from .cli.diagnose import parse_answer, render_summary
+    from .diagnose import diagnose
+    from .tasks import grade
 
-    common = {
-        "max_new_tokens": args.max_completion_length,
-        "batch_size": args.eval_batch_size,
-        "entropy_temperature": args.temperature,
-    }
-    greedy = evaluate(model, tokenizer, problems, do_sample=False, seed=args.seed, desc=f"{stage}: greedy", **common)
-    sampled = evaluate(
+    start = time.perf_counter()
+    result = diagnose(
         model,
         tokenizer,
-        problems,
-        do_sample=True,
+        list(problems["prompt"]),
+        [str(a) for a in problems["answer"]],
+        parse_answer=parse_answer,
+        is_correct=grade,
+        num_samples=args.num_samples,
         temperature=args.temperature,
+        max_new_tokens=args.eval_max_new_tokens,
+        batch_size=args.eval_batch_size,
         seed=args.seed + 1,
-        desc=f"{stage}: sampled T={args.temperature:g}",
-        **common,
     )
-    for result in (greedy, sampled):
-        print(f"[{stage}] {result.summary()}")
-        if stage == "before" and result.truncation_rate > TRUNCATION_WARNING_RATE:
-            logger.warning(
-                "%.1f%% of the base model's answers are cut off at %d tokens: the accuracy change will partly measure "
-                "truncation (see the report). Raise `max_completion_length`.",
-                100 * result.truncation_rate,
-                args.max_completion_length,
-            )
-    return {"greedy": greedy, "sampled": sampled}
+    result["seconds"] = time.perf_counter() - start
+    print(f"[{stage}] " + render_summary(result).replace("\n", f"\n[{stage}] "), flush=True)
+    return result
 
 
 def _train(model, tokenizer, train_prompts, args: DemoArguments):
@@ -241,16 +248,12 @@ def _train(model, tokenizer, train_prompts, args: DemoArguments):
         activation_checkpointing=False,  # TRL turns it on; a 135M model fits easily and recomputation costs ~30%
     )
     trainer = EntropyGRPOTrainer(model=model, args=config, train_dataset=train_prompts, processing_class=tokenizer)
-    try:
-        from .callbacks import EntropyStatsCallback
-    except ImportError:  # the callback ships with the package; a partial install still trains
-        logger.warning("EntropyStatsCallback is not available: no entropy_stats.jsonl, no training plots.")
-    else:
-        trainer.add_callback(EntropyStatsCallback(trainer))
+    from .callbacks import EntropyStatsCallback
+
+    trainer.add_callback(EntropyStatsCallback(trainer))
     if args.collapse_guard:  # after the stats callback, whose repetition rate it reads
         from .collapse_guard import CollapseGuardArguments
 
-        # The probe: 32 arithmetic problems when the task is arithmetic, else the log signals alone.
         trainer.add_callback(CollapseGuardArguments(collapse_guard=True).build(args.task, args.seed))
     trainer.train()
     return trainer
@@ -281,139 +284,189 @@ def _peak_memory_gb() -> float | None:
     return peak / 2**30 if platform.system() == "Darwin" else peak / 2**20  # bytes on macOS, KiB on Linux
 
 
+def study_reference() -> dict[str, Any] | None:
+    """The study's summary shipped with the package (None when absent): per regime and method, the mean and standard
+    deviation over seeds of greedy and sampled accuracy, with the protocol."""
+    try:
+        text = resources.files("trl_entropy").joinpath(STUDY_FILE).read_text(encoding="utf-8")
+    except (FileNotFoundError, ModuleNotFoundError):
+        return None
+    return json.loads(text)
+
+
+def paired_changes(before: dict[str, Any], after: dict[str, Any], seed: int = 0) -> dict[str, Any]:
+    """Accuracy changes on the same problems: greedy (one completion per problem) and sampled (the same sample index
+    of the same problem): the change, its 95% paired bootstrap interval and the exact McNemar p-value."""
+    out = {}
+    pairs = {
+        "greedy": (
+            [p["greedy_correct"] for p in before["per_prompt"]],
+            [p["greedy_correct"] for p in after["per_prompt"]],
+        ),
+        "sampled": ([s["correct"] for s in before["per_sample"]], [s["correct"] for s in after["per_sample"]]),
+    }
+    for name, (first, second) in pairs.items():
+        out[name] = {
+            "change": (sum(second) - sum(first)) / len(first),
+            "ci95": list(paired_bootstrap_interval(first, second, seed=seed)),
+            "mcnemar_p": mcnemar_exact_p(first, second),
+        }
+    return out
+
+
 def truncation_warnings(results: dict[str, Any]) -> list[str]:
     """Report lines (a warning paragraph, or nothing) for base-model answers cut off at the budget in more than
-    :data:`~trl_entropy.evaluation.TRUNCATION_WARNING_RATE` of the problems: the accuracy change is then partly a
+    :data:`~trl_entropy.evaluation.TRUNCATION_WARNING_RATE` of the completions: the accuracy change is then partly a
     change in how many answers fit the budget, not in how many are right."""
     from .evaluation import TRUNCATION_WARNING_RATE
 
+    budget = results["before"]["settings"]["max_new_tokens"]
     lines = []
     for key in ("greedy", "sampled"):
-        entry = results["before"][key]
-        rate = entry["truncation_rate"]
+        rate = results["before"][key]["truncation_rate"]
         if rate > TRUNCATION_WARNING_RATE:
             lines.append(
-                f"**Warning: {rate:.1%} of the base model's {key} answers are cut off at {entry['max_new_tokens']} "
-                f"tokens (more than {TRUNCATION_WARNING_RATE:.0%}).** Their accuracy change partly measures whether "
-                "answers fit the budget, not whether they are right: rerun with a larger `max_completion_length` "
-                "(or `prompt_style='short'`) before reading it as a gain."
+                f"**Warning: {rate:.1%} of the base model's {key} answers are cut off at {budget} tokens (more than "
+                f"{TRUNCATION_WARNING_RATE:.0%}).** Their accuracy change partly measures whether answers fit the "
+                "budget, not whether they are right: raise `eval_max_new_tokens` before reading it as a gain."
             )
     return [*lines, ""] if lines else []
+
+
+def _study_rows(study: dict[str, Any], regime: str, method: str) -> tuple[dict | None, dict | None]:
+    rows = {(r["regime"], r["method"]): r for r in study.get("rows", [])}
+    return rows.get((regime, "none")), rows.get((regime, method))
+
+
+def _study_cell(row: dict | None, mode: str) -> str:
+    if row is None:
+        return "-"
+    stat = row[mode]
+    spread = f" +- {100 * stat['std']:.1f}" if stat.get("std") is not None else ""
+    return f"{100 * stat['mean']:.1f}%{spread}"
 
 
 def render_report(results: dict[str, Any], images: list[str]) -> str:
     """Markdown report of a demo run (``results`` as written to ``results.json``)."""
     args = results["args"]
-    before, after = results["before"], results["after"]
-    n = before["greedy"]["num_problems"]
-    temperature = args["temperature"]
+    before, after, paired = results["before"], results["after"], results["paired"]
+    k, budget, temperature = args["num_samples"], before["settings"]["max_new_tokens"], args["temperature"]
+    method = {"token": "em_rl_token", "trajectory": "em_rl_trajectory", "self_certainty": "self_certainty"}
+    study = results.get("study")
+    base_row, trained_row = (
+        _study_rows(study, args["prompt_style"], method[args["entropy_reward"]]) if study else (None, None)
+    )
 
     def accuracy(entry: dict) -> str:
         low, high = entry["accuracy_ci95"]
         return f"{entry['accuracy']:.1%} [{low:.1%}, {high:.1%}]"
 
-    def change(key: str, stat: str, fmt: str) -> str:
-        delta = after[key][stat] - before[key][stat]
-        return format(delta, fmt)
+    def change(name: str) -> str:
+        entry = paired[name]
+        low, high = entry["ci95"]
+        return f"{entry['change']:+.1%} [{low:+.1%}, {high:+.1%}], p={entry['mcnemar_p']:.2g}"
 
+    def plain(label: str, first: float, second: float, fmt: str) -> tuple[str, ...]:
+        return (label, format(first, fmt), format(second, fmt), format(second - first, "+" + fmt), "-")
+
+    def study_change(mode: str) -> str:
+        return f"{_study_cell(base_row, mode)} -> {_study_cell(trained_row, mode)}"
+
+    sampled_label = f"sampled T={temperature:g}"
     rows = [
         (
             "Accuracy, greedy",
             accuracy(before["greedy"]),
             accuracy(after["greedy"]),
-            change("greedy", "accuracy", "+.1%"),
+            change("greedy"),
+            study_change("greedy"),
         ),
         (
-            f"Accuracy, sampled at T={temperature:g}",
+            f"Accuracy, {sampled_label}",
             accuracy(before["sampled"]),
             accuracy(after["sampled"]),
-            change("sampled", "accuracy", "+.1%"),
+            change("sampled"),
+            study_change("sampled"),
         ),
+        plain(f"Majority@{k}", before["majority_at_k"], after["majority_at_k"], ".1%"),
+        plain(f"Pass@{k}", before["pass_at_k"], after["pass_at_k"], ".1%"),
     ]
-    for key, label in (("greedy", "greedy"), ("sampled", f"sampled T={temperature:g}")):
+    for key, label in (("greedy", "greedy"), ("sampled", sampled_label)):
         rows.append(
-            (
-                f"Mean token entropy (nats), {label}",
-                f"{before[key]['mean_token_entropy']:.3f}",
-                f"{after[key]['mean_token_entropy']:.3f}",
-                change(key, "mean_token_entropy", "+.3f"),
-            )
-        )
-    budget = before["greedy"].get("max_new_tokens", args["max_completion_length"])
-    for key, label in (("greedy", "greedy"), ("sampled", f"sampled T={temperature:g}")):
-        rows.append(
-            (
+            plain(
                 f"Truncated at {budget} tokens, {label}",
-                f"{before[key]['truncation_rate']:.1%}",
-                f"{after[key]['truncation_rate']:.1%}",
-                change(key, "truncation_rate", "+.1%"),
+                before[key]["truncation_rate"],
+                after[key]["truncation_rate"],
+                ".1%",
             )
         )
-    for key, label in (("greedy", "greedy"), ("sampled", f"sampled T={temperature:g}")):
         rows.append(
-            (
-                f"Mean completion length (tokens), {label}",
-                f"{before[key]['mean_completion_length']:.1f}",
-                f"{after[key]['mean_completion_length']:.1f}",
-                change(key, "mean_completion_length", "+.1f"),
+            plain(f"Mean length (tokens), {label}", before[key]["mean_length"], after[key]["mean_length"], ".1f")
+        )
+        rows.append(
+            plain(
+                f"Mean token entropy (nats), {label}",
+                before[key]["mean_token_entropy"],
+                after[key]["mean_token_entropy"],
+                ".3f",
             )
         )
-    table = ["| | Before | After | Change |", "|---|---|---|---|"]
-    table += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows]
-    paired = results["paired_change_ci95"]
+    table = ["| | Before | After | Change (paired 95% CI, McNemar p) | Study: no training -> trained |"]
+    table += ["|---|---|---|---|---|"] + [f"| {' | '.join(row)} |" for row in rows]
+    verdict = before["verdict"]
     timing = results["timing"]
     lines = [
         "# trl-entropy demo: label-free EM-RL",
         "",
-        f"Model `{args['model_name_or_path']}`, task `{args['task']}`. EM-RL ({args['entropy_reward']} entropy "
-        f"reward, no labels, no reward model) with `EntropyGRPOTrainer`: {args['max_steps']} steps x "
-        f"{args['prompts_per_step']} prompts x {args['num_generations']} completions at T={temperature:g}, learning "
-        f"rate {args['learning_rate']:g}, beta {args['beta']:g}, at most {args['max_completion_length']} completion "
-        "tokens.",
+        "## What to expect on this model and task (`trl-entropy diagnose`, before training)",
         "",
-        f"Held-out evaluation: **{n} problems**, one completion each per decoding setting, at most {budget} tokens "
-        f"(prompt style `{args.get('prompt_style', 'open')}`); accuracy with its 95% Wilson interval; truncated: "
-        "answers cut off at the budget before their end; token entropy H(softmax(z/T)) of the generated tokens at "
-        f"the training temperature T={temperature:g}.",
+        f"Verdict: **{verdict['verdict']}**: {verdict['reason']}.",
+        "",
+        f"Rule: {verdict['rule']}.",
+        "",
+        "## Before and after training",
+        "",
+        f"Model `{args['model_name_or_path']}`, task `{args['task']}` (prompt style `{args['prompt_style']}`). EM-RL "
+        f"({args['entropy_reward']} entropy reward, no labels, no reward model) with `EntropyGRPOTrainer`: "
+        f"{args['max_steps']} steps x {args['prompts_per_step']} prompts x {args['num_generations']} completions at "
+        f"T={temperature:g}, at most {args['max_completion_length']} tokens, learning rate {args['learning_rate']:g}, "
+        f"beta {args['beta']:g}.",
+        "",
+        f"Held-out evaluation: **{before['settings']['num_prompts']} problems** (disjoint from the training prompts), "
+        f"one greedy completion and {k} sampled ones per problem, at most {budget} tokens; accuracy with its 95% "
+        "Wilson interval; truncated: cut off at the budget before their end; token entropy at the training "
+        "temperature. The study column: `benchmarks/bench_label_free.py`, the mean +- std over its seeds on 128 "
+        "problems at budgets where answers finish (this demo is one seed).",
         "",
         *truncation_warnings(results),
         *table,
         "",
-        "Change in accuracy, paired over the same problems (95% percentile bootstrap over problems): "
-        f"greedy {paired['greedy'][0]:+.1%} to {paired['greedy'][1]:+.1%}, "
-        f"sampled {paired['sampled'][0]:+.1%} to {paired['sampled'][1]:+.1%}.",
-        "",
-        f"Wall time {timing['total_s'] / 60:.1f} min (training {timing['train_s'] / 60:.1f} min, evaluation "
-        f"{timing['eval_s'] / 60:.1f} min); process CPU time {timing['cpu_s'] / 60:.1f} min on "
-        f"{timing['num_threads']} torch threads ({timing['machine']})"
+    ]
+    other = results.get("study_other_regime")
+    if other:
+        lines += [other, ""]
+    lines += [
+        f"Wall time {timing['total_s'] / 60:.1f} min (diagnosis {timing['diagnose_s'] / 60:.1f} min, training "
+        f"{timing['train_s'] / 60:.1f} min, evaluation after training {timing['eval_s'] / 60:.1f} min); process CPU "
+        f"time {timing['cpu_s'] / 60:.1f} min on {timing['num_threads']} torch threads ({timing['machine']})"
         + (f", peak memory {timing['peak_memory_gb']:.1f} GB." if timing.get("peak_memory_gb") else "."),
         "",
         "Labels are used only to grade the held-out problems; training prompts carry no answer.",
         "",
     ]
-    clipped = [
-        e["completions/clipped_ratio"] for e in results.get("training_log", []) if "completions/clipped_ratio" in e
-    ]
+    log = results.get("training_log", [])
+    clipped = [e["completions/clipped_ratio"] for e in log if "completions/clipped_ratio" in e]
     if clipped:
         lines += [
             f"Training completions cut off at {args['max_completion_length']} tokens: {clipped[0]:.1%} at step 1, "
-            f"{clipped[-1]:.1%} at step {len(clipped)}, {sum(clipped) / len(clipped):.1%} on average.",
-            "",
-        ]
-    rewards = [entry["reward"] for entry in results.get("training_log", []) if "reward" in entry]
-    if rewards:
-        lines += [
-            f"Training reward (minus the mean token entropy of the sampled completions): {rewards[0]:.3f} at step 1, "
-            f"{rewards[-1]:.3f} at step {len(rewards)}.",
+            f"{clipped[-1]:.1%} at step {len(clipped)}.",
             "",
         ]
     if images:
-        lines += ["## Entropy", ""]
-        lines += [f"![{Path(image).stem}]({image})" for image in images]
-        lines.append("")
+        lines += ["## Plots", ""] + [f"![{Path(image).stem}]({image})" for image in images] + [""]
     examples = results.get("examples", [])
     if examples:
-        lines += [f"## Sampled completions (T={temperature:g}), before and after", ""]
+        lines += ["## Greedy answers, before and after", ""]
         for example in examples:
             lines.append(f"- **{example['question']}** (answer {example['answer']})")
             for stage in ("before", "after"):
@@ -424,13 +477,31 @@ def render_report(results: dict[str, Any], images: list[str]) -> str:
     return "\n".join(lines)
 
 
+def _other_regime_line(study: dict[str, Any] | None, args: DemoArguments) -> str | None:
+    """The study's outcome for the same method in the other prompt regime, as one report line."""
+    if not study or args.task != "arithmetic":
+        return None
+    other = "short" if args.prompt_style == "open" else "open"
+    method = {"token": "em_rl_token", "trajectory": "em_rl_trajectory", "self_certainty": "self_certainty"}
+    base, trained = _study_rows(study, other, method[args.entropy_reward])
+    if base is None or trained is None:
+        return None
+    changes = ", ".join(f"{100 * c:+.1f}" for c in trained["greedy"].get("changes", []))
+    return (
+        f"In the study's other regime (prompt style `{other}`), the same training gave greedy "
+        f"{_study_cell(base, 'greedy')} -> {_study_cell(trained, 'greedy')} and sampled "
+        f"{_study_cell(base, 'sampled')} -> {_study_cell(trained, 'sampled')} ({len(trained['seeds'])} seeds; paired "
+        f"greedy change per seed {changes or '-'} points)."
+    )
+
+
 def run_demo(args: DemoArguments) -> dict[str, Any]:
-    """Run the demo: evaluate, train with EM-RL, evaluate again, write ``report.md``, ``results.json`` and PNGs to
+    """Run the demo: diagnose, train with EM-RL, measure again, write ``report.md``, ``results.json`` and PNGs to
     ``args.output_dir``. Returns the results dict (also in ``results.json``)."""
     from transformers import set_seed
 
-    from .evaluation import plot_entropy_histograms
     from .models import load_model
+    from .plots import plot_diagnosis
 
     start_wall, start_cpu = time.perf_counter(), time.process_time()
     if args.num_threads is not None:
@@ -441,46 +512,41 @@ def run_demo(args: DemoArguments) -> dict[str, Any]:
     model, tokenizer = load_model(args.model_name_or_path)
     held_out, train_prompts = _load_problems(args)
 
-    eval_start = time.perf_counter()
-    before = _evaluate_both(model, tokenizer, held_out, args, "before")
-    eval_s = time.perf_counter() - eval_start
+    print("What to expect on this model and task:", flush=True)
+    before = _diagnose(model, tokenizer, held_out, args, "before")
+    diagnose_s = before["seconds"]
 
     train_start = time.perf_counter()
     trainer = _train(model, tokenizer, train_prompts, args)
     train_s = time.perf_counter() - train_start
     model = trainer.model
 
-    eval_start = time.perf_counter()
-    after = _evaluate_both(model, tokenizer, held_out, args, "after")
-    eval_s += time.perf_counter() - eval_start
+    after = _diagnose(model, tokenizer, held_out, args, "after")
     if args.save_model:
         trainer.save_model(str(output_dir / "model"))
 
-    images = [str(p.relative_to(output_dir)) for p in _training_plots(output_dir / "training")]
+    images = []
     try:
-        histogram = plot_entropy_histograms(
-            {
-                "before training": before["sampled"].token_entropies,
-                "after training": after["sampled"].token_entropies,
-            },
-            output_dir / "heldout_entropy_histogram.png",
-            title=f"Token entropy of held-out completions, sampled at T={args.temperature:g}",
-        )
-        images.insert(0, histogram.name)
+        images = [
+            plot_diagnosis(result, output_dir / f"{stage}.png").name
+            for stage, result in (("before", before), ("after", after))
+        ]
     except ImportError as err:
-        logger.warning("Histogram skipped: %s", err)
-
+        logger.warning("Plots skipped: %s", err)
+    images += [str(p.relative_to(output_dir)) for p in _training_plots(output_dir / "training")]
+    study = study_reference()
     results: dict[str, Any] = {
         "args": asdict(args),
-        "before": {k: v.to_dict() for k, v in before.items()},
-        "after": {k: v.to_dict() for k, v in after.items()},
-        "paired_change_ci95": {
-            k: paired_bootstrap_interval(before[k].correct, after[k].correct, seed=args.seed) for k in before
-        },
+        "before": {k: v for k, v in before.items() if k not in ("per_sample",)},
+        "after": {k: v for k, v in after.items() if k not in ("per_sample",)},
+        "paired": paired_changes(before, after, seed=args.seed),
+        "study": study,
+        "study_other_regime": _other_regime_line(study, args),
         "timing": {
             "total_s": time.perf_counter() - start_wall,
+            "diagnose_s": diagnose_s,
             "train_s": train_s,
-            "eval_s": eval_s,
+            "eval_s": after["seconds"],
             "cpu_s": time.process_time() - start_cpu,
             "num_threads": torch.get_num_threads(),
             "peak_memory_gb": _peak_memory_gb(),
@@ -488,15 +554,11 @@ def run_demo(args: DemoArguments) -> dict[str, Any]:
         },
         "training_log": [entry for entry in trainer.state.log_history if "loss" in entry],
     }
-    samples = [
-        {"question": q, "answer": a, "before": b.text, "after": c.text}
-        for q, a, b, c in zip(
-            held_out["question"], held_out["answer"], before["sampled"].completions, after["sampled"].completions
-        )
-    ]
-    results["examples"] = samples[:4]
+    results["examples"] = [
+        {"question": q, "answer": a, "before": b, "after": c}
+        for q, a, b, c in zip(held_out["question"], held_out["answer"], before["greedy_texts"], after["greedy_texts"])
+    ][:4]
     (output_dir / "results.json").write_text(json.dumps(results, indent=2, default=float))
-    (output_dir / "samples.jsonl").write_text("\n".join(json.dumps(s) for s in samples) + "\n")
     report = output_dir / "report.md"
     report.write_text(render_report(results, images))
     print(f"Report written to {report}")

@@ -217,6 +217,7 @@ def diagnose(
     label_free["mean_within_prompt_entropy_std"] = _mean(within)
 
     result: dict[str, Any] = {
+        "greedy_texts": [c.text for c in greedy],
         "settings": {
             "num_prompts": len(prompts),
             "num_samples": num_samples,
@@ -243,6 +244,10 @@ def diagnose(
             "sequence_entropy": confidence_separation([-e for e in entropies], sampled_correct),
             "mean_logprob": confidence_separation([c.mean_logprob for c in sampled], sampled_correct),
         }
+        result["per_prompt"] = [
+            {"greedy_correct": ok, "greedy_length": c.num_tokens, "greedy_truncated": c.truncated}
+            for c, ok in zip(greedy, greedy_correct)
+        ]
         result["per_sample"] = [
             {
                 "prompt": i // num_samples,
