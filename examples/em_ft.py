@@ -29,7 +29,7 @@ class ExampleArguments:
 
 DEFAULTS = {
     "output_dir": "outputs/em-ft",
-    "num_samples_per_prompt": 1,  # the paper samples one completion per prompt
+    "num_samples_per_prompt": 2,  # the paper samples one; TRL 1.16's GRPOConfig needs >= 2
     "temperature": 1.0,
     "learning_rate": 1e-5,
     "per_device_train_batch_size": 8,

@@ -139,7 +139,9 @@ class SignalKeeper(TrainerCallback):
         self.batches.append(signals)
 
 
-def test_grpo_entropy_reward_sees_the_image(tmp_path):
+def grpo_on_images(tmp_path, trainer_class, **extra):
+    """An entropy-reward GRPO trainer on the tiny LLaVA (learning rate 0), with a recording reward and an observer
+    of the signals' source: ``(trainer, model, processor, dataset, recorder, sources)``."""
     model, processor = tiny_llava()
     dataset = image_dataset()
     recorder, sources = RecordingReward(), SourceRecorder()
@@ -148,11 +150,16 @@ def test_grpo_entropy_reward_sees_the_image(tmp_path):
         entropy_reward="token",
         reward_weights=[0.0],
         temperature=TEMPERATURE,
-        **{**TINY_KWARGS, "learning_rate": 0.0},
+        **{**TINY_KWARGS, "learning_rate": 0.0, **extra},
     )
-    trainer = EntropyGRPOTrainer(
+    trainer = trainer_class(
         model, reward_funcs=recorder, args=args, train_dataset=dataset, processing_class=processor, callbacks=[sources]
     )
+    return trainer, model, processor, dataset, recorder, sources
+
+
+def test_grpo_entropy_reward_sees_the_image(tmp_path):
+    trainer, model, processor, dataset, recorder, sources = grpo_on_images(tmp_path, EntropyGRPOTrainer)
     trainer.train()
     assert sources.sources == ["generation"]
     rows = [_row_of(dataset, prompt) for prompt in recorder.prompts]
@@ -198,19 +205,7 @@ class ScoringGRPOTrainer(ScoringSourceMixin, EntropyGRPOTrainer):
 def test_signals_after_generation_read_trls_pass_with_the_image_or_refuse(tmp_path, extra, source):
     """A generator without logits (vLLM, tools): TRL's policy pass carries the image, so its values are read; with no
     such pass there are no image inputs to score with, and the trainer says so instead of scoring text only."""
-    model, processor = tiny_llava()
-    dataset = image_dataset()
-    recorder, sources = RecordingReward(), SourceRecorder()
-    args = EntropyGRPOConfig(
-        output_dir=str(tmp_path),
-        entropy_reward="token",
-        reward_weights=[0.0],
-        temperature=TEMPERATURE,
-        **{**TINY_KWARGS, "learning_rate": 0.0, **extra},
-    )
-    trainer = ScoringGRPOTrainer(
-        model, reward_funcs=recorder, args=args, train_dataset=dataset, processing_class=processor, callbacks=[sources]
-    )
+    trainer, model, processor, dataset, recorder, sources = grpo_on_images(tmp_path, ScoringGRPOTrainer, **extra)
     if source is None:
         with pytest.raises(RuntimeError, match="multimodal completions from a generator that returns no logits"):
             trainer.train()

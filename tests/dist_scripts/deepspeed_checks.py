@@ -10,6 +10,7 @@ call and a checksum of the (gathered) final weights to ``OUT_DIR/rank<r>_zero<ST
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -77,9 +78,13 @@ def main() -> None:
     for stage in sys.argv[2].split(","):
         run_stage(out, int(stage), state)
         state.wait_for_everyone()
-    # Tear the process group down before the interpreter does: at exit, its background threads can abort the process
-    # ("terminate called without an active exception") after every result was written.
+    # Tear the process group down, then leave without the interpreter's teardown: at exit, DeepSpeed's and gloo's
+    # background threads can abort the process ("terminate called without an active exception", seen on a loaded
+    # machine) after every result was written and closed.
     state.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":

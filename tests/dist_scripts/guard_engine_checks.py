@@ -15,6 +15,7 @@ do (EM-FT's post-step entropy forward used to leave parameters in flight there).
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -169,7 +170,13 @@ def main() -> None:
             result = run(kind, stage, out, state.process_index)
             torch.save(result, out / f"{kind}_zero{stage}_rank{state.process_index}.pt")
             state.wait_for_everyone()
+    # Tear the process group down, then leave without the interpreter's teardown: at exit, DeepSpeed's and gloo's
+    # background threads can abort the process ("terminate called without an active exception", seen on a loaded
+    # machine) after every result was written and closed.
     state.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":

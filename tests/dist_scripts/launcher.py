@@ -1,6 +1,6 @@
 """Runs a script on several CPU processes with ``torch.distributed.run`` (gloo), from a pytest test, with a timeout.
 
-``accelerate launch --cpu --num_processes 2`` needs an MPI launcher on CPU; torchrun starts the processes itself and
+``accelerate launch --cpu --num_processes 2`` starts one process only; torchrun starts the processes itself and
 accelerate's ``PartialState(cpu=True)`` then joins the gloo process group from its environment variables.
 """
 
@@ -20,7 +20,10 @@ class LaunchError(RuntimeError):
 
 
 def _tail(text: str, lines: int = 80) -> str:
-    return "\n".join(text.splitlines()[-lines:])
+    """The last ``lines`` lines, after every line that names an error (training logs would push it out of view)."""
+    all_lines = text.splitlines()
+    errors = [line for line in all_lines if "Error" in line or "Traceback" in line or "error:" in line]
+    return "\n".join([*errors[-40:], "--- end of output:", *all_lines[-lines:]])
 
 
 def launch(script: str, *args: str, nproc: int = 2, timeout: float = 300.0, env: dict[str, str] | None = None) -> str:
