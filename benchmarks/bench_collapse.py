@@ -23,9 +23,10 @@ guard costs without triggered probes; the probes are greedy and draw no random n
 computation either way).
 
 How small a probe can be (``probe_size``): each probe records which of its 32 problems were right and each answer's
-length, so the decision is replayed for the first ``n`` problems at a budget of ``b`` tokens (an answer longer than
-``b`` counts as unfinished, hence wrong; greedy answers that finish within ``b`` are the same at 96): would it have
-fired on the healthy 2e-5 runs (a false alarm), and at which step on the collapsing 5e-5 run.
+length, so the decision is replayed on the observed runs for the first ``n`` problems at a budget of ``b`` tokens (an
+answer longer than ``b`` counts as unfinished, hence wrong; greedy answers that finish within ``b`` are the same at
+96), for several margins and patiences: does it fire on the runs that ended below the base model (collapsed), and
+when, and on those that did not (a false alarm).
 
 The committed results were measured with (on a 2-core CPU shared with other jobs, 1 torch thread per process)::
 
@@ -58,8 +59,12 @@ RUNS = (
     ("5e-5", "warn", 0),
     ("2e-5", "stop_and_restore", 0),
     ("2e-5", "stop_and_restore", 1),
-    ("2e-5", "stop_and_restore", 2),
+    ("2e-5", "observe", 0),
+    ("2e-5", "observe", 1),
+    ("2e-5", "observe", 2),
 )
+# "observe": action "warn" with every probe run (no time budget), so that the healthy runs' probe curves are complete
+# for the replay of smaller probes and other margins, and the unbudgeted cost is measured.
 COLUMNS = [
     "lr",
     "guard",
@@ -185,9 +190,10 @@ def run_one(lr: str, guard: str, seed: int, args, sets, out: Path) -> dict:
     trainer.add_callback(EntropyStatsCallback(trainer, plot_on_train_end=False))
     guard_cb = CollapseGuardCallback(
         probe_problems=probe,
-        action=guard,
+        action="warn" if guard == "observe" else guard,
         probe_every=args.probe_every,
         probe_max_new_tokens=args.eval_max_new_tokens,
+        **({"max_probe_time_fraction": None} if guard == "observe" else {}),
     )
     trainer.add_callback(guard_cb)
     if args.deadline:
@@ -243,9 +249,9 @@ def run_name(lr: str, guard: str, seed: int) -> str:
 
 
 def guard_overhead(results: dict) -> dict:
-    """The guard's time over the 2e-5 runs: probes (after the start) over training time, with all probes and with the
-    scheduled ones only."""
-    runs = [r for r in results.values() if r["lr"] == 2e-5 and "guard_cost" in r]
+    """The guard's time over the observed 2e-5 runs (every probe run, no budget): probes (after the start) over
+    training time, with all probes and with the scheduled ones only."""
+    runs = [r for r in results.values() if r["lr"] == 2e-5 and r["guard"] == "observe"]
     rows = []
     for run in sorted(runs, key=lambda r: r["seed"]):
         cost = run["guard_cost"]
@@ -271,9 +277,13 @@ def guard_overhead(results: dict) -> dict:
     return {"runs": rows, "summary": summary}
 
 
-def probe_size(results: dict, max_drop: float = 0.15) -> list[dict]:
-    """Replay of the probe-drop decision with the first ``n`` probe problems at a budget of ``b`` tokens (an answer
-    longer than ``b`` counts as wrong): false alarms on the healthy 2e-5 runs, firing step on the 5e-5 observed run."""
+def probe_size(results: dict, bases: dict) -> list[dict]:
+    """Replay of the probe-drop decision on the observed runs (every probe recorded), with the first ``n`` probe
+    problems at a budget of ``b`` tokens (an answer longer than ``b`` counts as wrong), for margins and patiences.
+
+    A run counts as collapsed when its final held-out accuracy is below the base model's (where the base answers
+    finish, 256 tokens), else as healthy: the replay says on how many of each the decision would fire, and at which
+    step on the collapsed ones."""
     from trl_entropy.collapse import probe_drop_fired
 
     def series(run, n, b):
@@ -283,26 +293,35 @@ def probe_size(results: dict, max_drop: float = 0.15) -> list[dict]:
             for e in probes
         ]
 
-    def first_firing(points):
+    def first_firing(points, max_drop, patience):
         for i in range(1, len(points)):
-            if probe_drop_fired([a for _, a in points[: i + 1]], max_drop, 1):
+            if probe_drop_fired([a for _, a in points[: i + 1]], max_drop, patience):
                 return points[i][0]
         return None
 
-    healthy = [r for r in results.values() if r["lr"] == 2e-5]
-    collapse = [r for r in results.values() if r["lr"] == 5e-5 and r["guard"] == "warn"]
+    observed = [r for r in results.values() if r["guard"] in ("observe", "warn")]
+    collapsed = [r for r in observed if r["final_heldout"]["accuracy"] < bases[r["seed"]][1]["accuracy"]]
+    healthy = [r for r in observed if r not in collapsed]
     rows = []
-    for n in (8, 16, 24, 32):
-        for b in (24, 48, 96):
-            rows.append(
-                {
-                    "problems": n,
-                    "budget": b,
-                    "false_alarms_on_2e-5_runs": sum(first_firing(series(r, n, b)) is not None for r in healthy),
-                    "healthy_runs": len(healthy),
-                    "fires_on_5e-5_at_step": first_firing(series(collapse[0], n, b)) if collapse else None,
-                }
-            )
+    for max_drop in (0.15, 0.2, 0.25):
+        for patience in (1, 2):
+            for n in (16, 24, 32):
+                for b in (48, 96):
+                    on_collapsed = [first_firing(series(r, n, b), max_drop, patience) for r in collapsed]
+                    on_healthy = [first_firing(series(r, n, b), max_drop, patience) for r in healthy]
+                    rows.append(
+                        {
+                            "max_probe_drop": max_drop,
+                            "probe_patience": patience,
+                            "problems": n,
+                            "budget": b,
+                            "collapsed_runs": len(collapsed),
+                            "fires_on_collapsed": sum(f is not None for f in on_collapsed),
+                            "firing_steps_on_collapsed": on_collapsed,
+                            "healthy_runs": len(healthy),
+                            "fires_on_healthy": sum(f is not None for f in on_healthy),
+                        }
+                    )
     return rows
 
 
@@ -436,7 +455,7 @@ def main() -> None:
     payload = {
         "table": rows,
         "guard_overhead": guard_overhead(results),
-        "probe_size": probe_size(results),
+        "probe_size": probe_size(results, bases),
         "settings": {k: v for k, v in vars(args).items() if k != "out"},
         "base_heldout": {f"seed{seed}": {"probe_budget": b[0], "long_budget": b[1]} for seed, b in bases.items()},
         "runs": {

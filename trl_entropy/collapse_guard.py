@@ -119,6 +119,7 @@ class CollapseGuardCallback(TrainerCallback):
         self.train_seconds = 0.0  # wall time of training so far, probes excluded (carried over a resume)
         self.skipped_probes = 0
         self._clock: float | None = None
+        self._probe_seconds_this_run = 0.0  # every probe of this process's run, the start's included
         self._engine = "plain"
 
     def state_dict(self) -> dict[str, Any]:
@@ -241,8 +242,6 @@ class CollapseGuardCallback(TrainerCallback):
         if self._clock is None:
             return self.train_seconds
         return self.train_seconds + (time.perf_counter() - self._clock) - self._probe_seconds_this_run
-
-    _probe_seconds_this_run = 0.0
 
     def probe_time_fraction(self) -> float:
         """Time spent in probes over the training time so far (probes excluded)."""

@@ -6,6 +6,7 @@ package refuses any other TRL minor version at import instead of misreading a ho
 
 from __future__ import annotations
 
+import functools
 import inspect
 from collections.abc import Sequence
 from typing import Any
@@ -55,6 +56,7 @@ def generate_fields(result: Sequence[Any], names: Sequence[str], trainer_name: s
     return dict(zip(names, result))
 
 
+@functools.cache
 def multimodal_forward_names() -> tuple[str, ...]:
     """The keyword arguments of TRL's ``GRPOTrainer._get_per_token_logps_and_entropies`` that carry multimodal inputs
     (``pixel_values``, ``image_grid_thw``, ...): what TRL's own loss passes from a batch to the model, read from the
