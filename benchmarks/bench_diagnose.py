@@ -6,10 +6,8 @@ the ``open_2digit`` task variant, 1 seed, added to check the rule on a setting i
 prompts of the setting's training pool, 4 samples each at T=1, 256 tokens), before any training, and its verdict is
 set beside the study's outcome of EM-RL token (GRPO) in that setting:
 
-- "helped": the mean paired change over seeds is positive for greedy and sampled accuracy, and at least one seed's
-  95% paired interval lies above 0;
-- "hurt": a mean change is negative and at least one seed's interval lies below 0, none above;
-- otherwise "no clear effect".
+"helped", "hurt" or "no clear effect" as the study's :func:`bench_label_free.effect` reads its paired comparisons with
+no training (helped: both mean changes over seeds positive and at least one seed's 95% paired interval above 0).
 
 The verdict agrees when "likely to help" meets "helped", or "unlikely to help" meets "hurt" / "no clear effect". The
 table goes to ``docs/diagnose.md`` (``--write-docs``), whatever it shows. Each diagnosis is timed (the command's
@@ -47,26 +45,17 @@ def parse_args() -> argparse.Namespace:
 
 
 def outcome(row: dict | None) -> tuple[str, dict]:
-    """The study's outcome of EM-RL token in a setting, from its summary row."""
+    """The study's outcome of EM-RL token in a setting (:func:`bench_label_free.effect` of its paired comparisons with
+    no training), with the numbers behind it."""
     if row is None:
         return "not measured", {}
-    numbers = {}
+    numbers = {"seeds": len(row["seeds"])}
     for mode in ("greedy", "sampled"):
         paired = row[mode]["paired_vs_none"]
         numbers[f"{mode}_change_mean"] = statistics.fmean(p["change"] for p in paired) if paired else None
         numbers[f"{mode}_seeds_up"] = sum(p["bootstrap_ci95"][0] > 0 for p in paired)
         numbers[f"{mode}_seeds_down"] = sum(p["bootstrap_ci95"][1] < 0 for p in paired)
-    numbers["seeds"] = len(row["seeds"])
-    means = [numbers["greedy_change_mean"], numbers["sampled_change_mean"]]
-    up = numbers["greedy_seeds_up"] + numbers["sampled_seeds_up"]
-    down = numbers["greedy_seeds_down"] + numbers["sampled_seeds_down"]
-    if None in means:
-        return "not measured", numbers
-    if all(m > 0 for m in means) and up > 0:
-        return "helped", numbers
-    if any(m < 0 for m in means) and down > 0 and up == 0:
-        return "hurt", numbers
-    return "no clear effect", numbers
+    return study.effect(row["greedy"]["paired_vs_none"], row["sampled"]["paired_vs_none"]), numbers
 
 
 def agrees(verdict: str, result: str) -> bool | None:

@@ -208,3 +208,17 @@ def test_benchmark_tables_follow_the_json_layout(tmp_path):
     assert settings < page.index("| `threads` | 2 |") < raw and settings < page.index("| `repeats` | 3 |") < raw
     assert rows[-3:] == [["0.5", "yes"], ["0.25", "no"], ["3"]]
     assert raw < page.index("**`report.pairs`**") and raw < page.index("**`runs`**")
+
+
+def test_readme_study_tables_are_the_ones_generated_from_the_study_json():
+    """The README's study rows and claims table are `bench_label_free.py --readme`'s output for the committed JSON."""
+    spec = importlib.util.spec_from_file_location("bench_label_free", ROOT / "benchmarks" / "bench_label_free.py")
+    study = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(study)
+    data = json.loads((ROOT / "benchmarks" / "results" / "bench_label_free.json").read_text(encoding="utf-8"))
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    assert study.readme_rows(data["summary"]) in readme, (
+        "run `python benchmarks/bench_label_free.py --summarize-only --readme`"
+    )
+    assert study.claims_markdown(data["claims"]) in readme
+    assert f"{data['total_cpu_hours']:.1f} CPU-hours" in readme

@@ -89,6 +89,7 @@ def test_notebook_executes(notebook, tiny_model_dir, tmp_path, monkeypatch):
     monkeypatch.setenv("TRL_ENTROPY_NOTEBOOK_STEPS", "1")
     monkeypatch.setenv("TRL_ENTROPY_NOTEBOOK_EVAL", "4")
     monkeypatch.setenv("TRL_ENTROPY_NOTEBOOK_TOKENS", "8")
+    monkeypatch.setenv("TRL_ENTROPY_NOTEBOOK_EVAL_TOKENS", "8")
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     nb = nbformat.read(EXAMPLES / "notebooks" / notebook, as_version=4)
     client = nbclient.NotebookClient(

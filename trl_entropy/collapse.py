@@ -49,11 +49,12 @@ class CollapseGuardConfig:
     """Configuration of :class:`~trl_entropy.collapse_guard.CollapseGuardCallback`.
 
     Defaults come from ``benchmarks/bench_collapse.py`` (SmolLM2-135M-Instruct, EM-RL with the token-entropy reward,
-    a + b problems, 60 steps, see ``docs/collapse_guard.md``): at learning rate 5e-5 the probe accuracy rose from 31%
-    to 56% and then fell to 6%; at 2e-5 it rose to 56-69% and stayed there. In that benchmark the log signals fired on
-    both runs (the healthy one too: its entropy also fell below 0.05 nats and its groups became identical), so they do
-    not separate collapse from sharpening by themselves; the probe does. Hence, with a probe, a log signal only makes
-    the guard evaluate the probe at once (`signals_need_probe`). A trigger set to ``None`` is off.
+    a + b problems, 60 steps, see ``docs/collapse_guard.md``). The per-trigger "Measured" notes below are from its
+    first run (one seed: a collapsing 5e-5 run and a healthy 2e-5 run, on which the log signals also fired, so they do
+    not separate collapse from sharpening by themselves; the probe does). Its rerun (5e-5 and 2e-5 over 3 seeds, every
+    run collapsing without the guard) found the probe firing on all four collapsing runs at steps 5-20. Hence, with a
+    probe, a log signal only makes the guard evaluate the probe at once (`signals_need_probe`). A trigger set to
+    ``None`` is off.
 
     Parameters:
         action (`str`, *optional*, defaults to `"stop_and_restore"`):
@@ -105,8 +106,9 @@ class CollapseGuardConfig:
         max_probe_drop (`float` or `None`, *optional*, defaults to `0.15`):
             In (0, 1]: `probe_drop` fires when probe accuracy is below the best probe accuracy minus this, for
             `probe_patience` consecutive probe evaluations (5 problems of 32). Measured: the largest fall below the
-            running best was 0.125 on the healthy 2e-5 run (15/32 then 11/32) and 0.219 at step 15 of the 5e-5 run
-            (18/32 then 11/32, then down to 2/32): 0.15 sits between, with a thin margin on 32 problems.
+            running best was 0.125 on the healthy 2e-5 run of the first benchmark run (15/32 then 11/32) and 0.219 at
+            step 15 of its 5e-5 run: 0.15 sits between, with a thin margin on 32 problems. In the rerun it fired on all
+            four collapsing runs (replayed: 24 problems would have too; 16 or a 48-token budget miss one).
         probe_patience (`int`, *optional*, defaults to `1`):
             Consecutive probe evaluations below the margin before `probe_drop` fires, in [1, 100].
         max_probe_time_fraction (`float` or `None`, *optional*, defaults to `0.1`):
