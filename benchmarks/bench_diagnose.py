@@ -103,13 +103,13 @@ def markdown(table: list[dict]) -> str:
 
     for row in table:
         n = row["outcome_numbers"]
-
+        seeds = f"{n.get('seeds', 0)} seed" + ("s" if n.get("seeds", 0) != 1 else "")
         auroc = row["confidence_auroc"]
         low, high = row["confidence_auroc_ci95"]
         agreement = {True: "yes", False: "**no**", None: "-"}[row["agrees"]]
         lines.append(
             f"| {row['setting']} | {row['verdict']} | {100 * row['greedy_minus_sampled']:+.1f} | {auroc:.2f} "
-            f"[{low:.2f}, {high:.2f}] | {row['seconds']:.0f} s | {row['outcome']} ({n.get('seeds', 0)} seeds) | "
+            f"[{low:.2f}, {high:.2f}] | {row['seconds']:.0f} s | {row['outcome']} ({seeds}) | "
             f"{change(n, 'greedy')} / {change(n, 'sampled')} | {agreement} |"
         )
     return "\n".join(lines)

@@ -667,7 +667,8 @@ def plot(summary: dict, path: Path) -> Path | None:
     p = PROTOCOL
     figure.suptitle(
         f"SmolLM2-135M-Instruct, a + b: {p['steps']} steps x {p['completions_per_step']} completions, lr "
-        f"{p['learning_rate']:g}, budgets where >= 95% of answers finish (bars: mean over seeds; dots: seeds; "
+        f"{p['learning_rate']:g}; budget: the first of a ladder where >= 95% of a model's answers finish, else its "
+        "largest (bars: mean over seeds; dots: seeds; "
         "dotted: no training)",
         fontsize=8,
     )
