@@ -448,7 +448,8 @@ def render_report(results: dict[str, Any], images: list[str]) -> str:
     lines += [
         f"Wall time {timing['total_s'] / 60:.1f} min (diagnosis {timing['diagnose_s'] / 60:.1f} min, training "
         f"{timing['train_s'] / 60:.1f} min, evaluation after training {timing['eval_s'] / 60:.1f} min); process CPU "
-        f"time {timing['cpu_s'] / 60:.1f} min on {timing['num_threads']} torch threads ({timing['machine']})"
+        f"time {timing['cpu_s'] / 60:.1f} min on {timing['num_threads']} torch thread"
+        f"{'s' if timing['num_threads'] != 1 else ''} ({timing['machine']})"
         + (f", peak memory {timing['peak_memory_gb']:.1f} GB." if timing.get("peak_memory_gb") else "."),
         "",
         "Labels are used only to grade the held-out problems; training prompts carry no answer.",
