@@ -53,8 +53,7 @@ def outcome(row: dict | None) -> tuple[str, dict]:
     for mode in ("greedy", "sampled"):
         paired = row[mode]["paired_vs_none"]
         numbers[f"{mode}_change_mean"] = statistics.fmean(p["change"] for p in paired) if paired else None
-        numbers[f"{mode}_seeds_up"] = sum(p["bootstrap_ci95"][0] > 0 for p in paired)
-        numbers[f"{mode}_seeds_down"] = sum(p["bootstrap_ci95"][1] < 0 for p in paired)
+        numbers[f"{mode}_seeds_up"], numbers[f"{mode}_seeds_down"] = study.seeds_up_down(paired)
     return study.effect(row["greedy"]["paired_vs_none"], row["sampled"]["paired_vs_none"]), numbers
 
 
