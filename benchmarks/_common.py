@@ -38,7 +38,12 @@ def median(values: list[float]) -> float:
 
 
 def write_results(name: str, payload: dict) -> Path:
-    """Print ``payload`` as JSON and write it to ``benchmarks/results/<name>.json``."""
+    """Print ``payload`` as JSON and write it to ``benchmarks/results/<name>.json``, with the machine it ran on
+    (CPU model, native bf16 or not, torch threads: :func:`trl_entropy.hardware.machine_record`) under ``hardware``
+    unless the payload records it itself."""
+    from trl_entropy.hardware import machine_record
+
+    payload = {"hardware": machine_record(), **payload} if "machine" not in payload else payload
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     path = RESULTS_DIR / f"{name}.json"
     text = json.dumps(payload, indent=2, sort_keys=True)

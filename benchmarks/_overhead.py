@@ -106,8 +106,11 @@ def run_overhead(name: str, family: str, args: argparse.Namespace) -> None:
 
     trainers = {
         family: build(plain_trainer, plain_config, rule_reward, "plain"),
-        "em_token": build(entropy_trainer, entropy_config, None, "em", entropy_reward="token"),
-        "forking_0.2": build(entropy_trainer, entropy_config, rule_reward, "fork", forking_token_ratio=0.2),
+        # The statistics callback off: the rows measure the reward and the mask (bench_callback measures the callback).
+        "em_token": build(entropy_trainer, entropy_config, None, "em", entropy_reward="token", entropy_stats=False),
+        "forking_0.2": build(
+            entropy_trainer, entropy_config, rule_reward, "fork", forking_token_ratio=0.2, entropy_stats=False
+        ),
     }
     naive = build(plain_trainer, plain_config, rule_reward, "naive")  # reward replaced below: it needs the model
     naive_reward = make_naive_entropy_reward(naive.model, tokenizer, 1.0)

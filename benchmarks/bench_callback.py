@@ -123,6 +123,7 @@ def make_trainer(model, tokenizer, output_dir: str, max_steps: int) -> EntropyGR
         learning_rate=1e-6,
         seed=0,
         disable_tqdm=True,
+        entropy_stats=False,  # the arms add the callback themselves (the trainer would attach none here anyway)
     )
     dataset = ArithmeticTask().dataset(4 * max_steps, seed=0)
     return EntropyGRPOTrainer(

@@ -207,7 +207,7 @@ def run_one(lr: str, guard: str, seed: int, args, sets, out: Path) -> dict:
         "completions/mean_length",
         "reward_std",
         "frac_reward_zero_std",
-        "entropy/repetition_rate",
+        "sampling_entropy/repetition_rate",
     )
     log = [{k: e.get(k) for k in keys} for e in trainer.state.log_history if "loss" in e]
     events = [json.loads(line) for line in (folder / guard_cb.config.log_file).read_text().splitlines() if line]

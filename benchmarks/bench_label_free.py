@@ -54,6 +54,8 @@ from transformers import TrainerCallback
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import RESULTS_DIR, print_table  # noqa: E402
 
+from trl_entropy.hardware import machine_record  # noqa: E402
+
 NAME = "bench_label_free"
 RUNS_DIR = RESULTS_DIR / NAME
 REGIMES = ("open", "short", "open_2digit")
@@ -78,6 +80,11 @@ PROTOCOL = {
     "max_truncation_rate": 0.05,
     "threads": 1,
 }
+# The committed runs trained under TRL's default, bf16 autocast on the CPU (they set no `bf16`), on CPUs with native
+# bf16. Every arm keeps that dtype, so that no comparison mixes two; each run records it with its CPU. On a CPU without
+# native bf16 a step runs ~6-10x slower in bf16 (benchmarks/bench_dtype.py): rerun every arm compared in float32
+# there rather than mixing dtypes.
+TRAINING_BF16 = True
 LABELS = {
     "none": "no training",
     "em_rl_token": "EM-RL token (GRPO)",
@@ -203,6 +210,7 @@ def make_trainer(method: str, seed: int, model, tokenizer, train_rows: list[dict
         report_to="none",
         seed=seed,
         use_cpu=not torch.cuda.is_available(),
+        bf16=TRAINING_BF16,
         activation_checkpointing=False,
         disable_tqdm=True,
     )
@@ -210,38 +218,49 @@ def make_trainer(method: str, seed: int, model, tokenizer, train_rows: list[dict
     labelled = Dataset.from_list(train_rows)
     prompts_only = labelled.select_columns(["prompt"])  # label-free methods never see an answer
     kwargs = dict(model=model, processing_class=tokenizer, callbacks=callbacks)
+    # `entropy_stats=False` below: the protocol never attached the statistics callback, which the entropy configs
+    # now attach by default.
     if method == "em_rl_token":
         return EntropyGRPOTrainer(
-            args=EntropyGRPOConfig(entropy_reward="token", **group, **common), train_dataset=prompts_only, **kwargs
+            args=EntropyGRPOConfig(entropy_stats=False, entropy_reward="token", **group, **common),
+            train_dataset=prompts_only,
+            **kwargs,
         )
     if method == "em_rl_trajectory":
         return EntropyGRPOTrainer(
-            args=EntropyGRPOConfig(entropy_reward="trajectory", **group, **common),
+            args=EntropyGRPOConfig(entropy_stats=False, entropy_reward="trajectory", **group, **common),
             train_dataset=prompts_only,
             **kwargs,
         )
     if method == "self_certainty":
         return EntropyGRPOTrainer(
-            args=EntropyGRPOConfig(entropy_reward="self_certainty", **group, **common),
+            args=EntropyGRPOConfig(entropy_stats=False, entropy_reward="self_certainty", **group, **common),
             train_dataset=prompts_only,
             **kwargs,
         )
     if method == "forking_0.2":
-        config = EntropyGRPOConfig(entropy_reward="token", forking_token_ratio=0.2, **group, **common)
+        config = EntropyGRPOConfig(
+            entropy_stats=False, entropy_reward="token", forking_token_ratio=0.2, **group, **common
+        )
         return EntropyGRPOTrainer(args=config, train_dataset=prompts_only, **kwargs)
     if method == "em_rl_token_rloo":
         return EntropyRLOOTrainer(
-            args=EntropyRLOOConfig(entropy_reward="token", **group, **common), train_dataset=prompts_only, **kwargs
+            args=EntropyRLOOConfig(entropy_stats=False, entropy_reward="token", **group, **common),
+            train_dataset=prompts_only,
+            **kwargs,
         )
     if method == "emft":
         # 4 prompts x 2 samples: the same 8 completions per step (TRL 1.16 samples each prompt at least twice).
-        config = EMFTConfig(num_samples_per_prompt=2, log_entropy_after=False, **common)
+        config = EMFTConfig(entropy_stats=False, num_samples_per_prompt=2, log_entropy_after=False, **common)
         return EMFTTrainer(args=config, train_dataset=prompts_only, **kwargs)
     if method == "rent":
         # Unparsed answers are charged log V nats, the largest entropy possible (49152-token vocabulary).
         reward = rent_reward(parse_answer, unparsed_entropy=math.log(len(tokenizer)))
         return EntropyGRPOTrainer(
-            reward_funcs=reward, args=EntropyGRPOConfig(**group, **common), train_dataset=prompts_only, **kwargs
+            reward_funcs=reward,
+            args=EntropyGRPOConfig(entropy_stats=False, **group, **common),
+            train_dataset=prompts_only,
+            **kwargs,
         )
     if method == "majority_vote":
         reward = majority_vote_reward(parse_answer, num_generations=p["num_generations"])
@@ -260,26 +279,28 @@ def make_trainer(method: str, seed: int, model, tokenizer, train_rows: list[dict
 
 def evaluate_until_finished(model, tokenizer, held_out: list[dict], regime: str, do_sample: bool, seed: int) -> dict:
     """Evaluate at the first budget of the regime's ladder where at most 5% of the answers are cut off (the last
-    rung otherwise, flagged ``finished=False``). Greedy answers that finish are the same at any larger budget; sampled
-    ones are drawn afresh at each rung (same seed, same distribution, a longer budget)."""
-    from trl_entropy.evaluation import evaluate
+    rung otherwise, flagged ``finished=False``), decoding each token once
+    (:func:`trl_entropy.evaluation.evaluate_ladder`: a rung continues only the answers cut off at the one before).
+    Greedy answers are those of a decoding at that budget from the start; sampled ones a draw from the same
+    distribution (sampling seed 1000 + seed, set once; the committed runs drew afresh at each rung)."""
+    from trl_entropy.evaluation import evaluate_ladder
 
-    attempts, result = [], None
-    for budget in eval_budgets(regime):
-        result = evaluate(
-            model,
-            tokenizer,
-            held_out,
-            max_new_tokens=budget,
-            do_sample=do_sample,
-            temperature=PROTOCOL["temperature"],
-            seed=1000 + seed if do_sample else None,
-            batch_size=PROTOCOL["eval_batch_size"],
-            progress=False,
-        )
-        attempts.append({"budget": budget, "accuracy": result.accuracy, "truncation_rate": result.truncation_rate})
-        if result.truncation_rate <= PROTOCOL["max_truncation_rate"]:
-            break
+    results = evaluate_ladder(
+        model,
+        tokenizer,
+        held_out,
+        budgets=eval_budgets(regime),
+        max_truncated=PROTOCOL["max_truncation_rate"],
+        do_sample=do_sample,
+        temperature=PROTOCOL["temperature"],
+        seed=1000 + seed if do_sample else None,
+        batch_size=PROTOCOL["eval_batch_size"],
+        progress=False,
+    )
+    attempts = [
+        {"budget": r.max_new_tokens, "accuracy": r.accuracy, "truncation_rate": r.truncation_rate} for r in results
+    ]
+    result = results[-1]
     summary = result.to_dict()
     summary["finished"] = result.truncation_rate <= PROTOCOL["max_truncation_rate"]
     summary["budget_attempts"] = attempts
@@ -340,6 +361,8 @@ def run_one(regime: str, method: str, seed: int) -> dict:
         "wall_s": time.perf_counter() - start_wall,
         "cpu_s": time.process_time() - start_cpu,
         "torch_threads": torch.get_num_threads(),
+        "training_dtype": "bfloat16" if TRAINING_BF16 else "float32",
+        "hardware": machine_record(),
         "training_log": log,
     }
 

@@ -198,7 +198,7 @@ def plot(results: list[dict], path: Path) -> Path | None:
     try:
         from matplotlib.figure import Figure
     except ImportError:
-        print("matplotlib not installed: no PNG (pip install trl-entropy[plots])")
+        print("matplotlib not installed: no PNG (pip install matplotlib)")
         return None
     figure = Figure(figsize=(11, 3.5), layout="constrained")
     axes = figure.subplots(1, 3)

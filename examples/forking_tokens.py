@@ -16,6 +16,7 @@ import torch
 from trl import TrlParser
 
 from trl_entropy.callbacks import EntropyStatsCallback
+from trl_entropy.hardware import default_bf16
 from trl_entropy.models import load_model
 from trl_entropy.tasks import ArithmeticTask, accuracy_reward
 from trl_entropy.trainers import EntropyGRPOConfig, EntropyGRPOTrainer
@@ -43,6 +44,7 @@ DEFAULTS = {
     "save_strategy": "no",
     "report_to": "none",
     "use_cpu": not torch.cuda.is_available(),  # TRL defaults to bf16, which needs an accelerator
+    "bf16": default_bf16(),  # on a CPU, bf16 only where it is native: elsewhere float32 runs ~10x faster
 }
 
 

@@ -252,19 +252,19 @@ def test_grpo_run_writes_jsonl_matching_trl_metrics(grpo_run):
         metrics = record["metrics"]
         # TRL's own "entropy" is the masked mean of the training pass's entropies over the same completions, under
         # the weights that sampled them (one generation batch per step): the callback's come from generation.
-        assert metrics["entropy/mean"] == pytest.approx(trl_logged["entropy"], rel=1e-5)
-        assert metrics["entropy/completion_length"] == pytest.approx(trl_logged["completions/mean_length"])
+        assert metrics["sampling_entropy/mean"] == pytest.approx(trl_logged["entropy"], rel=1e-5)
+        assert metrics["sampling_entropy/completion_length"] == pytest.approx(trl_logged["completions/mean_length"])
         assert record["num_tokens"] == round(trl_logged["completions/mean_length"] * 4)
         assert sum(record["histogram"]["counts"]) == record["num_tokens"]
-        qs = [metrics[f"entropy/p{p}"] for p in (10, 25, 50, 75, 90, 99)]
+        qs = [metrics[f"sampling_entropy/p{p}"] for p in (10, 25, 50, 75, 90, 99)]
         assert qs == sorted(qs) and record["min"] <= qs[0] and qs[-1] <= record["max"]
         # The scalars also reached the trainer's log history (the callback runs before the reporters).
-        assert trl_logged["entropy/p50"] == metrics["entropy/p50"]
+        assert trl_logged["sampling_entropy/p50"] == metrics["sampling_entropy/p50"]
         assert 0 < len(record["top_tokens"]) <= 5
-    assert records[0]["metrics"]["entropy/frac_above_forking_threshold"] == pytest.approx(0.2, abs=0.1)
+    assert records[0]["metrics"]["sampling_entropy/frac_above_forking_threshold"] == pytest.approx(0.2, abs=0.1)
     assert [r["trend_points"] for r in records] == [1, 2, 3, 4]
-    slope = linear_trend_slope([1, 2, 3, 4], [r["metrics"]["entropy/mean"] for r in records])
-    assert records[-1]["metrics"]["entropy/trend_slope"] == pytest.approx(slope)
+    slope = linear_trend_slope([1, 2, 3, 4], [r["metrics"]["sampling_entropy/mean"] for r in records])
+    assert records[-1]["metrics"]["sampling_entropy/trend_slope"] == pytest.approx(slope)
     # The correlation of the last step is the one over the rewards TRL kept for its last generation batch.
     last = records[-1]["reward_correlation"]
     assert (last["entropy_key"], last["accuracy_key"]) == ("entropy_proxy", "accuracy_reward")
@@ -290,13 +290,13 @@ def test_grpo_run_writes_tensorboard_histograms(grpo_run):
     event_dirs = [d for d in event_dirs if any(f.startswith("events.out.tfevents") for f in os.listdir(d))]
     accumulator = EventAccumulator(event_dirs[0], size_guidance={"histograms": 0, "scalars": 0})
     accumulator.Reload()
-    assert "train/entropy/histogram" in accumulator.Tags()["histograms"]
-    events = accumulator.Histograms("train/entropy/histogram")
+    assert "train/sampling_entropy/histogram" in accumulator.Tags()["histograms"]
+    events = accumulator.Histograms("train/sampling_entropy/histogram")
     assert [e.step for e in events] == [1, 2, 3, 4]
     for event in events:
         assert event.histogram_value.num == records[event.step]["num_tokens"]
         assert list(event.histogram_value.bucket) == records[event.step]["histogram"]["counts"]
-    assert "train/entropy/p90" in accumulator.Tags()["scalars"]
+    assert "train/sampling_entropy/p90" in accumulator.Tags()["scalars"]
 
 
 def test_grpo_run_writes_pngs_and_checkpoint_state(grpo_run):
@@ -307,7 +307,7 @@ def test_grpo_run_writes_pngs_and_checkpoint_state(grpo_run):
     state = json.loads((output_dir / "checkpoint-2" / STATE_FILE_NAME).read_text())
     records = read_jsonl(output_dir / "entropy_stats.jsonl")
     assert state["global_step"] == 2
-    assert state["history"] == [[r["step"], r["metrics"]["entropy/mean"]] for r in records[:2]]
+    assert state["history"] == [[r["step"], r["metrics"]["sampling_entropy/mean"]] for r in records[:2]]
     assert state["reference_threshold"] == records[0]["forking"]["threshold"]
 
 
@@ -354,9 +354,11 @@ def test_observed_entropies_give_the_same_statistics(tmp_path):
     values = torch.cat([e[m] for e, m in recorder.batches]).double()
     assert len(recorder.batches) == 2 and record["num_tokens"] == values.numel()
     for p in (10, 25, 50, 75, 90, 99):
-        assert record["metrics"][f"entropy/p{p}"] == pytest.approx(torch.quantile(values, p / 100).item(), abs=1e-12)
-    assert record["metrics"]["entropy/mean"] == pytest.approx(values.mean().item(), rel=1e-12)
-    assert record["metrics"]["entropy/frac_above_forking_threshold"] == pytest.approx(
+        assert record["metrics"][f"sampling_entropy/p{p}"] == pytest.approx(
+            torch.quantile(values, p / 100).item(), abs=1e-12
+        )
+    assert record["metrics"]["sampling_entropy/mean"] == pytest.approx(values.mean().item(), rel=1e-12)
+    assert record["metrics"]["sampling_entropy/frac_above_forking_threshold"] == pytest.approx(
         (values > threshold).double().mean().item()
     )
     assert record["forking"]["threshold"] == pytest.approx(torch.quantile(values, 0.8).item(), abs=1e-12)
@@ -386,10 +388,10 @@ def test_callback_adds_no_forward_and_leaves_evaluation_out(tmp_path):
     callback.observe(torch.rand(2, 3) + 1, torch.ones(2, 3, dtype=torch.bool))
     logs = {"eval_loss": 1.0}
     callback.on_log(trainer.args, trainer.state, trainer.control, logs=logs)
-    assert callback._window.distribution.count == 6 and "entropy/mean" not in logs
+    assert callback._window.distribution.count == 6 and "sampling_entropy/mean" not in logs
     logs = {"loss": 0.0}
     callback.on_log(trainer.args, trainer.state, trainer.control, logs=logs)
-    assert callback._window.distribution.count == 0 and logs["entropy/num_tokens"] == 6
+    assert callback._window.distribution.count == 0 and logs["sampling_entropy/num_tokens"] == 6
 
 
 def test_plain_trl_trainer_gets_a_one_line_error(tmp_path):
@@ -429,5 +431,117 @@ def test_rloo_trainer(tmp_path):
     history = {h["step"]: h for h in trainer.state.log_history if "entropy" in h}
     assert [r["step"] for r in records] == [1, 2]
     for record in records:
-        assert record["metrics"]["entropy/mean"] == pytest.approx(history[record["step"]]["entropy"], rel=1e-5)
+        assert record["metrics"]["sampling_entropy/mean"] == pytest.approx(
+            history[record["step"]]["entropy"], rel=1e-5
+        )
         assert record["reward_correlation"] is None  # no entropy-type reward column
+
+
+# ---- the trainers attach the callback themselves (config field `entropy_stats`) ----------------------------------
+
+
+def _no_reward(completions, **kwargs):
+    return [0.0] * len(completions)
+
+
+def _stats_callbacks(trainer):
+    return [cb for cb in trainer.callback_handler.callbacks if isinstance(cb, EntropyStatsCallback)]
+
+
+def _build(trainer_class, config_class, tmp_path, reward=True, **fields):
+    from trl_entropy.trainers import EMFTConfig
+
+    model, tokenizer = make_tiny_model_and_tokenizer(seed=0)
+    kwargs = dict(output_dir=str(tmp_path), report_to=[], use_cpu=True, per_device_train_batch_size=4, **fields)
+    if config_class is not EMFTConfig:
+        kwargs.update(num_generations=4, beta=0.0)
+    extra = {"reward_funcs": _no_reward} if reward else {}
+    return trainer_class(model, args=config_class(**kwargs), train_dataset=tiny_dataset(), processing_class=tokenizer,
+                         **extra)  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "method, fields, attached",
+    [
+        ("grpo", {}, False),  # every entropy option off: TRL's trainer unchanged (the drop-in guarantee)
+        ("grpo", {"entropy_reward": "token"}, True),
+        ("grpo", {"forking_token_ratio": 0.2}, True),
+        ("grpo", {"entropy_reward": "token", "entropy_stats": False}, False),
+        ("grpo", {"entropy_stats": True}, True),  # opted in to watch a plain baseline
+        ("grpo-trl", {}, False),  # TRL's own GRPOConfig
+        ("rloo", {}, False),
+        ("rloo", {"entropy_reward": "trajectory"}, True),
+        ("rloo", {"entropy_stats": True}, True),
+        ("emft", {}, True),  # EM-FT's loss is the entropy: auto means on
+        ("emft", {"entropy_stats": False}, False),
+    ],
+)
+def test_trainers_attach_the_stats_callback_as_the_config_says(method, fields, attached, tmp_path):
+    from trl_entropy.trainers import EMFTConfig, EMFTTrainer
+
+    trainer_class, config_class = {
+        "grpo": (EntropyGRPOTrainer, EntropyGRPOConfig),
+        "grpo-trl": (EntropyGRPOTrainer, GRPOConfig),
+        "rloo": (EntropyRLOOTrainer, EntropyRLOOConfig),
+        "emft": (EMFTTrainer, EMFTConfig),
+    }[method]
+    trainer = _build(trainer_class, config_class, tmp_path, reward=method != "emft", **fields)
+    callbacks = _stats_callbacks(trainer)
+    assert len(callbacks) == int(attached)
+    if attached:
+        assert callbacks[0].trainer is trainer and callbacks[0].config == EntropyStatsConfig()
+
+
+def test_a_callback_of_your_own_replaces_the_default_one(tmp_path):
+    # Given to the constructor: the trainer adds none.
+    model, tokenizer = make_tiny_model_and_tokenizer(seed=0)
+    mine = EntropyStatsCallback(bins=8)
+    args = EntropyGRPOConfig(output_dir=str(tmp_path), entropy_reward="token", report_to=[], use_cpu=True,
+                             per_device_train_batch_size=4, num_generations=4)  # fmt: skip
+    trainer = EntropyGRPOTrainer(model, args=args, train_dataset=tiny_dataset(), processing_class=tokenizer,
+                                 callbacks=[mine])  # fmt: skip
+    assert _stats_callbacks(trainer) == [mine]
+    # Added afterwards, as an instance or as a class (Trainer.add_callback builds it): it takes the default's place.
+    trainer = _build(EntropyGRPOTrainer, EntropyGRPOConfig, tmp_path, entropy_reward="token")
+    trainer.add_callback(mine)
+    assert _stats_callbacks(trainer) == [mine]
+    trainer = _build(EntropyGRPOTrainer, EntropyGRPOConfig, tmp_path, entropy_reward="token")
+    trainer.add_callback(EntropyStatsCallback)
+    (added,) = _stats_callbacks(trainer)
+    assert added.trainer is None  # the one Trainer built from the class, not the default (bound to the trainer)
+    trainer.remove_callback(EntropyStatsCallback)
+    assert _stats_callbacks(trainer) == []
+
+
+def test_entropy_stats_true_logs_a_plain_baseline(tmp_path):
+    """With every entropy option off and `entropy_stats=True`, the trainer passes its observers the signals and the
+    default callback writes the JSONL: the same statistics as the training pass's TRL `entropy` on-policy."""
+    trainer = _build(EntropyGRPOTrainer, EntropyGRPOConfig, tmp_path, entropy_stats=True, max_steps=1,
+                     logging_steps=1, max_completion_length=6, save_strategy="no", seed=0)  # fmt: skip
+    trainer.train()
+    (record,) = read_jsonl(tmp_path / "entropy_stats.jsonl")
+    (logged,) = [h for h in trainer.state.log_history if "loss" in h]
+    assert record["metrics"]["sampling_entropy/mean"] == pytest.approx(logged["entropy"], rel=1e-5)
+    assert logged["sampling_entropy/mean"] == record["metrics"]["sampling_entropy/mean"]
+
+
+@pytest.mark.parametrize("value", ["yes", 1, 0.0])
+def test_entropy_stats_must_be_a_bool_or_none(value, tmp_path):
+    with pytest.raises(TypeError, match="`entropy_stats` must be True, False or None"):
+        EntropyGRPOConfig(output_dir=str(tmp_path), entropy_stats=value, use_cpu=True)
+
+
+def test_plots_read_the_scalar_names_of_0_1_0_files(grpo_run, tmp_path):
+    """A JSONL written under the 0.1.0 names (`entropy/mean`...) loads as the current file does (`sampling_entropy/`),
+    so `trl-entropy plot` draws the same figures from it."""
+    from trl_entropy.plots import load_entropy_stats
+
+    _, _, output_dir = grpo_run
+    current = load_entropy_stats(output_dir / "entropy_stats.jsonl")
+    old_file = tmp_path / "entropy_stats.jsonl"
+    with open(old_file, "w") as handle:
+        for record in read_jsonl(output_dir / "entropy_stats.jsonl"):
+            old_names = {key.replace("sampling_entropy/", "entropy/", 1): v for key, v in record["metrics"].items()}
+            handle.write(json.dumps({**record, "metrics": old_names}) + "\n")
+    assert "entropy/mean" in old_file.read_text()
+    assert load_entropy_stats(old_file) == current

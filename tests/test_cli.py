@@ -3,15 +3,23 @@
 import dataclasses
 import json
 import os
+import subprocess
+import sys
+import tomllib
+from importlib import metadata
+from pathlib import Path
 
 import pytest
+import torch
 import yaml
+from packaging.requirements import Requirement
 from safetensors.torch import load_file
 
 from trl_entropy.cli import EntropyModelConfig, TrainScriptArguments, main, make_parser
 from trl_entropy.testing import make_tiny_model_and_tokenizer
 
-COMMANDS = ("grpo", "rloo", "emft", "generate", "calibrate", "plot", "demo")
+COMMANDS = ("grpo", "rloo", "emft", "generate", "calibrate", "plot", "diagnose", "demo", "env")
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _help_text(capsys, argv):
@@ -200,7 +208,7 @@ def test_tiny_training_run_through_the_cli(tiny_model_dir, tmp_path, command, ex
     # EntropyStatsCallback was attached: one JSONL record per logging step, each with the trainer's metric.
     records = [json.loads(line) for line in (output_dir / "entropy_stats.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2]
-    assert all(r["num_tokens"] > 0 and r["min"] <= r["metrics"]["entropy/mean"] <= r["max"] for r in records)
+    assert all(r["num_tokens"] > 0 and r["min"] <= r["metrics"]["sampling_entropy/mean"] <= r["max"] for r in records)
 
 
 def test_cli_without_entropy_stats_writes_no_jsonl(tiny_model_dir, tmp_path):
@@ -250,3 +258,193 @@ def test_generate_command_with_early_stopping(tiny_model_dir, tmp_path):
     assert all(r["outcome"] in ("answered_early", "ended_in_first_step") for r in results)
     answered = sum(r["outcome"] == "answered_early" for r in results) / 2
     assert payload["metrics"]["early_stopping"]["answered_early"] == answered
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# `trl-entropy env`, a fast `--help`, help texts, and the line naming the demo defaults (issue 29)
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _report_lines(capsys, argv=("env",)):
+    capsys.readouterr()
+    assert main(list(argv)) == 0
+    return capsys.readouterr().out.strip().splitlines()
+
+
+def _value(lines, label):
+    """The value of the report line ``- <label>: <value>`` (exactly one such line)."""
+    found = [line.split(": ", 1)[1] for line in lines if line.startswith(f"- {label}: ")]
+    assert len(found) == 1, (label, lines)
+    return found[0]
+
+
+def _installed(name):
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def test_env_reports_the_installed_versions_cpu_and_default_dtype(capsys, tmp_path):
+    lines = _report_lines(capsys)
+    assert lines[0] == "Copy-paste the following information when reporting an issue:"
+    # Versions, as the installed distributions give them (TRL's own report for TRL's packages).
+    assert _value(lines, "trl-entropy version").split("+")[0] == _installed("trl-entropy")
+    for label, package in [
+        ("TRL version", "trl"),
+        ("PyTorch version", "torch"),
+        ("Transformers version", "transformers"),
+        ("Accelerate version", "accelerate"),
+        ("Datasets version", "datasets"),
+        ("PEFT version", "peft"),
+        ("DeepSpeed version", "deepspeed"),
+        ("vLLM version", "vllm"),
+        ("matplotlib version", "matplotlib"),
+    ]:
+        assert _value(lines, label).split("+")[0] == _installed(package).split("+")[0], label
+    # TRL support: the range pyproject.toml pins, and whether the installed TRL is in it.
+    pinned = next(
+        Requirement(r) for r in tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    )
+    assert pinned.name == "trl"
+    support = _value(lines, "TRL supported by trl-entropy")
+    assert set(support.split(";")[0].split(",")) == {str(s) for s in pinned.specifier}
+    in_range = pinned.specifier.contains(_installed("trl"), prereleases=True)
+    assert support.endswith(f"installed TRL {_installed('trl')}: {'supported' if in_range else 'NOT supported'}")
+    trainers = _value(lines, "trl_entropy.trainers")
+    assert trainers == "imports" if in_range else trainers.startswith("does not import")
+    # The machine: the CPU's name from /proc/cpuinfo, oneDNN's bf16 test, and the dtype `trl-entropy grpo` defaults to.
+    if Path("/proc/cpuinfo").is_file():
+        model_names = [
+            line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name")
+        ]
+        if model_names:
+            assert _value(lines, "CPU").startswith(model_names[0].split(":", 1)[1].strip() + " (")
+    native = torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    assert _value(lines, "CPU native bf16").startswith("yes" if native else "no")
+    training_args = make_parser("grpo").parse_args_and_config(["--output_dir", str(tmp_path)])[1]
+    dtype = "bfloat16" if training_args.bf16 else "float32"
+    assert _value(lines, "Default training dtype of trl-entropy grpo|rloo|emft here").startswith(dtype + " ")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the dtype default on a GPU does not depend on the CPU")
+def test_env_on_a_cpu_without_native_bf16_reports_float32():
+    """The AVX2-only emulation of HELPERS.md: oneDNN reports no native bf16, and the CLI then trains in float32."""
+    env = {**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"}
+    result = subprocess.run(
+        [sys.executable, "-m", "trl_entropy.cli", "env"], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.strip().splitlines()
+    assert _value(lines, "CPU native bf16").startswith("no (torch CPU capability: AVX2)")
+    assert _value(lines, "Default training dtype of trl-entropy grpo|rloo|emft here").startswith("float32 on the CPU")
+    assert _value(lines, "CPU kernel overrides") == "ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2"
+
+
+def test_env_without_trls_report_still_lists_the_versions(capsys, monkeypatch):
+    """Where TRL's `print_env` can not run (another TRL release), the versions come from the distributions."""
+    monkeypatch.setitem(sys.modules, "trl.scripts.env", None)  # blocks the import, as a TRL without it would
+    lines = _report_lines(capsys)
+    assert any(line.startswith("- TRL's `trl env` report failed (ModuleNotFoundError") for line in lines)
+    for package in ("trl", "torch", "transformers", "accelerate", "datasets", "peft", "deepspeed", "vllm"):
+        assert _value(lines, f"{package} version") == _installed(package), package
+
+
+def test_env_refuses_options_in_one_line(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["env", "--verbose"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2
+    assert err == [
+        "trl-entropy env: error: unknown option(s) in the command line: --verbose; see `trl-entropy env --help`"
+    ]
+
+
+def test_top_level_help_imports_neither_torch_nor_transformers():
+    """What keeps `trl-entropy --help` as fast as `trl --help` (timed in benchmarks/bench_cli_help.py)."""
+    code = (
+        "import sys\n"
+        "from trl_entropy.cli import main\n"
+        "try:\n"
+        "    main(['--help'])\n"
+        "except SystemExit:\n"
+        "    pass\n"
+        "print(sorted(m for m in ('torch', 'transformers', 'trl.trainer') if m in sys.modules))"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "env" in result.stdout and "grpo" in result.stdout  # the help itself was printed
+    assert result.stdout.strip().splitlines()[-1] == "[]"
+
+
+def _option_help(text, option):
+    """The help paragraph of ``option`` in an argparse help text, on one line."""
+    lines = text.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.lstrip().startswith(f"{option} "))
+    block = [lines[start]]
+    for line in lines[start + 1 :]:
+        if line.startswith("  -") or not line.startswith(" "):
+            break
+        block.append(line)
+    return " ".join(" ".join(block).split())
+
+
+@pytest.mark.parametrize(
+    "argv, option",
+    [
+        (["plot"], "--output_dir"),
+        (["generate"], "--summary_file"),
+        (["diagnose"], "--answer_column"),
+        (["grpo"], "--dataset_name"),
+        (["grpo"], "--num_train_prompts"),
+    ],
+)
+def test_help_names_each_default_once(capsys, argv, option):
+    assert _option_help(_help_text(capsys, argv), option).count("default:") == 1
+
+
+def test_grpo_help_marks_the_options_of_the_builtin_task(capsys):
+    text = _help_text(capsys, ["grpo"])
+    for option in ("--num_train_prompts", "--prompt_style"):
+        assert "Built-in tasks only (ignored for other data)" in _option_help(text, option), option
+
+
+def test_training_on_the_demo_defaults_says_so_before_anything_else(capsys, tmp_path):
+    """No --model_name_or_path and no --dataset_name: one line at start names the embedded model and the built-in
+    task; a reward that can not be imported then fails the run before any model loads."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        main(["grpo", "--output_dir", str(tmp_path), "--reward_funcs", "no_such_module.reward"])
+    captured = capsys.readouterr()
+    assert exit_info.value.code == 2 and "no_such_module.reward" in captured.err
+    assert captured.out.strip().splitlines() == [
+        "Training the embedded SmolLM2-135M-Instruct (--model_name_or_path smollm2, the default) on the built-in "
+        "arithmetic task (--dataset_name arithmetic, the default): trl-entropy's demo defaults, where `trl grpo` "
+        "requires both options; see `trl-entropy grpo --help`."
+    ]
+
+
+@pytest.mark.parametrize(
+    "argv, names",
+    [
+        ([], ["smollm2", "arithmetic"]),
+        (["--model_name_or_path", "org/model"], ["arithmetic"]),
+        (["--dataset_name", "data.jsonl"], ["smollm2"]),
+        (["--model_name_or_path", "org/model", "--datasets", '{"path": "json"}'], []),
+        (["--model_name_or_path", "org/model", "--dataset_name", "data.jsonl"], []),
+    ],
+)
+def test_the_demo_defaults_line_names_exactly_the_defaults_in_use(tmp_path, argv, names):
+    from trl_entropy.cli.train import default_choices_line
+
+    script_args, _, model_args, dataset_args, *_ = make_parser("emft").parse_args_and_config(
+        ["--output_dir", str(tmp_path), *argv]
+    )
+    line = default_choices_line("emft", script_args, model_args, dataset_args)
+    if not names:
+        assert line is None
+        return
+    assert line.startswith("Training") and line.endswith("see `trl-entropy emft --help`.")
+    assert ("--model_name_or_path smollm2, the default" in line) == ("smollm2" in names)
+    assert ("--dataset_name arithmetic, the default" in line) == ("arithmetic" in names)
+    assert ("both options" in line) == (len(names) == 2)

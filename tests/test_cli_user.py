@@ -166,6 +166,7 @@ def test_a_trl_grpo_yaml_runs_unchanged(tmp_path, capsys, tiny_model_dir, tiny_r
     card = (output_dir / "README.md").read_text()
     assert "trl-entropy" in card and "[None]" not in card
     assert f"the local model `{tiny_model_dir}`" in card
+    assert f'model="{output_dir}"' in card and 'model="None"' not in card
 
 
 def test_model_card_names_base_model_method_settings_and_papers(tmp_path, capsys, tiny_model_dir):
@@ -225,6 +226,71 @@ def test_model_card_base_model_of_the_embedded_model_is_its_hub_id(tmp_path):
     assert base_model_id(model) == "HuggingFaceTB/SmolLM2-135M-Instruct"
     assert base_model_id(SimpleNamespace(config=SimpleNamespace(_name_or_path="org/model"))) == "org/model"
     assert base_model_id(SimpleNamespace(config=SimpleNamespace(_name_or_path=str(tmp_path)))) is None
+
+
+def test_model_card_base_model_of_a_hub_cache_snapshot_is_its_hub_id(tmp_path):
+    """A folder of the Hub's download cache (`snapshot_download`'s layout) names its model; another local folder is
+    not a Hub id, which the Hub refuses in `base_model`."""
+    from types import SimpleNamespace
+
+    from huggingface_hub.file_download import repo_folder_name
+
+    from trl_entropy.trainers._model_card import base_model_id
+
+    snapshot = tmp_path / repo_folder_name(repo_id="org-name/Model-1.5B", repo_type="model") / "snapshots" / "abc123"
+    snapshot.mkdir(parents=True)
+    assert base_model_id(SimpleNamespace(config=SimpleNamespace(_name_or_path=str(snapshot)))) == "org-name/Model-1.5B"
+    assert base_model_id(SimpleNamespace(config=SimpleNamespace(_name_or_path=str(snapshot.parent)))) is None
+
+
+def _tiny_trainer_card(model_dir, output_dir, hub_model_id=None):
+    """The card an EntropyGRPOTrainer on ``model_dir`` writes (no training: the card needs none)."""
+    from datasets import Dataset
+
+    from trl_entropy.trainers import EntropyGRPOConfig, EntropyGRPOTrainer
+
+    args = EntropyGRPOConfig(
+        output_dir=str(output_dir),
+        entropy_reward="token",
+        num_generations=2,
+        per_device_train_batch_size=2,
+        max_completion_length=4,
+        use_cpu=True,
+        bf16=False,
+        report_to="none",
+    )
+    trainer = EntropyGRPOTrainer(model=model_dir, args=args, train_dataset=Dataset.from_dict({"prompt": ["a", "b"]}))
+    trainer.hub_model_id = hub_model_id  # what `push_to_hub` sets (Trainer.init_hf_repo), offline
+    trainer.create_model_card()
+    card = (output_dir / "README.md").read_text()
+    return yaml.safe_load(card.split("---")[1]), card
+
+
+def test_model_card_of_a_local_model_not_on_the_hub(tmp_path, tiny_model_dir):
+    """TRL's card read `pipeline(model="None")` for a model not pushed to the Hub; this one loads the output folder,
+    names the local base model (not in `base_model`, which the Hub accepts for Hub ids only) and states the method
+    once (the method section lists the settings; the citation heading names it as TRL's does)."""
+    header, card = _tiny_trainer_card(tiny_model_dir, tmp_path / "out")
+    assert 'model="None"' not in card and f'pipeline("text-generation", model="{tmp_path / "out"}"' in card
+    assert f"load it from the folder it was saved to, `{tmp_path / 'out'}`" in card
+    assert "base_model" not in header and f"fine-tuned version of the local model `{tiny_model_dir}`" in card
+    method = "EM-RL with the `token` entropy reward"
+    assert card.count(f"This model was trained with GRPO with {method}") == 1
+    assert card.count(method) == 2  # the training sentence and TRL's "Cite ... as:" heading, no third time
+    assert "Trained with trl-entropy's `EntropyGRPOTrainer`, with these settings:" in card
+
+
+def test_model_card_of_a_pushed_model_from_a_hub_snapshot(tmp_path, tiny_model_dir):
+    import shutil
+
+    from huggingface_hub.file_download import repo_folder_name
+
+    snapshot = tmp_path / repo_folder_name(repo_id="org/tiny-base", repo_type="model") / "snapshots" / "0123abc"
+    shutil.copytree(tiny_model_dir, snapshot)
+    header, card = _tiny_trainer_card(str(snapshot), tmp_path / "out", hub_model_id="user/tiny-em-rl")
+    assert header["base_model"] == "org/tiny-base"
+    assert "fine-tuned version of [org/tiny-base](https://huggingface.co/org/tiny-base)" in card
+    assert 'pipeline("text-generation", model="user/tiny-em-rl"' in card and "not on the Hub" not in card
 
 
 # ---------------------------------------------------------------------------------------------------------------------

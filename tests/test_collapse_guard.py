@@ -153,7 +153,7 @@ def test_signal_triggers_names_each_trigger():
     healthy = {
         "entropy": [1.6, 1.2, 1.0, 0.8, 0.6],
         "completions/mean_length": [36.0, 38.0, 35.0, 30.0, 28.0],
-        "entropy/repetition_rate": [0.0] * 5,
+        "sampling_entropy/repetition_rate": [0.0] * 5,
         "frac_reward_zero_std": [0.0] * 5,
         "reward_std": [0.5, 0.4, 0.4, 0.3, 0.3],
     }
@@ -161,7 +161,7 @@ def test_signal_triggers_names_each_trigger():
     collapsed = {
         "entropy": [1.6, 1.2, 0.04, 0.004, 0.0004],
         "completions/mean_length": [36.0, 38.0, 35.0, 8.0, 8.0],
-        "entropy/repetition_rate": [0.0, 0.0, 0.0, 0.7, 0.8],
+        "sampling_entropy/repetition_rate": [0.0, 0.0, 0.0, 0.7, 0.8],
         "frac_reward_zero_std": [0.0, 0.0, 0.0, 1.0, 1.0],
         "reward_std": [0.5, 0.4, 0.4, 0.0, 0.0],
     }

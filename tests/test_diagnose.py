@@ -155,6 +155,26 @@ def test_diagnose_with_and_without_answers_on_the_tiny_model():
         diagnose(model, tokenizer, prompts, greedy_answers, parse_answer=_parse)
 
 
+def test_diagnose_greedy_half_is_the_same_with_ended_rows_dropped():
+    """Dropping ended completions from their batch (``segment_tokens``) changes how much is computed, not the greedy
+    completions: the greedy half of the diagnosis equals one ``generate`` call per batch."""
+    model, tokenizer = make_tiny_model_and_tokenizer(seed=0)
+    prompts = tiny_prompts(6)
+    free = []
+    for prompt in prompts:  # the greedy path with no end token, to pick one that ends rows at varied lengths
+        ids = tokenizer(prompt, return_tensors="pt")
+        out = model.generate(**ids, max_new_tokens=12, do_sample=False, eos_token_id=None, pad_token_id=0)
+        free.append(out[0, ids["input_ids"].size(1) :].tolist())
+    model.generation_config.eos_token_id = max(
+        range(3, len(tokenizer)), key=lambda t: len({row.index(t) for row in free if t in row[1:]})
+    )
+    common = dict(parse_answer=_parse, num_samples=2, max_new_tokens=12, batch_size=4, progress=False)
+    dropped = diagnose(model, tokenizer, prompts, None, segment_tokens=3, **common)
+    whole = diagnose(model, tokenizer, prompts, None, segment_tokens=None, **common)
+    assert dropped["greedy_texts"] == whole["greedy_texts"]
+    assert dropped["greedy"]["mean_length"] == whole["greedy"]["mean_length"]
+
+
 # ---- the command: bad data in one line, before the model loads ------------------------------------------------------
 
 

@@ -274,15 +274,15 @@ def test_stats_callback_equals_single_process(dist_results):
         assert counts.tolist() == reference_counts.tolist()
         metrics = record["metrics"]
         for q, expected in zip(quantiles, sketch.quantiles(quantiles)):
-            name = f"entropy/p{100 * q:g}"
+            name = f"sampling_entropy/p{100 * q:g}"
             assert metrics[name] == pytest.approx(expected, abs=1e-9)
             assert metrics[name] == pytest.approx(torch.quantile(values, q).item(), abs=1e-6)
-        assert metrics["entropy/mean"] == pytest.approx(values.mean().item(), rel=1e-9)
-        assert metrics["entropy/std"] == pytest.approx(values.std(unbiased=False).item(), rel=1e-3, abs=1e-9)
+        assert metrics["sampling_entropy/mean"] == pytest.approx(values.mean().item(), rel=1e-9)
+        assert metrics["sampling_entropy/std"] == pytest.approx(values.std(unbiased=False).item(), rel=1e-3, abs=1e-9)
         assert record["forking"]["threshold"] == pytest.approx(torch.quantile(values, 0.8).item(), abs=1e-6)
     state = json.loads((out / "train_run" / "checkpoint-2" / STATE_FILE_NAME).read_text())
     assert state["global_step"] == 2
-    assert state["history"] == [[r["step"], r["metrics"]["entropy/mean"]] for r in records]
+    assert state["history"] == [[r["step"], r["metrics"]["sampling_entropy/mean"]] for r in records]
 
 
 @pytest.mark.parametrize("kind", ["grpo", "rloo"])

@@ -348,8 +348,8 @@ def test_entropy_stats_callback_sees_exactly_the_training_passes(tmp_path):
     trainer.train()
     log = trainer.state.log_history[0]
     completion_tokens = sum(int(batch["completion_mask"].sum()) for batch in trainer._buffered_inputs)
-    assert log["entropy/num_tokens"] == completion_tokens
-    assert log["entropy/mean"] == pytest.approx(log["emft/entropy_before"], rel=1e-5)
+    assert log["sampling_entropy/num_tokens"] == completion_tokens
+    assert log["sampling_entropy/mean"] == pytest.approx(log["emft/entropy_before"], rel=1e-5)
     assert "emft/entropy_after" in log
 
 

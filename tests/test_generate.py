@@ -228,3 +228,44 @@ def test_generate_arguments_parse_from_the_command_line():
     )
     assert args.em_inf and args.do_sample and args.temperature == 0.1 and args.top_k == 5 and args.top_p is None
     assert args.num_samples == 4 and args.em_inf_config().steps == 7
+
+
+def test_progress_counts_token_slots_up_to_completions_times_budget():
+    """The bar advances one slot per generated token and, when a completion ends, by its unused budget: it ends at
+    completions x budget, and its ``generated`` count is the tokens really generated (hand-made steps)."""
+    import io
+
+    from tqdm import tqdm
+
+    from trl_entropy.decoding import _TokenProgress
+
+    bar = tqdm(total=3 * 4, file=io.StringIO())
+    progress = _TokenProgress(bar, end_ids=[1])
+    progress.start(rows=3, steps=4)
+    progress.put(torch.tensor([[9, 9], [9, 9], [9, 9]]))  # the prompt: not counted
+    steps = [[5, 1, 5], [5, 0, 1], [5, 0, 0], [5, 0, 0]]  # row 1 ends at step 1, row 2 at step 2, row 0 runs out
+    seen = []
+    for tokens in steps:
+        progress.put(torch.tensor(tokens))
+        seen.append(bar.n)
+    progress.end()
+    assert seen == [3 + 3, 6 + 2 + 2, 10 + 1, 11 + 1]
+    assert bar.n == bar.total and progress.generated == 4 + 1 + 2 and progress.ended == 2
+
+
+def test_generate_completions_match_evaluation_loop_with_samples_and_segments(tiny_model_and_tokenizer):
+    """One loop: the command's greedy completions are evaluation's, whatever the segment length."""
+    from trl_entropy.evaluation import generate_completions as evaluation_completions
+
+    model, tokenizer = tiny_model_and_tokenizer
+    prompts = ["what is 3 + 4 ?", "what is 10 + 2 ? the answer is", "yes"]
+    ours = generate_completions(model, tokenizer, prompts, max_new_tokens=9, batch_size=2, progress=False)
+    whole = generate_completions(
+        model, tokenizer, prompts, max_new_tokens=9, batch_size=2, progress=False, segment_tokens=None
+    )
+    theirs = evaluation_completions(model, tokenizer, prompts, max_new_tokens=9, batch_size=2, progress=False)
+    assert [c[0].token_ids for c in ours] == [c[0].token_ids for c in whole] == [c.token_ids for c in theirs]
+    sampled = generate_completions(
+        model, tokenizer, prompts, max_new_tokens=6, do_sample=True, num_samples=3, batch_size=4, progress=False
+    )
+    assert [len(s) for s in sampled] == [3, 3, 3] and all(1 <= c.num_tokens <= 6 for s in sampled for c in s)

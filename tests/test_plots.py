@@ -38,16 +38,16 @@ def synthetic_records(steps: int = 12) -> list[dict]:
         sketch.update(values)
         quantiles = sketch.quantiles(list(QUANTILES) + [0.8])
         counts, edges = sketch.histogram()
-        metrics = {"entropy/mean": sketch.mean, "entropy/std": sketch.std}
-        metrics.update({f"entropy/p{100 * q:g}": v for q, v in zip(QUANTILES, quantiles)})
-        metrics["entropy/forking_threshold"] = quantiles[-1]
-        metrics["entropy/frac_above_forking_threshold"] = (
+        metrics = {"sampling_entropy/mean": sketch.mean, "sampling_entropy/std": sketch.std}
+        metrics.update({f"sampling_entropy/p{100 * q:g}": v for q, v in zip(QUANTILES, quantiles)})
+        metrics["sampling_entropy/forking_threshold"] = quantiles[-1]
+        metrics["sampling_entropy/frac_above_forking_threshold"] = (
             sketch.fraction_above(records[0]["forking"]["threshold"]) if records else 0.2
         )
-        metrics["entropy/repetition_rate"] = 0.01 * step
-        metrics["entropy/completion_length"] = 100.0 - step
+        metrics["sampling_entropy/repetition_rate"] = 0.01 * step
+        metrics["sampling_entropy/completion_length"] = 100.0 - step
         if step > 1:
-            metrics["entropy/trend_slope"] = -0.05
+            metrics["sampling_entropy/trend_slope"] = -0.05
         records.append(
             {
                 "step": step,
@@ -100,9 +100,9 @@ def test_quantile_figure_draws_the_logged_values(stats_file):
     figure = plot_quantile_bands(records)
     ax = figure.axes[0]
     lines = {line.get_label(): line for line in ax.get_lines()}
-    np.testing.assert_allclose(lines["median"].get_ydata(), [r["metrics"]["entropy/p50"] for r in records])
-    np.testing.assert_allclose(lines["mean"].get_ydata(), [r["metrics"]["entropy/mean"] for r in records])
-    np.testing.assert_allclose(lines["p99"].get_ydata(), [r["metrics"]["entropy/p99"] for r in records])
+    np.testing.assert_allclose(lines["median"].get_ydata(), [r["metrics"]["sampling_entropy/p50"] for r in records])
+    np.testing.assert_allclose(lines["mean"].get_ydata(), [r["metrics"]["sampling_entropy/mean"] for r in records])
+    np.testing.assert_allclose(lines["p99"].get_ydata(), [r["metrics"]["sampling_entropy/p99"] for r in records])
     labels = ax.get_legend_handles_labels()[1]
     assert "p10-p90" in labels and "p25-p75" in labels and "forking threshold (top 20%)" in labels
 
@@ -174,7 +174,7 @@ def test_argument_errors_name_the_parameter(stats_file, tmp_path):
 def test_missing_matplotlib_names_the_extra(stats_file, monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
-    with pytest.raises(ImportError, match=r"pip install trl-entropy\[plots\]"):
+    with pytest.raises(ImportError, match="pip install matplotlib"):
         plot_quantile_bands(load_entropy_stats(stats_file))
 
 

@@ -1,31 +1,52 @@
 """trl-entropy: entropy-based, label-free methods for Hugging Face TRL.
 
-The maths (:mod:`trl_entropy.ops`) and model loading are imported eagerly; the trainers, callback, logits processors
-and calibration load on first access, so ``import trl_entropy`` stays light and does not import TRL until needed.
+Every public name loads on first access (the maths of :mod:`trl_entropy.ops`, model loading, the trainers, callback,
+logits processors and calibration), so ``import trl_entropy`` imports neither torch nor TRL: ``trl-entropy --help``
+and ``trl-entropy env`` start fast.
 """
 
 from importlib import import_module
+from typing import TYPE_CHECKING
 
-from .models import DEFAULT_MODEL, load_default_model, load_model
-from .ops import (
-    cohens_d,
-    entropy_from_topk_logprobs,
-    entropy_gradient,
-    high_entropy_mask,
-    masked_sequence_reduce,
-    selected_token_count,
-    self_certainty,
-    threshold_bayes,
-    threshold_info,
-    threshold_mean,
-    threshold_universal,
-    token_entropy,
-)
+if TYPE_CHECKING:  # what the lazy names are, for type checkers and the API reference
+    from .models import DEFAULT_MODEL, load_default_model, load_model
+    from .ops import (
+        cohens_d,
+        entropy_from_topk_logprobs,
+        entropy_gradient,
+        high_entropy_mask,
+        masked_sequence_reduce,
+        selected_token_count,
+        self_certainty,
+        threshold_bayes,
+        threshold_info,
+        threshold_mean,
+        threshold_universal,
+        token_entropy,
+    )
 
 __version__ = "0.1.0"
 
 # Public name -> submodule that defines it, loaded on first attribute access.
 _LAZY = {
+    **dict.fromkeys(("DEFAULT_MODEL", "load_default_model", "load_model"), "models"),
+    **dict.fromkeys(
+        (
+            "cohens_d",
+            "entropy_from_topk_logprobs",
+            "entropy_gradient",
+            "high_entropy_mask",
+            "masked_sequence_reduce",
+            "selected_token_count",
+            "self_certainty",
+            "threshold_bayes",
+            "threshold_info",
+            "threshold_mean",
+            "threshold_universal",
+            "token_entropy",
+        ),
+        "ops",
+    ),
     "EntropyGRPOConfig": "trainers",
     "EntropyGRPOTrainer": "trainers",
     "EntropyRLOOConfig": "trainers",
@@ -68,5 +89,19 @@ __all__ = [
     "threshold_mean",
     "threshold_universal",
     "token_entropy",
-    *_LAZY,
+    "EntropyGRPOConfig",
+    "EntropyGRPOTrainer",
+    "EntropyRLOOConfig",
+    "EntropyRLOOTrainer",
+    "EMFTConfig",
+    "EMFTTrainer",
+    "EntropyStatsCallback",
+    "CompletionSignals",
+    "CollapseGuardCallback",
+    "CollapseGuardConfig",
+    "EMInfLogitsProcessor",
+    "AdaptiveTemperatureLogitsProcessor",
+    "EntropyThresholdCalibrator",
+    "EntropyEarlyStopping",
+    "ArithmeticTask",
 ]

@@ -1,12 +1,19 @@
 """Per-token entropy distributions during GRPO / RLOO / EM-FT training, logged at every logging step.
 
-:class:`EntropyStatsCallback` works with the trainers of this package and with plain TRL ``GRPOTrainer`` /
-``RLOOTrainer``. It reads the entropies the trainer already computes for its loss (no extra forward pass) and reports,
-aggregated over all ranks: mean, std and quantiles of the token entropy, the fraction of tokens above the forking
+:class:`EntropyStatsCallback` watches the trainers of this package (``EntropyGRPOTrainer``, ``EntropyRLOOTrainer``,
+``EMFTTrainer``, which attach one themselves when an entropy method is on: their config's ``entropy_stats``). It reads
+the per-token entropies of each generation batch, at the sampling temperature, that the trainer already has (see
+below), and reports, aggregated over all ranks: mean, std and quantiles of the token entropy, the fraction of tokens
+above the forking
 threshold (Wang et al., 2025, arXiv 2506.01939), the most frequent forking tokens, a histogram for every logging
 backend that has one, and collapse signals (entropy trend, n-gram repetition, completion length, correlation between
 an entropy reward and an accuracy reward; Agarwal et al., 2025, arXiv 2505.15134, report entropy collapse and
 repetition as the failure modes of confidence rewards).
+
+Names. Every scalar is ``sampling_entropy/<name>`` (:data:`METRIC_PREFIX`): the entropy of the distribution each
+completion token was sampled from, once per generation batch. TRL's own ``entropy`` is a different measurement, the
+mean token entropy of each training forward pass (per micro-batch, after any update within a reused generation batch);
+docs/metrics.md lists both, with the rewards' ``rewards/entropy_token/mean``.
 
 Where the entropies come from. The callback is an observer of the trainers of this package
 (:mod:`trl_entropy.signals`): it declares ``requested_signals = ("token_entropy",)`` and ``on_signals(signals,
@@ -81,7 +88,13 @@ STATS_FILE_NAME = "entropy_stats.jsonl"
 STATE_FILE_NAME = "entropy_stats_state.json"
 _ENTROPY_REWARD_HINTS = ("entropy", "certainty", "confidence")
 _ACCURACY_REWARD_HINTS = ("accuracy", "correct")
-_HISTOGRAM_TAG = "train/entropy/histogram"
+METRIC_PREFIX = "sampling_entropy"
+"""Prefix of every scalar the callback logs: the entropy of the distribution each completion token was sampled from,
+beside TRL's own ``entropy`` (the training forward pass); docs/metrics.md."""
+LEGACY_METRIC_PREFIX = "entropy"
+"""Their prefix in trl-entropy 0.1.0 (``entropy/mean``...): the JSONL files of that version still plot."""
+_HISTOGRAM_TAG = f"train/{METRIC_PREFIX}/histogram"
+_TOP_TOKENS_TAG = f"train/{METRIC_PREFIX}/top_tokens"
 _DEFAULT_FORKING_RATIO = 0.2
 
 
@@ -91,7 +104,7 @@ class EntropyStatsConfig:
 
     Parameters:
         quantiles (`tuple[float, ...]`, *optional*, defaults to `(0.1, 0.25, 0.5, 0.75, 0.9, 0.99)`):
-            Entropy quantiles to log as ``entropy/p10`` etc., each in (0, 1).
+            Entropy quantiles to log as ``sampling_entropy/p10`` etc., each in (0, 1).
         bins (`int`, *optional*, defaults to `100`):
             Linear histogram bins over ``[0, log V]`` sent to the logging backends and the JSONL, in [1, 512].
         top_tokens (`int`, *optional*, defaults to `20`):
@@ -101,21 +114,21 @@ class EntropyStatsConfig:
             ``args.forking_token_ratio``, else TRL's ``args.top_entropy_quantile``, when below 1 (1 means the mask is
             off), else 0.2 (the value of Wang et al., 2025).
         forking_threshold (`float` or `None`, *optional*, defaults to `None`):
-            Fixed entropy threshold (nats, >= 0) for ``entropy/frac_above_forking_threshold``. `None` freezes the
-            ``1 - rho`` entropy quantile of the first logging step, so the fraction starts near rho and falls as the
-            policy's entropy collapses.
+            Fixed entropy threshold (nats, >= 0) for ``sampling_entropy/frac_above_forking_threshold``. `None`
+            freezes the ``1 - rho`` entropy quantile of the first logging step, so the fraction starts near rho and
+            falls as the policy's entropy collapses.
         trend_window (`int`, *optional*, defaults to `10`):
-            Number of logging steps over which ``entropy/trend_slope`` (least-squares slope of the mean entropy, nats
-            per step) is fitted, in [2, 100000].
+            Number of logging steps over which ``sampling_entropy/trend_slope`` (least-squares slope of the mean
+            entropy, nats per step) is fitted, in [2, 100000].
         repetition_ngram (`int`, *optional*, defaults to `4`):
-            n of the n-grams in ``entropy/repetition_rate`` (repeated n-grams within a completion over all n-grams),
-            in [1, 64].
+            n of the n-grams in ``sampling_entropy/repetition_rate`` (repeated n-grams within a completion over all
+            n-grams), in [1, 64].
         entropy_reward_key (`str` or `None`, *optional*, defaults to `None`):
             Column of the trainer's logged rewards (or extra logged columns) that holds the entropy reward. `None`
             picks the first name containing "entropy", "certainty" or "confidence".
         accuracy_reward_key (`str` or `None`, *optional*, defaults to `None`):
             Column that holds an accuracy-type reward. `None` picks the first name containing "accuracy" or "correct".
-            ``entropy/reward_correlation`` (Pearson) is logged when both columns exist.
+            ``sampling_entropy/reward_correlation`` (Pearson) is logged when both columns exist.
         vocab_size (`int` or `None`, *optional*, defaults to `None`):
             Vocabulary size (>= 2); sets the histogram range ``[0, log V]`` and the token counter. `None` reads it
             from the trainer's model config and tokenizer.
@@ -396,7 +409,8 @@ class EntropyStatsCallback(TrainerCallback):
         config: an :class:`EntropyStatsConfig`; keyword arguments override its fields, e.g.
             ``EntropyStatsCallback(trainer, quantiles=(0.5, 0.9), bins=64, top_tokens=10)``.
 
-    Logged scalars (all under ``entropy/``): ``mean``, ``std``, one ``pXX`` per quantile, ``forking_threshold`` (the
+    Logged scalars (all under ``sampling_entropy/``, the entropy at sampling, beside TRL's ``entropy`` from the
+    training pass; docs/metrics.md): ``mean``, ``std``, one ``pXX`` per quantile, ``forking_threshold`` (the
     current ``1 - rho`` quantile), ``frac_above_forking_threshold`` (against the reference threshold, see
     :class:`EntropyStatsConfig`), ``num_tokens``, ``trend_slope``, ``repetition_rate``, ``completion_length`` and
     ``reward_correlation`` (each of the last four only when defined).
@@ -404,8 +418,10 @@ class EntropyStatsCallback(TrainerCallback):
     Example:
 
     ```python
+    # The entropy trainers attach one with default settings when an entropy method is on (the config's
+    # `entropy_stats`); a callback of your own replaces it:
     trainer = EntropyGRPOTrainer(model=model, reward_funcs=reward, args=args, train_dataset=dataset)
-    trainer.add_callback(EntropyStatsCallback())
+    trainer.add_callback(EntropyStatsCallback(quantiles=(0.5, 0.9), bins=64))
     trainer.train()  # -> output_dir/entropy_stats.jsonl, output_dir/entropy_plots/*.png
     ```
     """
@@ -473,7 +489,7 @@ class EntropyStatsCallback(TrainerCallback):
     def on_signals(self, signals: CompletionSignals, trainer: Trainer) -> None:
         """Observe one generation batch's entropies (called by the trainer on every rank; evaluation batches are
         left out)."""
-        if self.trainer is not trainer:
+        if self.trainer is not trainer or self._window is None:  # also a batch generated before `train()` began
             self.attach(trainer)
         model = getattr(trainer, "model", None)
         if (model is not None and not model.training) or signals.token_entropy is None:
@@ -645,20 +661,22 @@ class EntropyStatsCallback(TrainerCallback):
         steps, means = zip(*self._history)
         slope = linear_trend_slope(steps, means)
 
-        scalars: dict[str, float] = {"entropy/mean": mean, "entropy/std": distribution.std}
-        scalars.update({f"entropy/{_quantile_name(q)}": v for q, v in zip(quantiles, values)})
-        scalars["entropy/forking_threshold"] = threshold
-        scalars["entropy/frac_above_forking_threshold"] = distribution.fraction_above(self._reference_threshold)
-        scalars["entropy/num_tokens"] = float(distribution.count)
+        scalars: dict[str, float] = {f"{METRIC_PREFIX}/mean": mean, f"{METRIC_PREFIX}/std": distribution.std}
+        scalars.update({f"{METRIC_PREFIX}/{_quantile_name(q)}": v for q, v in zip(quantiles, values)})
+        scalars[f"{METRIC_PREFIX}/forking_threshold"] = threshold
+        scalars[f"{METRIC_PREFIX}/frac_above_forking_threshold"] = distribution.fraction_above(
+            self._reference_threshold
+        )
+        scalars[f"{METRIC_PREFIX}/num_tokens"] = float(distribution.count)
         if slope is not None:
-            scalars["entropy/trend_slope"] = slope
+            scalars[f"{METRIC_PREFIX}/trend_slope"] = slope
         if merged["total_ngrams"]:
-            scalars["entropy/repetition_rate"] = merged["repeated_ngrams"] / merged["total_ngrams"]
+            scalars[f"{METRIC_PREFIX}/repetition_rate"] = merged["repeated_ngrams"] / merged["total_ngrams"]
         if merged["completions"]:
-            scalars["entropy/completion_length"] = merged["completion_tokens"] / merged["completions"]
+            scalars[f"{METRIC_PREFIX}/completion_length"] = merged["completion_tokens"] / merged["completions"]
         correlation = self._reward_correlation()
         if correlation is not None and correlation["pearson"] is not None:
-            scalars["entropy/reward_correlation"] = correlation["pearson"]
+            scalars[f"{METRIC_PREFIX}/reward_correlation"] = correlation["pearson"]
 
         counts, edges = distribution.histogram()
         record = {
@@ -739,7 +757,7 @@ class EntropyStatsCallback(TrainerCallback):
                     global_step=step,
                 )
                 if record.get("top_tokens"):
-                    writer.add_text("train/entropy/top_tokens", _top_tokens_markdown(record["top_tokens"]), step)
+                    writer.add_text(_TOP_TOKENS_TAG, _top_tokens_markdown(record["top_tokens"]), step)
             elif name == "WandbCallback" and getattr(reporter, "_initialized", False):
                 try:
                     import wandb

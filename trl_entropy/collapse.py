@@ -12,8 +12,8 @@ Triggers (each can be switched off with ``None``):
 - ``entropy_decay``: the entropy fell faster than an exponential rate over the last ``trend_window`` steps (least
   squares slope of ``log H``), the shape of a sudden collapse rather than of steady sharpening.
 - ``length_collapse``: the mean completion length fell below a fraction of its value at the start of training.
-- ``repetition``: the n-gram repetition rate (``entropy/repetition_rate`` of ``EntropyStatsCallback``) rose above a
-  ceiling (repetition spam).
+- ``repetition``: the n-gram repetition rate (``sampling_entropy/repetition_rate`` of ``EntropyStatsCallback``) rose
+  above a ceiling (repetition spam).
 - ``identical_completions``: the completions within a group became identical, read as the reward spread: the fraction
   of groups with zero reward spread (``frac_reward_zero_std``) or the batch reward standard deviation (``reward_std``).
 - ``probe_drop``: the accuracy on a small labelled probe set fell by more than a margin below the best seen.
@@ -78,9 +78,9 @@ class CollapseGuardConfig:
             over the first `trend_window` logging steps for `patience` steps ("short outputs" collapse). Measured:
             it never fired; both runs' answers shrank from about 24 to 8-11 tokens ("a + b = c", healthy here).
         max_repetition_rate (`float` or `None`, *optional*, defaults to `0.5`):
-            In (0, 1]: `repetition` fires when `entropy/repetition_rate` (repeated n-grams within a completion, logged
-            by `EntropyStatsCallback`; absent without it) stays >= it for `patience` steps. Measured: at most 0.22
-            (5e-5) and 0.14 (2e-5) on a + b answers; never fired.
+            In (0, 1]: `repetition` fires when `sampling_entropy/repetition_rate` (repeated n-grams within a
+            completion, logged by `EntropyStatsCallback`; absent without it) stays >= it for `patience` steps.
+            Measured: at most 0.22 (5e-5) and 0.14 (2e-5) on a + b answers; never fired.
         max_identical_group_fraction (`float` or `None`, *optional*, defaults to `0.5`):
             In (0, 1]: `identical_completions` fires when the fraction of groups whose rewards have zero spread
             (`frac_reward_zero_std`, identical completions get identical entropy rewards) stays >= it for `patience`
@@ -309,7 +309,7 @@ def identical_completion_fraction(completion_ids: Sequence[Sequence[int]], group
 
 def signal_triggers(history: dict[str, Sequence[float | None]], config: CollapseGuardConfig) -> list[str]:
     """Names of the log-signal triggers that fire on ``history`` (per-logging-step values keyed by TRL's metric names:
-    ``entropy``, ``completions/mean_length``, ``entropy/repetition_rate``, ``frac_reward_zero_std``,
+    ``entropy``, ``completions/mean_length``, ``sampling_entropy/repetition_rate``, ``frac_reward_zero_std``,
     ``reward_std``), in a fixed order."""
     fired = []
     entropy = history.get("entropy", [])
@@ -324,7 +324,7 @@ def signal_triggers(history: dict[str, Sequence[float | None]], config: Collapse
     ):
         fired.append("length_collapse")
     if config.max_repetition_rate is not None and repetition_fired(
-        history.get("entropy/repetition_rate", []), config.max_repetition_rate, config.patience
+        history.get("sampling_entropy/repetition_rate", []), config.max_repetition_rate, config.patience
     ):
         fired.append("repetition")
     if identical_completions_fired(

@@ -2,7 +2,7 @@
 checkpoint.
 
 The signals are what TRL already logs (averaged over ranks) in ``on_log``'s ``logs``: ``entropy``,
-``completions/mean_length``, ``reward_std``, ``frac_reward_zero_std``, and ``entropy/repetition_rate`` when
+``completions/mean_length``, ``reward_std``, ``frac_reward_zero_std``, and ``sampling_entropy/repetition_rate`` when
 :class:`~trl_entropy.callbacks.EntropyStatsCallback` runs before the guard. With a labelled probe set the guard also
 evaluates greedy probe accuracy every ``probe_every`` steps (``model`` and ``processing_class`` come in every callback
 event's keyword arguments) and keeps a CPU copy of the best probe step's weights. The decision functions live in
@@ -47,7 +47,7 @@ import torch
 from transformers import TrainerCallback
 
 from .collapse import CollapseGuardConfig, probe_drop_fired, probe_within_budget, signal_triggers
-from .files import append_jsonl_record, json_safe, truncate_jsonl, write_atomically
+from .files import append_jsonl_record, atomic_writer, json_safe, truncate_jsonl, write_atomically
 from .weights import reset_optimizer_state, restore_weights, snapshot_weights, weights_engine
 
 logger = logging.getLogger(__name__)
@@ -59,10 +59,11 @@ BEST_WEIGHTS_FILE = "collapse_guard_best.pt"
 SIGNAL_KEYS = (
     "entropy",
     "completions/mean_length",
-    "entropy/repetition_rate",
+    "sampling_entropy/repetition_rate",
     "frac_reward_zero_std",
     "reward_std",
 )
+_OLD_SIGNAL_NAMES = {"sampling_entropy/repetition_rate": "entropy/repetition_rate"}  # in trl-entropy 0.1.0 states
 
 
 def _as_float(value: Any) -> float | None:
@@ -142,8 +143,10 @@ class CollapseGuardCallback(TrainerCallback):
 
     def load_state_dict(self, payload: Mapping[str, Any]) -> None:
         self.steps = [int(s) for s in payload.get("steps", [])]
+        saved = payload.get("history", {})
         self.history = {
-            key: list(payload.get("history", {}).get(key, [None] * len(self.steps))) for key in SIGNAL_KEYS
+            key: list(saved.get(key, saved.get(_OLD_SIGNAL_NAMES.get(key), [None] * len(self.steps))))
+            for key in SIGNAL_KEYS
         }
         self.probe_steps = [int(s) for s in payload.get("probe_steps", [])]
         self.probe_accuracies = [float(a) for a in payload.get("probe_accuracies", [])]
@@ -228,10 +231,9 @@ class CollapseGuardCallback(TrainerCallback):
             logger.warning("No checkpoint folder %s; the collapse guard state is not saved.", folder)
             return
         if self._best_state is not None and self._best_written_step != self.best_step:
-            path = os.path.join(args.output_dir, BEST_WEIGHTS_FILE)
-            tmp = path + ".tmp"
-            torch.save({"step": self.best_step, "state_dict": self._best_state}, tmp)
-            os.replace(tmp, path)
+            # Atomically (fsync, then rename): a kill mid-write leaves the previous best, never a torn file.
+            with atomic_writer(os.path.join(args.output_dir, BEST_WEIGHTS_FILE)) as handle:
+                torch.save({"step": self.best_step, "state_dict": self._best_state}, handle)
             self._best_written_step = self.best_step
         data = json.dumps(json_safe(self.state_dict()), allow_nan=False).encode("utf-8")
         write_atomically(os.path.join(folder, GUARD_STATE_FILE), data)
@@ -374,10 +376,7 @@ class CollapseGuardCallback(TrainerCallback):
         if action == "stop_and_restore" and self.best_step is not None:
             best = self._best_state
             if best is None:  # resumed run: the best weights are on disk
-                path = os.path.join(args.output_dir, BEST_WEIGHTS_FILE)
-                saved = torch.load(path, map_location="cpu", weights_only=True) if os.path.isfile(path) else {}
-                # A later checkpoint of an abandoned branch may have overwritten the file with another step's weights.
-                best = saved.get("state_dict") if saved.get("step") == self.best_step else None
+                best = self._saved_best_weights(args)
             if best is None:
                 logger.warning("No saved weights of the best step %s to restore; stopped only.", self.best_step)
             else:
@@ -401,6 +400,24 @@ class CollapseGuardCallback(TrainerCallback):
                 "latest_signals": latest,
             },
         )
+
+    def _saved_best_weights(self, args) -> dict[str, torch.Tensor] | None:
+        """The best step's weights from ``output_dir/collapse_guard_best.pt``, or None (with a warning that names the
+        file) when it is missing, unreadable or holds another step's weights: the guard then stops without restoring,
+        rather than killing the run at the moment it should end cleanly."""
+        path = os.path.join(args.output_dir, BEST_WEIGHTS_FILE)
+        if not os.path.isfile(path):
+            return None
+        try:
+            saved = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:  # a torn or corrupt file: pickle, zip and tensor errors have no common base class
+            logger.warning("Collapse guard: %s is unreadable (%s: %s).", path, type(err).__name__, err)
+            return None
+        if not isinstance(saved, dict):
+            logger.warning("Collapse guard: %s holds %s, not the guard's weights.", path, type(saved).__name__)
+            return None
+        # A later checkpoint of an abandoned branch may have overwritten the file with another step's weights.
+        return saved.get("state_dict") if saved.get("step") == self.best_step else None
 
     def _restore(self, args, state) -> None:
         candidates = []
@@ -452,7 +469,11 @@ class CollapseGuardArguments:
         default="stop_and_restore", metadata={"help": "'warn', 'stop' or 'stop_and_restore'."}
     )
     collapse_guard_probe: str | None = field(
-        default=None, metadata={"help": "'arithmetic' or a .json/.jsonl file with prompt/answer (default: see docs)."}
+        default=None,
+        metadata={
+            "help": "'arithmetic' or a .json/.jsonl file with prompt/answer; unset: 'arithmetic' when training on the "
+            "built-in task, else no probe."
+        },
     )
     collapse_guard_probe_size: int = field(default=32, metadata={"help": "Probe problems, >= 1."})
     collapse_guard_probe_every: int = field(default=5, metadata={"help": "Probe every N steps, >= 1."})
@@ -477,6 +498,20 @@ class CollapseGuardArguments:
         if probe is not None and probe != "arithmetic" and not probe.endswith((".json", ".jsonl")):
             raise ValueError(f"`collapse_guard_probe` must be 'arithmetic' or a .json/.jsonl file, got {probe!r}.")
 
+    def probe_file(self) -> str | None:
+        """The probe data file, when ``collapse_guard_probe`` names one."""
+        probe = self.collapse_guard_probe
+        return probe if self.collapse_guard and probe not in (None, "arithmetic") else None
+
+    def check_probe(self) -> None:
+        """Refuse, before the model loads, a probe file that does not exist, is not JSON lines, or has a record
+        without a usable ``prompt`` or without an ``answer`` (one line naming the option, the file and the line)."""
+        from .data_checks import check_data_file
+
+        path = self.probe_file()
+        if path is not None:
+            check_data_file(path, option="collapse_guard_probe", required=("prompt", "answer"))
+
     def build(self, dataset_name: str | None, seed: int) -> CollapseGuardCallback:
         """The callback these options describe (``dataset_name`` picks the default probe)."""
         probe_name = self.collapse_guard_probe or ("arithmetic" if dataset_name == "arithmetic" else None)
@@ -488,6 +523,8 @@ class CollapseGuardArguments:
             probe = ArithmeticTask().dataset(self.collapse_guard_probe_size, split="test", seed=seed + 1)
         elif probe_name is not None:
             from datasets import load_dataset
+
+            self.check_probe()
 
             probe = load_dataset("json", data_files=probe_name, split="train")
             probe = probe.select(range(min(self.collapse_guard_probe_size, len(probe))))

@@ -30,6 +30,7 @@ from typing import Any
 
 import torch
 
+from .files import write_atomically
 from .stats import mcnemar_exact_p, paired_bootstrap_interval
 
 logger = logging.getLogger(__name__)
@@ -57,8 +58,10 @@ class DemoArguments:
         prompt_style (`str`, *optional*, defaults to `"open"`):
             Prompt of the arithmetic task: `"open"` (the question alone: the study's regime where EM-RL helps) or
             `"short"` (two worked examples first: the regime where it does not; see the report's study line).
-        num_eval_problems (`int`, *optional*, defaults to `64`):
-            Held-out problems (disjoint from the training prompts), >= 1.
+        num_eval_problems (`int`, *optional*, defaults to `96`):
+            Held-out problems (disjoint from the training prompts), >= 1. Below
+            :data:`trl_entropy.diagnose.MIN_VERDICT_PROMPTS` (93: where an accuracy's 95% interval is within +-10
+            points, the gap the verdict acts on) the report gives the numbers and no verdict.
         num_samples (`int`, *optional*, defaults to `4`):
             Samples per held-out problem at `temperature` (majority@k, pass@k), >= 2.
         eval_max_new_tokens (`int`, *optional*, defaults to `256`):
@@ -113,7 +116,7 @@ class DemoArguments:
         default="open",
         metadata={"help": "Arithmetic prompt: 'open' (the study's regime where EM-RL helps) or 'short'."},
     )
-    num_eval_problems: int = field(default=64, metadata={"help": "Held-out problems, >= 1."})
+    num_eval_problems: int = field(default=96, metadata={"help": "Held-out problems, >= 1."})
     num_samples: int = field(default=4, metadata={"help": "Samples per held-out problem, >= 2."})
     eval_max_new_tokens: int = field(default=256, metadata={"help": "Evaluation token budget, >= 1."})
     num_train_prompts: int = field(default=512, metadata={"help": "Unlabelled training prompts, >= 1."})
@@ -131,7 +134,7 @@ class DemoArguments:
     )
     eval_batch_size: int = field(default=64, metadata={"help": "Sequences per generate call in evaluation, >= 1."})
     seed: int = field(default=0, metadata={"help": "Seed of problems, sampling and training."})
-    num_threads: int | None = field(default=1, metadata={"help": "torch CPU threads (default 1: robust under load)."})
+    num_threads: int | None = field(default=1, metadata={"help": "torch CPU threads; 1 is robust under load."})
     quick: bool = field(default=False, metadata={"help": "Smoke test: 2 steps, 8 held-out problems."})
     save_model: bool = field(default=False, metadata={"help": "Save the trained model to <output_dir>/model."})
     collapse_guard: bool = field(default=False, metadata={"help": "Stop and restore the best probe step on collapse."})
@@ -205,7 +208,7 @@ def _load_problems(args: DemoArguments):
 
 def _diagnose(model, tokenizer, problems, args: DemoArguments, stage: str) -> dict[str, Any]:
     from .cli.diagnose import parse_answer, render_summary
-    from .diagnose import diagnose
+    from .diagnose import MIN_VERDICT_PROMPTS, diagnose, verdict
     from .tasks import grade
 
     start = time.perf_counter()
@@ -222,12 +225,15 @@ def _diagnose(model, tokenizer, problems, args: DemoArguments, stage: str) -> di
         batch_size=args.eval_batch_size,
         seed=args.seed + 1,
     )
+    # Fewer problems than an accuracy's interval can resolve the rule's 10-point gap with: numbers, no verdict.
+    result["verdict"] = verdict(result, min_prompts=MIN_VERDICT_PROMPTS)
     result["seconds"] = time.perf_counter() - start
     print(f"[{stage}] " + render_summary(result).replace("\n", f"\n[{stage}] "), flush=True)
     return result
 
 
 def _train(model, tokenizer, train_prompts, args: DemoArguments):
+    from .hardware import default_bf16, precision_line
     from .trainers import EntropyGRPOConfig, EntropyGRPOTrainer
 
     config = EntropyGRPOConfig(
@@ -245,13 +251,14 @@ def _train(model, tokenizer, train_prompts, args: DemoArguments):
         report_to="none",
         seed=args.seed,
         use_cpu=not torch.cuda.is_available(),
+        bf16=default_bf16(not torch.cuda.is_available()),  # float32 on a CPU without native bf16: ~10x faster there
         activation_checkpointing=False,  # TRL turns it on; a 135M model fits easily and recomputation costs ~30%
     )
     trainer = EntropyGRPOTrainer(model=model, args=config, train_dataset=train_prompts, processing_class=tokenizer)
-    from .callbacks import EntropyStatsCallback
-
-    trainer.add_callback(EntropyStatsCallback(trainer))
-    if args.collapse_guard:  # after the stats callback, whose repetition rate it reads
+    print(precision_line(config), flush=True)
+    # EntropyStatsCallback is attached by the trainer (entropy_reward is on; the config's `entropy_stats`). It moves
+    # itself first in the callback list, so the guard reads its repetition rate.
+    if args.collapse_guard:
         from .collapse_guard import CollapseGuardArguments
 
         trainer.add_callback(CollapseGuardArguments(collapse_guard=True).build(args.task, args.seed))
@@ -501,6 +508,7 @@ def run_demo(args: DemoArguments) -> dict[str, Any]:
     ``args.output_dir``. Returns the results dict (also in ``results.json``)."""
     from transformers import set_seed
 
+    from . import trainers  # noqa: F401  (an unsupported TRL is refused here, before the first evaluation)
     from .models import load_model
     from .plots import plot_diagnosis
 
@@ -559,8 +567,8 @@ def run_demo(args: DemoArguments) -> dict[str, Any]:
         {"question": q, "answer": a, "before": b, "after": c}
         for q, a, b, c in zip(held_out["question"], held_out["answer"], before["greedy_texts"], after["greedy_texts"])
     ][:4]
-    (output_dir / "results.json").write_text(json.dumps(results, indent=2, default=float))
+    write_atomically(output_dir / "results.json", json.dumps(results, indent=2, default=float).encode("utf-8"))
     report = output_dir / "report.md"
-    report.write_text(render_report(results, images))
+    write_atomically(report, render_report(results, images).encode("utf-8"))
     print(f"Report written to {report}")
     return results

@@ -29,7 +29,16 @@ from .evaluation import Completion, generate_completions, wilson_interval
 from .ops import cohens_d
 from .stats import auroc, auroc_interval, majority_at_k, mann_whitney_p, pass_at_k
 
-__all__ = ["RULE", "confidence_separation", "diagnose", "label_free_agreement", "verdict"]
+__all__ = [
+    "MIN_VERDICT_PROMPTS",
+    "RULE",
+    "TOO_FEW_SAMPLES",
+    "confidence_separation",
+    "diagnose",
+    "label_free_agreement",
+    "min_prompts_for_effect",
+    "verdict",
+]
 
 MODE_GAP_HELPS = 0.10
 """Greedy minus sampled accuracy (absolute) at or above which the model's confident answer is clearly better than its
@@ -46,6 +55,30 @@ RULE = (
     f"{MODE_GAP_NONE:.0%} or the AUROC's 95% interval includes or lies below 0.5; uncertain otherwise"
 )
 """The rule :func:`verdict` applies (checked against ``benchmarks/bench_label_free.py``: docs/diagnose.md)."""
+
+
+def min_prompts_for_effect(effect: float, accuracy: float = 0.5, confidence: float = 0.95) -> int:
+    """The fewest problems ``n`` at which the Wilson interval of an accuracy of ``accuracy`` measured on ``n``
+    problems reaches no further than ``effect`` from it (half-width ``z sqrt(p(1-p)/n + z^2/4n^2) / (1 + z^2/n) <=
+    effect``). Near 50% accuracy, the least favourable case, a gap of ``effect`` is then about one 95% half-width of
+    the greedy accuracy (the sampled accuracy, over ``k`` samples per problem, is more precise): the smallest gap the
+    rule acts on is just told apart from no gap."""
+    if not (0 < effect < 1):
+        raise ValueError(f"`effect` must be in (0, 1), got {effect}.")
+    if not (0 <= accuracy <= 1):
+        raise ValueError(f"`accuracy` must be in [0, 1], got {accuracy}.")
+    z = statistics.NormalDist().inv_cdf(0.5 + confidence / 2)
+    n = 1
+    while z * math.sqrt(accuracy * (1 - accuracy) / n + z * z / (4 * n * n)) / (1 + z * z / n) > effect:
+        n += 1
+    return n
+
+
+MIN_VERDICT_PROMPTS = min_prompts_for_effect(MODE_GAP_HELPS)
+"""Fewest prompts that carry a verdict: 93, where the 95% Wilson interval of an accuracy near 50% is +-10 points
+(:data:`MODE_GAP_HELPS`, the gap the rule needs); at 64 prompts it is +-11.9 points, at 8 +-28 points. Below it
+:func:`verdict` with ``min_prompts`` gives the numbers and :data:`TOO_FEW_SAMPLES`."""
+TOO_FEW_SAMPLES = "too few samples for a verdict"
 
 
 def _mean(values: Sequence[float]) -> float:
@@ -104,10 +137,12 @@ def label_free_agreement(answers: Sequence[Sequence[Hashable | None]]) -> dict[s
     }
 
 
-def verdict(metrics: dict[str, Any]) -> dict[str, Any]:
+def verdict(metrics: dict[str, Any], min_prompts: int | None = None) -> dict[str, Any]:
     """The prediction of :data:`RULE` from :func:`diagnose`'s metrics: ``{"verdict", "rule", "numbers", "reason"}``.
     Without answers there is no verdict (the label-free quantities alone do not tell a confident right answer from a
-    confident wrong one), and it says so."""
+    confident wrong one), and it says so. With ``min_prompts`` (e.g. :data:`MIN_VERDICT_PROMPTS`), fewer measured
+    prompts (``metrics["settings"]["num_prompts"]``) give the numbers and :data:`TOO_FEW_SAMPLES` instead of a
+    verdict."""
     if not metrics.get("has_answers"):
         return {
             "verdict": "no verdict without answers",
@@ -122,6 +157,14 @@ def verdict(metrics: dict[str, Any]) -> dict[str, Any]:
     low = separation["auroc_ci95"][0] if separation else math.nan
     high = separation["auroc_ci95"][1] if separation else math.nan
     numbers = {"greedy_minus_sampled": gap, "confidence_auroc": area, "confidence_auroc_ci95": [low, high]}
+    num_prompts = metrics.get("settings", {}).get("num_prompts")
+    if min_prompts is not None and num_prompts is not None and num_prompts < min_prompts:
+        reason = (
+            f"{num_prompts} prompts (greedy - sampled {gap:+.1%}, AUROC {area:.2f} [{low:.2f}, {high:.2f}]); a "
+            f"verdict needs at least {min_prompts}, where an accuracy's 95% interval is within "
+            f"+-{MODE_GAP_HELPS:.0%}, the gap the rule acts on"
+        )
+        return {"verdict": TOO_FEW_SAMPLES, "rule": RULE, "numbers": numbers, "reason": reason}
     if not math.isfinite(area):
         label, reason = "uncertain", "confidence separation not measurable (too few correct or incorrect samples)"
     elif gap >= MODE_GAP_HELPS and area >= CONFIDENCE_AUROC and low > 0.5:
@@ -172,6 +215,7 @@ def diagnose(
     batch_size: int = 64,
     seed: int = 0,
     progress: bool = True,
+    segment_tokens: int | None = 32,
 ) -> dict[str, Any]:
     """Measure, before training, what decides whether label-free training can help (module docstring), on
     ``prompts`` with ``model``: one greedy completion and ``num_samples`` completions at ``temperature`` per prompt, at
@@ -182,6 +226,9 @@ def diagnose(
         parse_answer: completion text -> its answer (hashable, None when there is none), for votes and parse rates.
         is_correct: ``(completion text, reference) -> bool``; required with ``answers``.
         num_samples: samples per prompt (``k`` of majority@k and pass@k), >= 2.
+        progress: tqdm bars in tokens, with a rate and an ETA, one per decoding.
+        segment_tokens: see :class:`trl_entropy.decoding.Decoder` (ended completions are dropped from their batch
+            every ``segment_tokens`` tokens; None: one ``generate`` call per batch).
 
     Returns:
         A JSON-ready dict: ``greedy``, ``sampled`` (accuracy and its Wilson interval, parse rate, mean length,
@@ -196,10 +243,13 @@ def diagnose(
         raise ValueError("`is_correct` is required with `answers`.")
     if not (isinstance(num_samples, int) and num_samples >= 2):
         raise ValueError(f"`num_samples` must be an integer >= 2, got {num_samples!r}.")
-    common = dict(max_new_tokens=max_new_tokens, batch_size=batch_size, progress=progress)
-    greedy = generate_completions(model, tokenizer, list(prompts), do_sample=False, seed=None, desc="greedy", **common)
+    common = dict(
+        max_new_tokens=max_new_tokens, batch_size=batch_size, progress=progress, segment_tokens=segment_tokens
+    )
+    desc = f"greedy, {len(prompts)} prompts"
+    greedy = generate_completions(model, tokenizer, list(prompts), do_sample=False, seed=None, desc=desc, **common)
     repeated = [p for p in prompts for _ in range(num_samples)]
-    desc = f"{num_samples} samples per prompt, T={temperature:g}"
+    desc = f"{num_samples} samples x {len(prompts)} prompts, T={temperature:g}"
     sampled = generate_completions(
         model, tokenizer, repeated, do_sample=True, temperature=temperature, seed=seed, desc=desc, **common
     )

@@ -1,5 +1,7 @@
-"""Held-out evaluation for label-free training: batched generation, answer accuracy with a Wilson confidence interval,
-and the token entropy of the generated completions.
+"""Held-out evaluation for label-free training: answer accuracy with a Wilson confidence interval and the token entropy
+of the generated completions, at one token budget (:func:`evaluate`) or at the first budget of a ladder where the
+answers finish (:func:`evaluate_ladder`, which decodes each token once). Generation is
+:class:`trl_entropy.decoding.Decoder`'s, the package's one decoding loop.
 
 The entropy of a completion token is that of the model's full next-token distribution at the position where the token
 was produced, ``H(softmax(z / T))`` in nats (Agarwal et al., 2025, arXiv 2505.15134, Eq. 1), read from the raw logits
@@ -26,10 +28,7 @@ from pathlib import Path
 from statistics import NormalDist
 from typing import Any
 
-import torch
-from tqdm.auto import tqdm
-
-from .decoding import GenerationEntropyRecorder
+from .decoding import Completion, Decoder, truncation_rate
 
 __all__ = [
     "TRUNCATION_WARNING_RATE",
@@ -39,7 +38,9 @@ __all__ = [
     "EvaluationResult",
     "wilson_interval",
     "generate_completions",
+    "continue_completions",
     "evaluate",
+    "evaluate_ladder",
     "plot_entropy_histograms",
 ]
 
@@ -76,54 +77,6 @@ def wilson_interval(successes: int, n: int, confidence: float = 0.95) -> tuple[f
 TRUNCATION_WARNING_RATE = 0.05
 """Largest fraction of truncated completions (no end token within the budget) at which an accuracy is reported as
 measured on finished answers; above it, a reported accuracy partly measures whether answers fit the budget."""
-
-
-@dataclass
-class Completion:
-    """One generated completion.
-
-    Attributes:
-        text: decoded completion, special tokens removed.
-        token_ids: generated token ids up to and including the first end-of-sequence token.
-        token_entropies: entropy (nats) of the model's next-token distribution at each token of ``token_ids`` (empty
-            when generation did not record it).
-        token_logprobs: log-probability of each token of ``token_ids`` under that distribution (empty when not
-            recorded).
-        finished: whether the completion ended with an end-of-sequence token within the token budget; False means
-            it was cut off at ``max_new_tokens`` and its final answer may be missing.
-    """
-
-    text: str
-    token_ids: list[int]
-    token_entropies: list[float] = field(default_factory=list)
-    finished: bool = True
-    token_logprobs: list[float] = field(default_factory=list)
-
-    @property
-    def num_tokens(self) -> int:
-        return len(self.token_ids)
-
-    @property
-    def truncated(self) -> bool:
-        """Cut off at the token budget before an end-of-sequence token."""
-        return not self.finished
-
-    @property
-    def mean_entropy(self) -> float:
-        """Mean token entropy, NaN for an empty completion (nothing to average)."""
-        finite = [h for h in self.token_entropies if math.isfinite(h)]
-        return sum(finite) / len(finite) if finite else math.nan
-
-    @property
-    def mean_logprob(self) -> float:
-        """Mean log-probability of the completion's tokens, NaN for an empty or unrecorded completion."""
-        finite = [v for v in self.token_logprobs if math.isfinite(v)]
-        return sum(finite) / len(finite) if finite else math.nan
-
-
-def truncation_rate(completions: Sequence[Completion]) -> float:
-    """Fraction of ``completions`` cut off at the token budget (NaN for none)."""
-    return sum(c.truncated for c in completions) / len(completions) if completions else math.nan
 
 
 def finishing_budget(completions: Sequence[Completion], fraction: float = 0.95) -> int | None:
@@ -231,29 +184,28 @@ class EvaluationResult:
         )
 
 
-def _prompt_text(tokenizer, prompt: str | list[dict]) -> str:
-    if isinstance(prompt, str):
-        return prompt
-    return tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
+def _sampling(do_sample: bool, temperature: float, entropy_temperature: float | None) -> tuple[dict, float]:
+    """``Decoder`` sampling settings and the entropy temperature: the full tempered distribution (``top_k=0``,
+    ``top_p=1``), as TRL's GRPO and RLOO sample by default, so evaluation sees the distribution training sees."""
+    if not (temperature > 0 and math.isfinite(temperature)):
+        raise ValueError(f"`temperature` must be a finite number > 0, got {temperature}.")
+    if entropy_temperature is None:
+        entropy_temperature = temperature if do_sample else 1.0
+    if not (entropy_temperature > 0 and math.isfinite(entropy_temperature)):
+        raise ValueError(f"`entropy_temperature` must be a finite number > 0, got {entropy_temperature}.")
+    settings = {"do_sample": do_sample, "record": True, "entropy_temperature": entropy_temperature}
+    if do_sample:
+        settings.update(temperature=temperature, top_k=0, top_p=1.0)
+    return settings, entropy_temperature
 
 
-def _end_token_ids(model, tokenizer) -> set[int]:
-    ids = model.generation_config.eos_token_id
-    ids = set(ids if isinstance(ids, list) else [ids] if ids is not None else [])
-    if tokenizer.eos_token_id is not None:
-        ids.add(tokenizer.eos_token_id)
-    return ids
+def _check_budget(max_new_tokens: int, batch_size: int) -> None:
+    if not (isinstance(max_new_tokens, int) and max_new_tokens >= 1):
+        raise ValueError(f"`max_new_tokens` must be an integer >= 1, got {max_new_tokens!r}.")
+    if not (isinstance(batch_size, int) and batch_size >= 1):
+        raise ValueError(f"`batch_size` must be an integer >= 1, got {batch_size!r}.")
 
 
-def _trim_at_end(token_ids: list[int], end_ids: set[int]) -> int:
-    """Length of the completion up to and including its first end token."""
-    for position, token in enumerate(token_ids):
-        if token in end_ids:
-            return position + 1
-    return len(token_ids)
-
-
-@torch.no_grad()
 def generate_completions(
     model,
     tokenizer,
@@ -266,6 +218,8 @@ def generate_completions(
     seed: int | None = 0,
     progress: bool = True,
     desc: str = "Generating",
+    *,
+    segment_tokens: int | None = 32,
 ) -> list[Completion]:
     """Generate one completion per prompt in left-padded batches and record each token's entropy and log-probability
     (:class:`~trl_entropy.decoding.GenerationEntropyRecorder`: from the raw logits of each decoding step, in memory
@@ -276,71 +230,125 @@ def generate_completions(
 
     Args:
         model: a causal LM.
-        tokenizer: its tokenizer; chat prompts (lists of messages) go through its chat template.
+        tokenizer: its tokenizer; chat prompts (lists of messages) go through its chat template, strings are fed as
+            they are.
         prompts: text prompts or chat conversations.
         max_new_tokens: longest completion, ``>= 1``.
         do_sample: sample at ``temperature`` (else greedy decoding).
         temperature: sampling temperature, ``> 0``; ignored for greedy decoding.
         entropy_temperature: ``T`` of the recorded entropy ``H(softmax(z / T))`` and log-probability
             ``log softmax(z / T)``; defaults to ``temperature`` when sampling and 1.0 for greedy decoding.
-        batch_size: prompts per ``generate`` call, ``>= 1``.
+        batch_size: rows per ``generate`` call, ``>= 1``.
         seed: seed of the sampling (``torch.manual_seed``) for reproducible runs; None leaves the RNG alone.
-        progress: show a tqdm bar over batches.
+        progress: show a tqdm bar in tokens, with a rate and an ETA.
         desc: label of the progress bar.
+        segment_tokens: see :class:`~trl_entropy.decoding.Decoder` (None: one ``generate`` call per batch, as
+            before the decoder dropped ended rows).
 
     Returns:
         One :class:`Completion` per prompt, in order.
     """
-    if max_new_tokens < 1:
-        raise ValueError(f"`max_new_tokens` must be >= 1, got {max_new_tokens}.")
-    if batch_size < 1:
-        raise ValueError(f"`batch_size` must be >= 1, got {batch_size}.")
-    if not (temperature > 0 and math.isfinite(temperature)):
-        raise ValueError(f"`temperature` must be a finite number > 0, got {temperature}.")
-    if entropy_temperature is None:
-        entropy_temperature = temperature if do_sample else 1.0
-    if not (entropy_temperature > 0 and math.isfinite(entropy_temperature)):
-        raise ValueError(f"`entropy_temperature` must be a finite number > 0, got {entropy_temperature}.")
-    if seed is not None:
-        torch.manual_seed(seed)
-    was_training = model.training
-    model.eval()
-    padding_side = tokenizer.padding_side
-    tokenizer.padding_side = "left"  # decoder-only models continue the last position of each row
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    end_ids = _end_token_ids(model, tokenizer)
-    sampling = (
-        {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0}
-        if do_sample
-        else {"do_sample": False}
+    _check_budget(max_new_tokens, batch_size)
+    settings, _ = _sampling(do_sample, temperature, entropy_temperature)
+    decoder = Decoder(
+        model,
+        tokenizer,
+        prompts,
+        batch_size=batch_size,
+        seed=seed,
+        progress=progress,
+        desc=desc,
+        segment_tokens=segment_tokens,
+        **settings,
     )
-    device = next(model.parameters()).device
-    completions: list[Completion] = []
-    try:
-        batches = range(0, len(prompts), batch_size)
-        for start in tqdm(batches, desc=desc, disable=not progress, leave=False):
-            texts = [_prompt_text(tokenizer, p) for p in prompts[start : start + batch_size]]
-            inputs = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
-            recorder = GenerationEntropyRecorder(model, entropy_temperature, ("token_entropy", "token_logprob"))
-            with recorder:
-                sequences = model.generate(**inputs, max_new_tokens=max_new_tokens, pad_token_id=pad_id, **sampling)
-            new_tokens = sequences[:, inputs["input_ids"].size(1) :].tolist()
-            trimmed = [ids[: _trim_at_end(ids, end_ids)] for ids in new_tokens]
-            values = recorder.per_completion(trimmed)
-            for row, ids in enumerate(trimmed):
-                completions.append(
-                    Completion(
-                        text=tokenizer.decode(ids, skip_special_tokens=True),
-                        token_ids=ids,
-                        token_entropies=values["token_entropy"][row].tolist(),
-                        finished=bool(ids) and ids[-1] in end_ids,
-                        token_logprobs=values["token_logprob"][row].tolist(),
-                    )
-                )
-    finally:
-        tokenizer.padding_side = padding_side
-        model.train(was_training)
-    return completions
+    return decoder.extend_to(max_new_tokens)
+
+
+def continue_completions(
+    model,
+    tokenizer,
+    prompts: Sequence[str | list[dict]],
+    completions: Sequence[Completion],
+    max_new_tokens: int,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    entropy_temperature: float | None = None,
+    batch_size: int = 32,
+    seed: int | None = 0,
+    progress: bool = True,
+    desc: str = "Continuing",
+    *,
+    segment_tokens: int | None = 32,
+) -> list[Completion]:
+    """The completions of ``prompts`` at the larger budget ``max_new_tokens``: the finished ones as they are, the ones
+    cut off continued from prompt + partial completion (no KV cache at hand: the partial completion is read again
+    in one forward pass), with entropies and log-probabilities recorded for the new tokens. Greedy: the tokens of
+    :func:`generate_completions` at ``max_new_tokens`` from the start; sampled: a draw from the same distribution
+    (not the same draw). Within one run, :func:`evaluate_ladder` resumes from the KV cache instead.
+
+    Args:
+        completions: one per prompt, generated with the same settings at a smaller budget.
+        Others: as in :func:`generate_completions`.
+    """
+    _check_budget(max_new_tokens, batch_size)
+    if len(completions) != len(prompts):
+        raise ValueError(f"`completions` must have one entry per prompt, got {len(completions)} for {len(prompts)}.")
+    settings, _ = _sampling(do_sample, temperature, entropy_temperature)
+    cut = [i for i, c in enumerate(completions) if c.truncated and c.num_tokens < max_new_tokens]
+    decoder = Decoder(
+        model,
+        tokenizer,
+        [prompts[i] for i in cut],
+        [completions[i].token_ids for i in cut],
+        batch_size=batch_size,
+        seed=seed,
+        progress=progress,
+        desc=desc,
+        segment_tokens=segment_tokens,
+        **settings,
+    )
+    out = list(completions)
+    for i, extended in zip(cut, decoder.extend_to(max_new_tokens)):
+        old = completions[i]
+        extended.token_entropies = old.token_entropies + extended.token_entropies
+        extended.token_logprobs = old.token_logprobs + extended.token_logprobs
+        out[i] = extended
+    return out
+
+
+def _columns(problems) -> tuple[list, list]:
+    prompts = list(problems["prompt"]) if hasattr(problems, "column_names") else [p["prompt"] for p in problems]
+    answers = list(problems["answer"]) if hasattr(problems, "column_names") else [p["answer"] for p in problems]
+    if not prompts:
+        raise ValueError("`problems` must hold at least one problem.")
+    return prompts, answers
+
+
+def _result(
+    completions: list[Completion],
+    answers: Sequence,
+    do_sample: bool,
+    temperature: float,
+    entropy_temperature: float,
+    max_new_tokens: int,
+) -> EvaluationResult:
+    from .tasks import grade
+
+    correct = [grade(c.text, str(a)) for c, a in zip(completions, answers)]
+    return EvaluationResult(
+        num_problems=len(completions),
+        num_correct=sum(correct),
+        do_sample=do_sample,
+        temperature=temperature if do_sample else 1.0,
+        entropy_temperature=entropy_temperature,
+        max_new_tokens=max_new_tokens,
+        completions=completions,
+        correct=correct,
+    )
+
+
+def _default_desc(do_sample: bool, temperature: float) -> str:
+    return f"Evaluating ({f'sampled, T={temperature:g}' if do_sample else 'greedy'})"
 
 
 def evaluate(
@@ -355,6 +363,8 @@ def evaluate(
     seed: int | None = 0,
     progress: bool = True,
     desc: str | None = None,
+    *,
+    segment_tokens: int | None = 32,
 ) -> EvaluationResult:
     """Accuracy and token entropy of one completion per problem.
 
@@ -363,14 +373,8 @@ def evaluate(
             :meth:`trl_entropy.tasks.ArithmeticTask.dataset` or :func:`trl_entropy.tasks.load_task`.
         Others: as in :func:`generate_completions`.
     """
-    from .tasks import grade
-
-    prompts = list(problems["prompt"]) if hasattr(problems, "column_names") else [p["prompt"] for p in problems]
-    answers = list(problems["answer"]) if hasattr(problems, "column_names") else [p["answer"] for p in problems]
-    if not prompts:
-        raise ValueError("`problems` must hold at least one problem.")
-    if desc is None:
-        desc = f"Evaluating ({f'sampled, T={temperature:g}' if do_sample else 'greedy'})"
+    prompts, answers = _columns(problems)
+    _, entropy_temperature = _sampling(do_sample, temperature, entropy_temperature)
     completions = generate_completions(
         model,
         tokenizer,
@@ -382,19 +386,73 @@ def evaluate(
         batch_size=batch_size,
         seed=seed,
         progress=progress,
-        desc=desc,
+        desc=desc or _default_desc(do_sample, temperature),
+        segment_tokens=segment_tokens,
     )
-    correct = [grade(c.text, str(a)) for c, a in zip(completions, answers)]
-    return EvaluationResult(
-        num_problems=len(completions),
-        num_correct=sum(correct),
-        do_sample=do_sample,
-        temperature=temperature if do_sample else 1.0,
-        entropy_temperature=entropy_temperature or (temperature if do_sample else 1.0),
-        max_new_tokens=max_new_tokens,
-        completions=completions,
-        correct=correct,
+    return _result(completions, answers, do_sample, temperature, entropy_temperature, max_new_tokens)
+
+
+def evaluate_ladder(
+    model,
+    tokenizer,
+    problems,
+    budgets: Sequence[int] = (96, 256, 512),
+    max_truncated: float = TRUNCATION_WARNING_RATE,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    entropy_temperature: float | None = None,
+    batch_size: int = 32,
+    seed: int | None = 0,
+    progress: bool = True,
+    desc: str | None = None,
+    *,
+    segment_tokens: int | None = 32,
+) -> list[EvaluationResult]:
+    """:func:`evaluate` at the first budget of ``budgets`` where at most ``max_truncated`` of the answers are cut off
+    (an accuracy on cut-off answers partly measures the budget), decoding each token once: each rung continues only
+    the completions cut off at the one before, from their KV cache, and records entropies for the new tokens only.
+
+    Each rung's result has the form of :func:`evaluate`'s at that budget. Greedy: the same completions, token for
+    token (``tests/test_evaluation.py``; see :class:`~trl_entropy.decoding.Decoder` on the last bits of the
+    arithmetic). Sampled: a draw from the same distribution as :func:`evaluate` at that budget from the start, not
+    the same draw (the random stream is consumed in another order); the stopping rule reads each rung's own draw.
+
+    Args:
+        budgets: increasing token budgets, each ``>= 1``.
+        max_truncated: largest fraction of cut-off answers at which the ladder stops, in [0, 1].
+        Others: as in :func:`evaluate`.
+
+    Returns:
+        One :class:`EvaluationResult` per rung decoded, in order: the last is the one to report (check its
+        ``truncation_rate`` against ``max_truncated``: above it, the last budget was not enough).
+    """
+    budgets = list(budgets)
+    if not budgets or any(not isinstance(b, int) or b < 1 for b in budgets) or budgets != sorted(set(budgets)):
+        raise ValueError(f"`budgets` must be increasing integers >= 1, got {budgets}.")
+    if not (0.0 <= max_truncated <= 1.0):
+        raise ValueError(f"`max_truncated` must be in [0, 1], got {max_truncated}.")
+    _check_budget(budgets[0], batch_size)
+    prompts, answers = _columns(problems)
+    settings, entropy_temperature = _sampling(do_sample, temperature, entropy_temperature)
+    desc = desc or _default_desc(do_sample, temperature)
+    decoder = Decoder(
+        model,
+        tokenizer,
+        prompts,
+        batch_size=batch_size,
+        seed=seed,
+        progress=progress,
+        segment_tokens=segment_tokens,
+        **settings,
     )
+    results = []
+    for budget in budgets:
+        decoder.desc = f"{desc}, budget {budget}"
+        completions = decoder.extend_to(budget)
+        results.append(_result(completions, answers, do_sample, temperature, entropy_temperature, budget))
+        if results[-1].truncation_rate <= max_truncated:
+            break
+    return results
 
 
 def plot_entropy_histograms(

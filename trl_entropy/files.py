@@ -5,16 +5,26 @@ the package writes survives an interrupted run the same way."""
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import math
 import os
+import shutil
 import tempfile
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Iterator, Mapping
+from typing import IO, Any
 
 import numpy as np
 
-__all__ = ["append_jsonl_record", "json_safe", "truncate_jsonl", "write_atomically"]
+__all__ = [
+    "append_jsonl_record",
+    "atomic_writer",
+    "disk_full_message",
+    "json_safe",
+    "truncate_jsonl",
+    "write_atomically",
+]
 
 
 def json_safe(value: Any) -> Any:
@@ -46,15 +56,17 @@ def append_jsonl_record(path: str | os.PathLike, record: Mapping[str, Any]) -> N
         os.close(fd)
 
 
-def write_atomically(path: str | os.PathLike, data: bytes) -> None:
-    """Replace ``path`` by ``data`` all at once: a temporary file in the same folder, fsync'ed, then ``os.replace``;
-    on any failure the old file stays as it was and the temporary file is removed."""
+@contextlib.contextmanager
+def atomic_writer(path: str | os.PathLike) -> Iterator[IO[bytes]]:
+    """A binary file handle whose content replaces ``path`` all at once when the block ends: a temporary file in the
+    same folder, fsync'ed, then ``os.replace``; on any failure the old file stays as it was and the temporary file is
+    removed. For writers that stream to a file (``torch.save``) without holding the bytes twice in memory."""
     folder = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=folder)
     try:
         os.fchmod(fd, 0o644)  # mkstemp creates 0600; keep the file as readable as the rest of the checkpoint
         with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
+            yield handle
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
@@ -62,6 +74,56 @@ def write_atomically(path: str | os.PathLike, data: bytes) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def write_atomically(path: str | os.PathLike, data: bytes) -> None:
+    """Replace ``path`` by ``data`` all at once (see :func:`atomic_writer`)."""
+    with atomic_writer(path) as handle:
+        handle.write(data)
+
+
+# What a full disk looks like when it is not an OSError: PyTorch's zip writer (torch.save of an optimizer or RNG state)
+# reports a short write as a RuntimeError "... unexpected pos <n> vs <m>" or "... file write failed".
+_TORCH_WRITE_FAILURES = ("unexpected pos", "file write failed")
+
+
+def _is_disk_full(error: BaseException) -> bool:
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:  # the cause chain: transformers re-raises some errors
+        seen.add(id(error))
+        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if isinstance(error, RuntimeError) and any(text in str(error) for text in _TORCH_WRITE_FAILURES):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
+def _size(num_bytes: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if num_bytes < 1024 or unit == "GiB":
+            return f"{num_bytes:.0f} {unit}" if unit == "B" else f"{num_bytes:.1f} {unit}"
+        num_bytes /= 1024
+    return f"{num_bytes:.1f} TiB"
+
+
+def disk_full_message(error: BaseException, folder: str | os.PathLike) -> str | None:
+    """One line for an ``error`` that a full disk (or an exhausted quota) caused while writing under ``folder``: the
+    folder, the free space left on its file system and what to do; ``None`` for any other error."""
+    if not _is_disk_full(error):
+        return None
+    existing = os.path.abspath(folder)
+    while not os.path.exists(existing) and os.path.dirname(existing) != existing:
+        existing = os.path.dirname(existing)
+    try:
+        usage = shutil.disk_usage(existing)
+        space = f"{_size(usage.free)} free of {_size(usage.total)}"
+    except OSError:
+        space = "free space unknown"
+    return (
+        f"no space left on the device of the output directory {os.path.abspath(folder)} ({space}): free some space or "
+        f"choose another output directory ({type(error).__name__}: {error})"
+    )
 
 
 def truncate_jsonl(path: str | os.PathLike, max_step: int) -> int:

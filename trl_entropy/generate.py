@@ -1,7 +1,7 @@
 """Batched generation (with any logits processors: EM-INF, adaptive temperature), self-consistency voting and
-scoring against known answers. Plain values in, plain values out: no command line and no task here; what
-``trl-entropy generate`` runs (model loading, prompt files, the built-in tasks, output files) is
-:func:`trl_entropy.cli.generate.run_generate`.
+scoring against known answers. The decoding loop is :class:`trl_entropy.decoding.Decoder`, the one evaluation uses.
+Plain values in, plain values out: no command line and no task here; what ``trl-entropy generate`` runs (model
+loading, prompt files, the built-in tasks, output files) is :func:`trl_entropy.cli.generate.run_generate`.
 
 Example::
 
@@ -26,10 +26,10 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
-from transformers import LogitsProcessor, LogitsProcessorList, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import LogitsProcessor, PreTrainedModel, PreTrainedTokenizerBase
 
-from .evaluation import Completion, truncation_rate, wilson_interval
+from .decoding import Completion, Decoder, render_prompt, truncation_rate
+from .evaluation import wilson_interval
 
 logger = logging.getLogger(__name__)
 
@@ -68,28 +68,6 @@ def load_prompts(path: str | os.PathLike) -> list[dict[str, Any]]:
     return rows
 
 
-def render_prompt(
-    tokenizer: PreTrainedTokenizerBase, prompt: str | list[dict], apply_chat_template: bool = True
-) -> str:
-    """The text fed to the model: the chat template with a generation prompt when asked for and available (a string
-    becomes one user message), else the string itself or the messages' contents joined by newlines."""
-    if apply_chat_template and getattr(tokenizer, "chat_template", None):
-        messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    if isinstance(prompt, str):
-        return prompt
-    return "\n".join(message["content"] for message in prompt)
-
-
-def _eos_token_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> list[int]:
-    eos = model.generation_config.eos_token_id
-    if eos is None:
-        eos = tokenizer.eos_token_id
-    if eos is None:
-        return []
-    return [int(e) for e in (eos if isinstance(eos, list | tuple) else [eos])]
-
-
 def count_generated_tokens(generated_ids: torch.Tensor, eos_token_ids: Sequence[int]) -> torch.Tensor:
     """Tokens each row of ``generated_ids`` ``[N, T]`` (the new tokens only) really generated: up to and including its
     first end-of-sequence token, or all ``T`` if it has none (generation stopped at the length limit)."""
@@ -101,7 +79,6 @@ def count_generated_tokens(generated_ids: torch.Tensor, eos_token_ids: Sequence[
     return torch.where(is_eos.any(dim=1), is_eos.long().argmax(dim=1) + 1, no_eos).cpu()
 
 
-@torch.no_grad()
 def generate_completions(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -119,61 +96,44 @@ def generate_completions(
     add_special_tokens: bool = False,
     progress: bool = True,
     desc: str = "generate",
+    segment_tokens: int | None = 32,
 ) -> list[list[Completion]]:
-    """Generate ``num_samples`` completions for each already-rendered prompt, in left-padded batches of about
-    ``batch_size`` sequences (tqdm over the batches). ``add_special_tokens`` is passed to the tokenizer (False for
-    text rendered by a chat template, which already holds its special tokens).
+    """Generate ``num_samples`` completions for each already-rendered prompt (:func:`render_prompt`), in left-padded
+    batches of about ``batch_size`` sequences (a prompt's samples in one batch), with
+    :class:`~trl_entropy.decoding.Decoder` (tqdm in tokens; ``segment_tokens`` as there). ``top_k``/``top_p`` None
+    take the model's generation config. ``add_special_tokens`` is passed to the tokenizer (False for text rendered by
+    a chat template, which already holds its special tokens).
 
     Returns:
         One list of :class:`Completion` per prompt, in order.
     """
+    if not (isinstance(num_samples, int) and num_samples >= 1):
+        raise ValueError(f"`num_samples` must be an integer >= 1, got {num_samples!r}.")
     if num_samples > 1 and not do_sample:
         raise ValueError(f"`num_samples` > 1 (got {num_samples}) needs `do_sample=True`.")
-    if seed is not None:
-        torch.manual_seed(seed)
-    eos_ids = _eos_token_ids(model, tokenizer)
-    if tokenizer.pad_token is None:
-        if tokenizer.eos_token is None:
-            raise ValueError("Batched generation needs a tokenizer with a pad or an EOS token.")
-        tokenizer.pad_token = tokenizer.eos_token  # as load_model does: padding is masked out anyway
-    pad_id = tokenizer.pad_token_id
-    padding_side = tokenizer.padding_side
-    tokenizer.padding_side = "left"  # decoder-only generation needs the prompts aligned on the right
-    sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p) if do_sample else {}
-    sampling = {k: v for k, v in sampling.items() if v is not None}
-    prompts_per_batch = max(1, batch_size // num_samples)
-    starts = range(0, len(prompts), prompts_per_batch)
-    results: list[list[Completion]] = []
-    try:
-        for start in tqdm(starts, desc=desc, disable=not progress, unit="batch"):
-            batch = list(prompts[start : start + prompts_per_batch])
-            inputs = tokenizer(batch, return_tensors="pt", padding=True, add_special_tokens=add_special_tokens)
-            inputs = inputs.to(model.device)
-            sequences = model.generate(
-                **inputs,
-                max_new_tokens=max_new_tokens,
-                do_sample=do_sample,
-                num_return_sequences=num_samples,
-                logits_processor=LogitsProcessorList(logits_processors),
-                pad_token_id=pad_id,
-                **sampling,
-            )
-            new_tokens = sequences[:, inputs["input_ids"].size(1) :]
-            counts = count_generated_tokens(new_tokens, eos_ids)
-            rows = [row[:n] for row, n in zip(new_tokens.tolist(), counts.tolist())]
-            completions = [
-                Completion(
-                    text=tokenizer.decode(ids, skip_special_tokens=True),
-                    token_ids=ids,
-                    finished=bool(ids) and ids[-1] in eos_ids,  # else cut off at max_new_tokens
-                )
-                for ids in rows
-            ]
-            for i in range(len(batch)):
-                results.append(completions[i * num_samples : (i + 1) * num_samples])
-    finally:
-        tokenizer.padding_side = padding_side
-    return results
+    if not (isinstance(max_new_tokens, int) and max_new_tokens >= 1):
+        raise ValueError(f"`max_new_tokens` must be an integer >= 1, got {max_new_tokens!r}.")
+    if not (isinstance(batch_size, int) and batch_size >= 1):
+        raise ValueError(f"`batch_size` must be an integer >= 1, got {batch_size!r}.")
+    rows = [prompt for prompt in prompts for _ in range(num_samples)]
+    decoder = Decoder(
+        model,
+        tokenizer,
+        rows,
+        batch_size=max(1, batch_size // num_samples) * num_samples,
+        do_sample=do_sample,
+        temperature=temperature if do_sample else None,
+        top_k=top_k,
+        top_p=top_p,
+        logits_processors=logits_processors,
+        seed=seed,
+        add_special_tokens=add_special_tokens,
+        segment_tokens=segment_tokens,
+        progress=progress,
+        desc=desc,
+    )
+    completions = decoder.extend_to(max_new_tokens)
+    return [completions[i * num_samples : (i + 1) * num_samples] for i in range(len(prompts))]
 
 
 def normalize_answer(answer: str | None) -> str | None:

@@ -413,7 +413,7 @@ def make_vllm_logits_processor_class() -> type:
         from vllm.v1.sample.logits_processor.builtin import process_dict_updates
     except ImportError as err:
         raise ImportError(
-            "The vLLM EM-INF adapter needs vLLM >= 0.10.2 (V1 engine): `pip install 'trl-entropy[vllm]'`. Without "
+            "The vLLM EM-INF adapter needs vLLM >= 0.10.2 (V1 engine): `pip install 'vllm>=0.10.2'`. Without "
             "vLLM, use EMInfLogitsProcessor with transformers' generate, or EMInfRequestLogitsProcessor."
         ) from err
 

@@ -242,6 +242,10 @@ def token_entropy(logits: torch.Tensor, temperature: float = 1.0, chunk_elements
     _check_temperature(temperature)
     if not logits.is_floating_point():
         raise TypeError(f"`logits` must be a floating-point tensor, got {logits.dtype}.")
+    if logits.dim() == 0 or logits.size(-1) == 0:
+        raise ValueError(
+            f"`logits` must have a vocabulary dimension of size >= 1 ([..., V]), got shape {tuple(logits.shape)}."
+        )
     if logits.numel() > 0 and entropy_backend(logits.device, logits.dtype) == "trl_fused":
         return _fused_token_entropy(logits, float(temperature))
     return _chunked_token_entropy(logits, float(temperature), chunk_elements)

@@ -2,8 +2,8 @@
 ``entropy_stats.jsonl``: quantile bands over steps, histograms at chosen steps (log-scale counts: most tokens sit near
 0 nats with a long tail), collapse signals and the most frequent forking tokens.
 
-Needs matplotlib (``pip install trl-entropy[plots]``). Figures are built with matplotlib's object API, so importing
-this module never changes the global pyplot backend.
+Needs matplotlib (``pip install matplotlib``, or the ``[plots]`` extra). Figures are built with matplotlib's object
+API, so importing this module never changes the global pyplot backend.
 """
 
 from __future__ import annotations
@@ -32,15 +32,19 @@ __all__ = [
     "run_plot",
 ]
 
-INSTALL_HINT = "pip install trl-entropy[plots]"
+INSTALL_HINT = "pip install matplotlib"
 STATS_FILE_NAME = "entropy_stats.jsonl"
-_QUANTILE_KEY = re.compile(r"^entropy/p(\d+(?:\.\d+)?)$")
+# The callback's scalar prefix (trl_entropy.callbacks.METRIC_PREFIX, not imported: this module runs without torch) and
+# the one trl-entropy 0.1.0 wrote, which load_entropy_stats reads under the current names.
+_PREFIX = "sampling_entropy/"
+_LEGACY_PREFIX = "entropy/"
+_QUANTILE_KEY = re.compile(r"^sampling_entropy/p(\d+(?:\.\d+)?)$")
 _SIGNALS = (
-    ("entropy/frac_above_forking_threshold", "Tokens above the reference forking threshold", "fraction of tokens"),
-    ("entropy/trend_slope", "Mean-entropy trend", "nats per step"),
-    ("entropy/repetition_rate", "Repeated n-grams within a completion", "fraction of n-grams"),
-    ("entropy/completion_length", "Completion length", "tokens"),
-    ("entropy/reward_correlation", "corr(entropy reward, accuracy reward)", "Pearson r"),
+    (f"{_PREFIX}frac_above_forking_threshold", "Tokens above the reference forking threshold", "fraction of tokens"),
+    (f"{_PREFIX}trend_slope", "Mean-entropy trend", "nats per step"),
+    (f"{_PREFIX}repetition_rate", "Repeated n-grams within a completion", "fraction of n-grams"),
+    (f"{_PREFIX}completion_length", "Completion length", "tokens"),
+    (f"{_PREFIX}reward_correlation", "corr(entropy reward, accuracy reward)", "Pearson r"),
 )
 
 
@@ -73,7 +77,7 @@ class PlotArguments:
     """
 
     stats_file: str = field(metadata={"help": "entropy_stats.jsonl, or the training output_dir that holds it."})
-    output_dir: str | None = field(default=None, metadata={"help": "PNG folder (default: <stats dir>/entropy_plots)."})
+    output_dir: str | None = field(default=None, metadata={"help": "PNG folder; None: <stats dir>/entropy_plots."})
     steps: list[int] | None = field(default=None, metadata={"help": "Steps whose histograms to draw."})
     max_histograms: int = field(default=5, metadata={"help": "Histograms drawn when --steps is not given, [1, 20]."})
     log_y: bool = field(default=False, metadata={"help": "Log-scale entropy axis for the quantile bands."})
@@ -104,9 +108,20 @@ def _is_stats_record(record: dict[str, Any]) -> bool:
     return all(isinstance(record.get(key), kind) for key, kind in _STATS_KEYS.items())
 
 
+def _current_metric_names(metrics: dict[str, Any]) -> dict[str, Any]:
+    """A record's scalars under the current names: trl-entropy 0.1.0 wrote ``entropy/<name>`` for what is now
+    ``sampling_entropy/<name>`` (the record's ``metrics`` hold the callback's scalars only)."""
+    renamed = {}
+    for key, value in metrics.items():
+        current = _PREFIX + key[len(_LEGACY_PREFIX) :] if key.startswith(_LEGACY_PREFIX) else key
+        renamed.setdefault(current, value)
+    return renamed
+
+
 def load_entropy_stats(path: str | Path) -> list[dict[str, Any]]:
-    """The records of an ``entropy_stats.jsonl`` file sorted by step (the last record wins for a repeated step).
-    Blank, torn or malformed lines are skipped with a warning."""
+    """The records of an ``entropy_stats.jsonl`` file sorted by step (the last record wins for a repeated step),
+    with the scalars of files written by trl-entropy 0.1.0 (``entropy/mean``...) under their current names
+    (``sampling_entropy/mean``...). Blank, torn or malformed lines are skipped with a warning."""
     records: dict[int, dict[str, Any]] = {}
     skipped = 0
     with open(path, encoding="utf-8") as handle:
@@ -121,6 +136,8 @@ def load_entropy_stats(path: str | Path) -> list[dict[str, Any]]:
             if not isinstance(record, dict) or not isinstance(record.get("step"), int):
                 skipped += 1
                 continue
+            if isinstance(record.get("metrics"), dict):
+                record["metrics"] = _current_metric_names(record["metrics"])
             records[record["step"]] = record
     if skipped:
         logger.warning("Skipped %d malformed line(s) in %s.", skipped, path)
@@ -172,8 +189,8 @@ def plot_quantile_bands(records: Sequence[dict[str, Any]], log_y: bool = False):
     paired = set()
     bands = [(p, 100 - p) for p in percents if p < 50 and (100 - p) in percents]
     for index, (low, high) in enumerate(bands):  # outer bands first, lighter
-        steps, lower = _series(records, f"entropy/{_label(low)}")
-        steps_high, upper = _series(records, f"entropy/{_label(high)}")
+        steps, lower = _series(records, f"{_PREFIX}{_label(low)}")
+        steps_high, upper = _series(records, f"{_PREFIX}{_label(high)}")
         if len(steps) and np.array_equal(steps, steps_high):
             alpha = 0.18 + 0.22 * index / max(len(bands) - 1, 1)
             ax.fill_between(
@@ -184,12 +201,12 @@ def plot_quantile_bands(records: Sequence[dict[str, Any]], log_y: bool = False):
     for percent in percents:
         if percent in paired:
             continue
-        steps, values = _series(records, f"entropy/{_label(percent)}")
+        steps, values = _series(records, f"{_PREFIX}{_label(percent)}")
         style = styles.get(percent, {"color": "tab:purple", "lw": 1, "ls": ":", "label": _label(percent)})
         ax.plot(steps, values, **style, **_markers(steps))
-    steps, values = _series(records, "entropy/mean")
+    steps, values = _series(records, f"{_PREFIX}mean")
     ax.plot(steps, values, color="black", lw=1.2, ls="--", label="mean", **_markers(steps))
-    steps, values = _series(records, "entropy/forking_threshold")
+    steps, values = _series(records, f"{_PREFIX}forking_threshold")
     if len(steps):
         ratio = records[-1].get("forking", {}).get("ratio")
         label = f"forking threshold (top {100 * ratio:g}%)" if isinstance(ratio, (int, float)) else "forking threshold"
@@ -285,9 +302,9 @@ def plot_collapse_signals(records: Sequence[dict[str, Any]]):
     for ax, (key, title, unit) in zip(axes, available):
         steps, values = _series(records, key)
         ax.plot(steps, values, color="tab:blue", lw=1.5, **_markers(steps))
-        if key in ("entropy/trend_slope", "entropy/reward_correlation"):
+        if key in (f"{_PREFIX}trend_slope", f"{_PREFIX}reward_correlation"):
             ax.axhline(0.0, color="gray", lw=0.8)
-        if key == "entropy/reward_correlation":
+        if key == f"{_PREFIX}reward_correlation":
             ax.set_ylim(-1.05, 1.05)
         ax.set_title(title, fontsize=10)
         ax.set_ylabel(unit, fontsize=9)

@@ -25,6 +25,13 @@ from trainer_utils import TINY_KWARGS, RecordingReward, tiny_setup  # noqa: E402
 
 from trl_entropy.trainers import EntropyGRPOConfig  # noqa: E402
 
+# Gradient clipping threshold, well above the gradient norms of these two steps (3.3 and 3.0): both paths compute and
+# log the norm and clamp the clipping factor to exactly 1, so they apply the same update. With TRL's default of 1.0
+# the clipping is active and the two paths scale the gradients by factors a few float32 ulps apart: DDP by
+# `max_norm / (norm + 1e-6)` with torch's norm of per-tensor norms, ZeRO-2 by `1 / ((norm + 1e-6) / max_norm)` with the
+# sum of squares of each rank's shard norms. test_peft_deepspeed.py says what that does to the weights.
+MAX_GRAD_NORM = 100.0
+
 
 def run_stage(out: Path, stage: int, state: PartialState) -> None:
     model, tokenizer, dataset = tiny_setup()
@@ -37,7 +44,7 @@ def run_stage(out: Path, stage: int, state: PartialState) -> None:
         forking_token_ratio=0.2,
         temperature=0.7,
         deepspeed=str(Path(__file__).resolve().parent / f"zero{stage}.json") if stage else None,
-        **{**TINY_KWARGS, "max_steps": 2, "learning_rate": 1e-2, "bf16": False},
+        **{**TINY_KWARGS, "max_steps": 2, "learning_rate": 1e-2, "bf16": False, "max_grad_norm": MAX_GRAD_NORM},
     )
     trainer = RecordingGRPOTrainer(
         model, reward_funcs=recorder, args=args, train_dataset=dataset, processing_class=tokenizer
@@ -48,6 +55,8 @@ def run_stage(out: Path, stage: int, state: PartialState) -> None:
     trainer.train()
     assert trainer.is_deepspeed_enabled == bool(stage)
     zero_stage = trainer.accelerator.state.deepspeed_plugin.zero_stage if stage else 0
+    # The ZeRO file's `"gradient_clipping": "auto"` must have become the trainer's max_grad_norm.
+    clipping = trainer.model_wrapped.gradient_clipping() if stage else args.max_grad_norm
     # ZeRO-3 shards the weights: gather them to compare the ranks.
     unwrapped = trainer.accelerator.unwrap_model(trainer.model)
     if zero_stage == 3:
@@ -60,6 +69,8 @@ def run_stage(out: Path, stage: int, state: PartialState) -> None:
     torch.save(
         {
             "zero_stage": zero_stage,
+            "max_grad_norm": args.max_grad_norm,
+            "gradient_clipping": clipping,
             "prompts": recorder.prompts,
             "completion_ids": recorder.completion_ids,
             "first_rewards": step_rewards.first,

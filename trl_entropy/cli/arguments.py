@@ -41,12 +41,15 @@ class TrainScriptArguments(GRPOScriptArguments):
 
     Parameters:
         dataset_name (`str`, *optional*, defaults to `"arithmetic"`):
-            `"arithmetic"` (the built-in "What is a + b?" task, offline), a hub dataset id or local folder
-            (`datasets.load_dataset`), or a `.json`/`.jsonl`/`.csv`/`.parquet` file. It needs a `prompt` column.
+            `"arithmetic"` (the built-in "What is a + b?" task, offline) or another built-in task of
+            :data:`trl_entropy.tasks.TASKS` (`"arithmetic_2digit"`, `"subtraction"`, `"multiplication"`,
+            `"word_problems"`, `"sequence"`), a hub dataset id or local folder (`datasets.load_dataset`), or a
+            `.json`/`.jsonl`/`.csv`/`.parquet` file. It needs a `prompt` column.
+            `trl grpo` requires a dataset; a run on this default says so in one line at start.
         num_train_prompts (`int`, *optional*, defaults to `1024`):
-            Number of prompts drawn for the built-in `arithmetic` task, >= 1 (ignored for other datasets).
+            Number of prompts drawn for a built-in task, >= 1 (ignored for other datasets).
         prompt_style (`str`, *optional*, defaults to `"open"`):
-            Prompt of the built-in `arithmetic` task (:class:`~trl_entropy.tasks.ArithmeticTask`): `"open"` (the
+            Prompt of a built-in task (:class:`~trl_entropy.tasks.ArithmeticTask`): `"open"` (the
             question alone) or `"short"` (two worked examples first); ignored for other datasets.
         reward_funcs (`list[str]` or `None`, *optional*, defaults to `None`):
             Reward functions: TRL's `accuracy_reward` (reads the `solution` column), `reasoning_accuracy_reward`,
@@ -56,24 +59,27 @@ class TrainScriptArguments(GRPOScriptArguments):
         reward_model_name_or_path (`str` or `None`, *optional*, defaults to `None`):
             A sequence-classification reward model (hub id or folder), scored before the reward functions, as in
             `trl grpo`. Not allowed for `emft`.
-        entropy_stats (`bool`, *optional*, defaults to `True`):
-            Attach :class:`~trl_entropy.callbacks.EntropyStatsCallback` (entropy quantiles, forking tokens and collapse
-            signals at every log, `entropy_stats.jsonl` and PNG plots in the output folder).
     """
 
     dataset_name: str | None = field(
         default="arithmetic",
         metadata={
-            "help": "'arithmetic' (built in, offline), a hub dataset id or folder, or a .json/.jsonl/.csv/.parquet "
-            "file, with a 'prompt' column."
+            "help": "'arithmetic' (the built-in task, offline; the default, unlike `trl grpo`, which requires a "
+            "dataset) or another built-in task (arithmetic_2digit, subtraction, multiplication, word_problems, "
+            "sequence), a hub dataset id or folder, or a .json/.jsonl/.csv/.parquet file, with a 'prompt' column."
         },
     )
     num_train_prompts: int = field(
-        default=1024, metadata={"help": "Prompts drawn for the built-in 'arithmetic' task (>= 1)."}
+        default=1024,
+        metadata={"help": "Built-in tasks only (ignored for other data): prompts drawn, >= 1."},
     )
     prompt_style: str = field(
         default="open",
-        metadata={"help": "Built-in 'arithmetic' task's prompt: 'open' or 'short'.", "choices": ["open", "short"]},
+        metadata={
+            "help": "Built-in tasks only (ignored for other data): its prompt, 'open' (the question "
+            "alone) or 'short' (two worked examples first).",
+            "choices": ["open", "short"],
+        },
     )
     reward_funcs: list[str] | None = field(
         default=None,
@@ -82,9 +88,6 @@ class TrainScriptArguments(GRPOScriptArguments):
             "'reasoning_accuracy_reward', 'think_format_reward', 'get_soft_overlong_punishment', 'accuracy' (needs an "
             "'answer' column) or a dotted import path. Optional when --entropy_reward is set."
         },
-    )
-    entropy_stats: bool = field(
-        default=True, metadata={"help": "Log entropy statistics with EntropyStatsCallback (JSONL + PNG plots)."}
     )
 
     def __post_init__(self):
@@ -101,6 +104,7 @@ class EntropyModelConfig(ModelConfig):
     Parameters:
         model_name_or_path (`str`, *optional*, defaults to `"smollm2"`):
             `"smollm2"` (the embedded SmolLM2-135M-Instruct, offline), a hub model id or a local folder.
+            `trl grpo` requires a model; a training run on this default says so in one line at start.
     """
 
     model_name_or_path: str | None = field(
@@ -141,8 +145,10 @@ class GenerateArguments:
             JSONL file, one object per line with `prompt` (a string or a list of chat messages) and optionally
             `answer`; other fields are copied to the output. When `None`, `task` is used.
         task (`str`, *optional*, defaults to `"arithmetic"`):
-            Built-in task when no `prompts_file` is given: `"arithmetic"` (offline) or a hub task of
-            `trl_entropy.tasks.load_task` (`"gsm8k"`, `"math500"`; needs a network or a populated cache).
+            Built-in task when no `prompts_file` is given: an offline task of `trl_entropy.tasks.TASKS`
+            (`"arithmetic"`, `"arithmetic_2digit"`, `"subtraction"`, `"multiplication"`, `"word_problems"`,
+            `"sequence"`; open prompt style) or a hub task of `trl_entropy.tasks.load_task` (`"gsm8k"`, `"math500"`;
+            needs a network or a populated cache).
         num_problems (`int`, *optional*, defaults to `64`):
             Number of task problems (`>= 1`); for a prompts file, `0` keeps every line, else the first ones.
         split (`str`, *optional*, defaults to `"test"`):
@@ -193,7 +199,13 @@ class GenerateArguments:
     prompts_file: str | None = field(
         default=None, metadata={"help": "JSONL with 'prompt' and optional 'answer' per line; else `task` is used."}
     )
-    task: str = field(default="arithmetic", metadata={"help": "'arithmetic' (offline), 'gsm8k' or 'math500'."})
+    task: str = field(
+        default="arithmetic",
+        metadata={
+            "help": "Offline: 'arithmetic', 'arithmetic_2digit', 'subtraction', 'multiplication', "
+            "'word_problems', 'sequence'; hub: 'gsm8k', 'math500'."
+        },
+    )
     num_problems: int = field(default=64, metadata={"help": "Problems to run (0 = all lines of a prompts file)."})
     split: str = field(default="test", metadata={"help": "Task split."})
     max_new_tokens: int = field(default=64, metadata={"help": "Maximum generated tokens per completion (>= 1)."})
@@ -213,10 +225,16 @@ class GenerateArguments:
     adaptive_temperature_alpha: float = field(default=0.5, metadata={"help": "Target entropy fraction (0, 1]."})
     apply_chat_template: bool = field(default=True, metadata={"help": "Render prompts with the chat template."})
     output_file: str = field(default="outputs/generate.jsonl", metadata={"help": "Per-prompt JSONL output."})
-    summary_file: str | None = field(default=None, metadata={"help": "JSON summary (default: next to output)."})
+    summary_file: str | None = field(
+        default=None, metadata={"help": "JSON summary; None: output_file with the suffix .summary.json."}
+    )
     seed: int = field(default=0, metadata={"help": "Seed of the task draw and of sampling."})
 
     def __post_init__(self):
+        from ..tasks import TASK_NAMES
+
+        if self.prompts_file is None and self.task not in TASK_NAMES:
+            raise ValueError(f"`task` must be one of {', '.join(map(repr, TASK_NAMES))}, got {self.task!r}.")
         if self.num_problems < 0 or (self.prompts_file is None and self.num_problems < 1):
             raise ValueError(
                 f"`num_problems` must be >= 1 for a task (>= 0 for a prompts file), got {self.num_problems}."
@@ -265,7 +283,10 @@ class _EarlyStopTaskArguments:
     )
     task: str = field(
         default="arithmetic",
-        metadata={"help": "Problems: 'arithmetic' (built in, offline), or 'gsm8k' / 'math500' (need the hub)."},
+        metadata={
+            "help": "Problems: 'arithmetic' (built in, offline, with the arithmetic_* options), another offline task "
+            "of trl_entropy.tasks.TASKS ('word_problems', 'sequence'...), or 'gsm8k' / 'math500' (need the hub)."
+        },
     )
     num_problems: int = field(default=20, metadata={"help": "Number of problems, >= 1."})
     split: str = field(default="train", metadata={"help": "Task split: 'train' or 'test' for 'arithmetic'."})
@@ -405,6 +426,9 @@ class EarlyStopGenerateArguments(_EarlyStopTaskArguments):
         super().__post_init__()
         if self.calibration_path is None and self.threshold is None:
             raise ValueError("Give `calibration_path` (from `trl-entropy calibrate`) or an explicit `threshold`.")
+        if self.threshold is not None and not (math.isfinite(self.threshold) and self.threshold >= 0):
+            # The signals are entropies (>= 0): a negative threshold would never stop anything.
+            raise ValueError(f"`threshold` must be a finite entropy >= 0 (signal units), got {self.threshold}.")
         if self.method is not None and self.method not in THRESHOLD_METHODS:
             raise ValueError(f"`method` must be one of {THRESHOLD_METHODS}, got {self.method!r}.")
         if self.mode not in ("two_stage", "online"):
@@ -432,7 +456,7 @@ class DiagnoseArguments:
         dataset_train_split (`str`, *optional*, defaults to `"train"`):
             Split the prompts are drawn from.
         prompt_style (`str`, *optional*, defaults to `"open"`):
-            Prompt of the built-in `arithmetic` task: `"open"` or `"short"`.
+            Prompt of a built-in task: `"open"` or `"short"`.
         answer_column (`str` or `None`, *optional*, defaults to `None`):
             Column of reference answers; None: `answer`, else `solution`, when the data has one, else none (the
             label-free quantities only). Naming a column the data lacks is an error.
@@ -465,7 +489,7 @@ class DiagnoseArguments:
         metadata={"help": "Built-in 'arithmetic' task's prompt: 'open' or 'short'.", "choices": ["open", "short"]},
     )
     answer_column: str | None = field(
-        default=None, metadata={"help": "Reference answer column (default: 'answer' or 'solution' when present)."}
+        default=None, metadata={"help": "Reference answer column; None: 'answer' or 'solution' when the data has one."}
     )
     num_prompts: int = field(default=64, metadata={"help": "Prompts measured, >= 1."})
     num_samples: int = field(default=4, metadata={"help": "Samples per prompt (k), >= 2."})

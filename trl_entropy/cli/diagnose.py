@@ -12,7 +12,8 @@ from typing import Any
 
 from trl import DatasetMixtureConfig
 
-from ..data_checks import check_training_dataset
+from ..data_checks import check_model_inputs, check_training_dataset
+from ..diagnose import TOO_FEW_SAMPLES
 from ..files import json_safe, write_atomically
 from .arguments import DiagnoseArguments, TrainScriptArguments
 from .train import _load_datasets
@@ -107,7 +108,10 @@ def prepare_diagnosis(args: DiagnoseArguments) -> DiagnosisJob:
         answers = [str(a) for a in rows[answer_column]]
         if not any(a.strip() for a in answers):
             raise ValueError(f"`answer_column`: the column {answer_column!r} of {source} holds no answer.")
-    return DiagnosisJob(args, list(rows["prompt"]), answers, source, answer_column)
+    prompts = list(rows["prompt"])
+    where = f"split {args.dataset_train_split!r} of {source}"
+    check_model_inputs(args.model_name_or_path, prompts, where, args.max_completion_length)
+    return DiagnosisJob(args, prompts, answers, source, answer_column)
 
 
 def run_diagnose(args: DiagnoseArguments) -> dict[str, Any]:
@@ -156,7 +160,9 @@ def render_summary(result: dict[str, Any]) -> str:
         f"{_pct(free['greedy_is_majority'])} of prompts, sequence-entropy std {free['sequence_entropy_std']:.3f}"
     )
     verdict = result["verdict"]
-    if result["has_answers"]:
+    if verdict["verdict"] == TOO_FEW_SAMPLES:
+        lines.append(f"Verdict: none, {TOO_FEW_SAMPLES}: {verdict['reason']}.")
+    elif result["has_answers"]:
         lines.append(f"Verdict: label-free training is {verdict['verdict']}: {verdict['reason']}.")
     else:
         lines.append(f"Verdict: none: {verdict['reason']}.")

@@ -15,12 +15,13 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from transformers import LogitsProcessor, PreTrainedModel, PreTrainedTokenizerBase
 
+from ..data_checks import check_data_file, check_model_inputs
 from ..evaluation import TRUNCATION_WARNING_RATE
 from ..files import write_atomically
 from ..generate import generate_completions, load_prompts, render_prompt, score_completions
@@ -30,7 +31,7 @@ from .arguments import GenerateArguments
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["build_logits_processors", "run_generate"]
+__all__ = ["GenerateJob", "build_logits_processors", "prepare_generate", "run_generate"]
 
 
 def build_logits_processors(args: GenerateArguments) -> list[LogitsProcessor]:
@@ -42,13 +43,51 @@ def build_logits_processors(args: GenerateArguments) -> list[LogitsProcessor]:
     return []
 
 
+def load_task_problems(task: str, num_problems: int | None, split: str, seed: int) -> list[dict[str, Any]]:
+    """The problems of ``--task`` as rows, or one ``ValueError`` line naming ``task`` (an unknown name, or a hub
+    task that can not be read here)."""
+    from ..tasks import TASK_NAMES, load_task
+
+    if task not in TASK_NAMES:
+        raise ValueError(f"`task` must be one of {list(TASK_NAMES)}, got {task!r}.")
+    try:
+        return list(load_task(task, num_problems, split=split, seed=seed))
+    except ValueError:
+        raise
+    except Exception as err:  # a hub task without network or cache: datasets' errors have no common base class
+        raise ValueError(f"`task`: {task!r} could not be loaded ({type(err).__name__}: {err}).") from err
+
+
 def _load_problems(args: GenerateArguments) -> list[dict[str, Any]]:
+    """The rows to generate for, read and checked before any model loads: a prompts file (every line a JSON object
+    with a usable `prompt`, named by line when not) or the task's problems."""
     if args.prompts_file is not None:
+        check_data_file(args.prompts_file, option="prompts_file", required=("prompt",))
         rows = load_prompts(args.prompts_file)
         return rows[: args.num_problems] if args.num_problems else rows
-    from ..tasks import load_task
+    return load_task_problems(args.task, args.num_problems, args.split, args.seed)
 
-    return list(load_task(args.task, args.num_problems, split=args.split, seed=args.seed))
+
+@dataclass
+class GenerateJob:
+    """Checked prompts of ``trl-entropy generate``; the model loads in :meth:`run`."""
+
+    args: GenerateArguments
+    problems: list[dict[str, Any]]
+
+    def run(self) -> dict[str, Any]:
+        return _generate(self.args, self.problems)
+
+
+def prepare_generate(args: GenerateArguments) -> GenerateJob:
+    """Read and check the prompts (and the model folder, and that every prompt fits the model's context with
+    ``max_new_tokens``) without loading the model; one-line ``ValueError`` on anything wrong."""
+    problems = _load_problems(args)
+    where = args.prompts_file or f"task {args.task!r}"
+    option = "prompts_file" if args.prompts_file else "task"
+    prompts = [p["prompt"] for p in problems]
+    check_model_inputs(args.model_name_or_path, prompts, where, args.max_new_tokens, option, "max_new_tokens")
+    return GenerateJob(args, problems)
 
 
 def run_generate(
@@ -57,7 +96,8 @@ def run_generate(
     tokenizer: PreTrainedTokenizerBase | None = None,
 ) -> dict[str, Any]:
     """Run :class:`GenerateArguments`: generate, vote, score, and write ``args.output_file`` (one JSON object per
-    prompt) and the summary file. A preloaded ``model``/``tokenizer`` may be passed to skip loading.
+    prompt) and the summary file. A preloaded ``model``/``tokenizer`` may be passed to skip loading. The prompts are
+    read and checked before the model loads.
 
     Returns:
         The summary (also written to disk): accuracy and its 95% Wilson interval when answers are known, generated
@@ -66,11 +106,21 @@ def run_generate(
     if (model is None) != (tokenizer is None):
         raise ValueError("Pass both `model` and `tokenizer`, or neither.")
     if model is None:
+        return prepare_generate(args).run()
+    return _generate(args, _load_problems(args), model, tokenizer)
+
+
+def _generate(
+    args: GenerateArguments,
+    problems: list[dict[str, Any]],
+    model: PreTrainedModel | None = None,
+    tokenizer: PreTrainedTokenizerBase | None = None,
+) -> dict[str, Any]:
+    if model is None:
         from ..models import load_model
 
         model, tokenizer = load_model(args.model_name_or_path)
     model.eval()
-    problems = _load_problems(args)
     prompts = [render_prompt(tokenizer, p["prompt"], args.apply_chat_template) for p in problems]
     processors = build_logits_processors(args)
     start = time.perf_counter()

@@ -11,14 +11,16 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import os
 import sys
 import warnings
 from collections.abc import Sequence
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
-from trl import DatasetMixtureConfig, TrlParser
-
-from .arguments import EntropyModelConfig, GenerateModeArguments, TrainScriptArguments
+# TRL's parser, the argument classes and torch are imported where a command needs them, so that `trl-entropy --help`
+# starts as fast as `trl --help` (tests/test_cli.py checks what it imports; benchmarks/bench_cli_help.py times it).
+if TYPE_CHECKING:
+    from trl import TrlParser
 
 __all__ = ["main", "make_parser"]
 
@@ -40,19 +42,27 @@ _HELP = {
     "plot": "PNG plots from the entropy_stats.jsonl of a training run.",
     "diagnose": "Before training: measure whether label-free training can help this model on this data (verdict).",
     "demo": "Label-free EM-RL on the embedded model: accuracy and entropy before/after, Markdown report.",
+    "env": "Print the versions and machine facts to paste into a bug report (as `trl env`, with trl-entropy's own).",
 }
 _SIMPLE = {
-    # command: (module of the arguments class, arguments class, module of the run function, run function)
-    "calibrate": ("trl_entropy.cli.arguments", "CalibrateArguments", "trl_entropy.cli.confidence", "run_calibrate"),
+    # command: (module of the arguments class, arguments class, module of the run function, run function); a
+    # `prepare_*` function checks the input and returns a job whose `run()` loads the model
+    "calibrate": (
+        "trl_entropy.cli.arguments",
+        "CalibrateArguments",
+        "trl_entropy.cli.confidence",
+        "prepare_calibrate",
+    ),
     "plot": ("trl_entropy.plots", "PlotArguments", "trl_entropy.plots", "run_plot"),
     "diagnose": ("trl_entropy.cli.arguments", "DiagnoseArguments", "trl_entropy.cli.diagnose", "prepare_diagnosis"),
     "demo": ("trl_entropy.demo", "DemoArguments", "trl_entropy.demo", "run_demo"),
-    "generate": ("trl_entropy.cli.arguments", "GenerateArguments", "trl_entropy.cli.generate", "run_generate"),
+    "env": ("trl_entropy.cli.env", "EnvArguments", "trl_entropy.cli.env", "run_env"),
+    "generate": ("trl_entropy.cli.arguments", "GenerateArguments", "trl_entropy.cli.generate", "prepare_generate"),
     "generate --early_stopping": (
         "trl_entropy.cli.arguments",
         "EarlyStopGenerateArguments",
         "trl_entropy.cli.confidence",
-        "run_early_stop_generate",
+        "prepare_early_stop_generate",
     ),
 }
 # Options that had another name in an earlier release: named in the error, so that old configs are easy to fix.
@@ -77,25 +87,6 @@ def _current_option(item: str) -> str:
     return f"--{_CURRENT_NAMES[name]}{sep}{value}" if flag.startswith("--") and name in _CURRENT_NAMES else item
 
 
-class _OneLineParser(TrlParser):
-    """A :class:`~trl.TrlParser` whose errors are one line: the option, what it accepts, and what was given; options
-    with a deprecated transformers name are read under the current one."""
-
-    def parse_args_and_config(self, args=None, *rest, **kwargs):
-        args = [_current_option(item) for item in (sys.argv[1:] if args is None else args)]
-        return super().parse_args_and_config(args, *rest, **kwargs)
-
-    def set_defaults_with_config(self, **kwargs) -> list[str]:
-        return super().set_defaults_with_config(**{_CURRENT_NAMES.get(k, k): v for k, v in kwargs.items()})
-
-    def error(self, message: str) -> NoReturn:
-        option = message.split(":", 1)[0].removeprefix("argument ").split("/")[0]
-        action = next((a for a in self._actions if option in a.option_strings), None)
-        if action is not None and action.help and action.choices is None and "invalid" in message:
-            message = f"{message} ({action.help})"
-        raise UsageError(f"{message}; see `{self.prog} --help`")
-
-
 def _import(module: str, name: str) -> Any:
     try:
         return getattr(importlib.import_module(module), name)
@@ -112,6 +103,8 @@ def _has_accelerator() -> bool:
 def _wants_early_stopping(argv: Sequence[str]) -> bool:
     """Read ``--early_stopping`` before the full parse, from the command line or the ``--config`` YAML file."""
     from transformers import HfArgumentParser
+
+    from .arguments import GenerateModeArguments
 
     config_value = False
     if "--config" in argv and argv.index("--config") + 1 < len(argv):
@@ -138,8 +131,14 @@ def make_parser(command: str, argv: Sequence[str] = ()) -> TrlParser:
     The training commands parse the dataclasses of ``trl grpo`` / ``trl rloo`` in the same order (script arguments,
     the trainer config, :class:`~trl.ModelConfig`, :class:`~trl.DatasetMixtureConfig`), so a ``trl`` YAML config is
     read unchanged."""
+    from ._parser import OneLineParser
+
     prog = f"trl-entropy {command}"
     if command in _TRAINERS:
+        from trl import DatasetMixtureConfig
+
+        from .arguments import EntropyModelConfig, TrainScriptArguments
+
         module, config_name, _ = _TRAINERS[command]
         config_class = _import(module, config_name)
         from ..collapse_guard import CollapseGuardArguments
@@ -152,29 +151,68 @@ def make_parser(command: str, argv: Sequence[str] = ()) -> TrlParser:
             DatasetMixtureConfig,
             CollapseGuardArguments,
         )
-        parser = _OneLineParser(dataclass_types, prog=prog, description=_HELP[command])
+        parser = OneLineParser(dataclass_types, prog=prog, description=_HELP[command])
         # TRL trains in bf16 by default, which needs an accelerator: on a CPU-only machine default to the CPU instead
-        # of failing (a --config file or the command line still override it). TRL's checkpointing default goes to
-        # the current field name, so that no config is built with the deprecated one.
+        # of failing, in bf16 only where the CPU has it natively (elsewhere bf16 autocast runs ~10x slower: float32);
+        # a --config file or the command line still override both. TRL's checkpointing default goes to the current
+        # field name, so that no config is built with the deprecated one.
+        from ..hardware import default_bf16
+
         checkpointing = config_class.__dataclass_fields__["gradient_checkpointing"].default
-        parser.set_defaults_with_config(use_cpu=not _has_accelerator(), activation_checkpointing=checkpointing)
+        use_cpu = not _has_accelerator()
+        parser.set_defaults_with_config(
+            use_cpu=use_cpu, bf16=default_bf16(use_cpu), activation_checkpointing=checkpointing
+        )
         parser.set_defaults(gradient_checkpointing=None)
         return parser
     key = _command_key(command, argv)
     if key not in _SIMPLE:
         raise ValueError(f"Unknown command {command!r}; choose one of {sorted(_HELP)}.")
     arguments_class = _import(*_SIMPLE[key][:2])
-    dataclass_types = (GenerateModeArguments, arguments_class) if command == "generate" else (arguments_class,)
-    return _OneLineParser(dataclass_types, prog=prog, description=_HELP[command])
+    if command == "generate":
+        from .arguments import GenerateModeArguments
+
+        dataclass_types = (GenerateModeArguments, arguments_class)
+    else:
+        dataclass_types = (arguments_class,)
+    return OneLineParser(dataclass_types, prog=prog, description=_HELP[command])
 
 
-def _parse(command: str, argv: Sequence[str]) -> tuple:
-    """Parse ``argv`` (and its ``--config`` file) into the command's dataclasses, refusing unknown options."""
+def _is_option(item: str) -> bool:
+    return item.startswith("-") and not item.lstrip("-").replace(".", "", 1).isdigit()  # "-1" is a value
+
+
+def _split_launcher_options(remaining: Sequence[str]) -> tuple[list[str], list[str]]:
+    """``(launcher, rest)``: the leftovers of the dataclass parse that ``accelerate launch`` takes (its own options
+    and TRL's ``--accelerate_config``, each with its values), and the others. ``trl grpo`` hands the same leftovers to
+    ``accelerate launch``."""
+    if not remaining:
+        return [], []
+    from accelerate.commands.launch import launch_command_parser
+
+    accelerate_options = (name for action in launch_command_parser()._actions for name in action.option_strings)
+    known = {"--accelerate_config", *accelerate_options}
+    launcher: list[str] = []
+    rest: list[str] = []
+    target = rest  # a value before any option is not a launcher option's
+    for item in remaining:
+        if _is_option(item):
+            target = launcher if item.split("=", 1)[0] in known else rest
+        target.append(item)
+    return launcher, rest
+
+
+def _parse_command(command: str, argv: Sequence[str]) -> tuple[tuple, list[str], list[str]]:
+    """Parse ``argv`` (and its ``--config`` file) into the command's dataclasses, refusing unknown options. Returns
+    the dataclasses and, for the training commands, the launcher options (``accelerate_config``, ``num_processes``
+    and the other options of ``accelerate launch``) found in the config file and on the command line."""
     parser = make_parser(command, argv)
     *parsed, from_config, from_argv = parser.parse_args_and_config(
         list(argv), return_remaining_strings=True, separate_remaining_strings=True
     )
+    launcher = {}
     for origin, remaining in (("the command line", from_argv), ("the config file", from_config)):
+        launcher[origin], remaining = _split_launcher_options(remaining) if command in _TRAINERS else ([], remaining)
         unknown = [item for item in remaining if item.startswith("--")] or remaining
         if unknown:
             renamed = [f"{name} (now {_RENAMED[name]})" for name in unknown if name in _RENAMED]
@@ -182,7 +220,59 @@ def _parse(command: str, argv: Sequence[str]) -> tuple:
             raise UsageError(
                 f"unknown option(s) in {origin}: {' '.join(unknown)}{detail}; see `trl-entropy {command} --help`"
             )
-    return tuple(parsed)
+    return tuple(parsed), launcher["the config file"], launcher["the command line"]
+
+
+def _parse(command: str, argv: Sequence[str]) -> tuple:
+    """Parse ``argv`` (and its ``--config`` file) into the command's dataclasses, refusing unknown options (launcher
+    options are accepted for the training commands and left out)."""
+    return _parse_command(command, argv)[0]
+
+
+def _launched_by_accelerate() -> bool:
+    # Every `accelerate launch` launcher (simple, multi-GPU, DeepSpeed, FSDP) sets this in the processes it starts:
+    # there the launcher keys have done their work and are ignored, as TRL's training scripts ignore them.
+    return "ACCELERATE_MIXED_PRECISION" in os.environ
+
+
+def _accelerate_launch_args(
+    command: str, argv: Sequence[str], from_config: list[str], from_argv: list[str]
+) -> list[str]:
+    """The arguments of ``accelerate launch`` that run ``trl-entropy <command> argv`` with the launcher options found
+    by the parse, built as ``trl grpo`` builds its own: TRL's ``accelerate_config`` (a file, or a config shipped with
+    TRL: ``multi_gpu``, ``zero3``...) becomes ``--config_file``, the other launcher options are passed unchanged, and
+    the script is ``-m trl_entropy.cli <command>`` with the command line minus its launcher options."""
+    from trl.cli.accelerate_config import resolve_accelerate_config_argument
+    from trl.cli.commands.training import _subtract_subsequence
+
+    try:
+        launch_args = resolve_accelerate_config_argument(from_config + from_argv)
+    except ValueError as err:
+        raise UsageError(f"`accelerate_config`: {err}") from err
+    return [*launch_args, "--module", "trl_entropy.cli", command, *_subtract_subsequence(list(argv), from_argv)]
+
+
+def _launch(command: str, argv: Sequence[str], from_config: list[str], from_argv: list[str]) -> int:
+    """Run ``trl-entropy <command> argv`` again under ``accelerate launch`` (:func:`_accelerate_launch_args`), as
+    ``trl grpo`` does with the same keys. Returns the exit status of the launched processes."""
+    import subprocess
+
+    from accelerate.commands.launch import launch_command, launch_command_parser
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
+    parser = launch_command_parser()
+    parser.exit_on_error = False  # a bad launcher value is the user's: one line, not accelerate's usage dump
+    try:
+        launch = parser.parse_args(_accelerate_launch_args(command, argv, from_config, from_argv))
+    except argparse.ArgumentError as err:
+        raise UsageError(f"launcher option {err}") from err
+    try:
+        launch_command(launch)
+    except subprocess.CalledProcessError as err:  # the single-process launcher; the process printed its error
+        return err.returncode
+    except ChildFailedError as err:  # torchrun (multi-GPU, DeepSpeed, FSDP): the failed ranks printed their errors
+        return next(iter(err.failures.values())).exitcode or RUN_ERROR
+    return 0
 
 
 def _top_level_parser() -> argparse.ArgumentParser:
@@ -207,6 +297,14 @@ def _fail(command: str, message: Any, status: int) -> NoReturn:
     raise SystemExit(status)
 
 
+def _output_folder(command: str, parsed: tuple) -> str:
+    """Where ``command`` writes: the training config's or the arguments' ``output_dir``, else ``output_file``'s
+    folder."""
+    arguments = parsed[1] if command in _TRAINERS else parsed[-1]
+    folder = getattr(arguments, "output_dir", None)
+    return folder or os.path.dirname(os.path.abspath(getattr(arguments, "output_file", None) or "."))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``trl-entropy`` console script. Returns the process exit status (0); exits with status
     2 on a usage, config or data error, 1 on an error after the model has loaded."""
@@ -223,8 +321,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         _fail("", f"unknown command {command!r} (choose from {', '.join(_HELP)})", USAGE_ERROR)
 
     # Everything up to here, and the preparation below, happens before any model loads: bad input costs nothing.
+    job = None
     try:
-        parsed = _parse(command, rest)
+        from ..data_checks import check_config_option
+
+        check_config_option(rest)  # a YAML error or a missing file: one line naming the file, before TRL reads it
+        parsed, launch_from_config, launch_from_argv = _parse_command(command, rest)
+        if (launch_from_config or launch_from_argv) and not _launched_by_accelerate():
+            return _launch(command, rest, launch_from_config, launch_from_argv)
         if command in _TRAINERS:
             from .train import prepare_training
 
@@ -236,7 +340,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 paths = run(parsed[-1])
                 print("\n".join(str(path) for path in paths))
                 return 0
-            if command == "diagnose":  # the data is read and checked here, before the model loads
+            if run_name.startswith("prepare_"):  # the data is read and checked here, before the model loads
                 job = run(parsed[-1])
     except (UsageError, ValueError, TypeError, FileNotFoundError, ImportError) as err:
         _fail(command, err, USAGE_ERROR)
@@ -245,9 +349,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         if command in _TRAINERS or command == "diagnose":
             job.run()
             return 0
-        result = run(parsed[-1])
+        result = job.run() if job is not None else run(parsed[-1])
     except ValueError as err:
         _fail(command, err, RUN_ERROR)
+    except (OSError, RuntimeError) as err:  # a full disk: one line naming the output directory and its free space
+        from ..files import disk_full_message
+
+        message = disk_full_message(err, _output_folder(command, parsed))
+        if message is None:
+            raise
+        _fail(command, message, RUN_ERROR)
     if command == "generate" and isinstance(result, dict):
         print(json.dumps({k: v for k, v in result.items() if k != "arguments"}, indent=2, default=str))
     return 0

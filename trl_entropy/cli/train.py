@@ -20,10 +20,10 @@ from typing import Any
 
 from trl import DatasetMixtureConfig
 
-from ..data_checks import check_data_file, check_training_dataset
+from ..data_checks import check_checkpoint, check_data_file, check_model_inputs, check_training_dataset
 from .arguments import EntropyModelConfig, TrainScriptArguments
 
-__all__ = ["TrainingJob", "prepare_training", "reward_registry", "run_train"]
+__all__ = ["TrainingJob", "default_choices_line", "prepare_training", "reward_registry", "run_train"]
 
 _FILE_DATASETS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
 _TRAINERS = {
@@ -98,6 +98,13 @@ def _no_progress_bars():
             datasets.enable_progress_bars()
 
 
+def _builtin_tasks() -> tuple[str, ...]:
+    """The names of :data:`trl_entropy.tasks.TASKS`: generated offline, seeded, with an ``answer`` column."""
+    from ..tasks import TASKS
+
+    return tuple(TASKS)
+
+
 def _load_datasets(
     script_args: TrainScriptArguments, dataset_args: DatasetMixtureConfig, seed: int, with_eval: bool
 ) -> tuple[Any, Any, str]:
@@ -109,20 +116,26 @@ def _load_datasets(
 
         data = get_dataset(dataset_args)
         source = "the `datasets` mixture (" + ", ".join(d.path for d in dataset_args.datasets) + ")"
-    elif script_args.dataset_name == "arithmetic":
-        from ..tasks import ArithmeticTask
+    elif script_args.dataset_name in _builtin_tasks():
+        from ..tasks import build_task
 
-        task = ArithmeticTask(prompt_style=script_args.prompt_style)
+        task = build_task(script_args.dataset_name, prompt_style=script_args.prompt_style)
         train = task.dataset(script_args.num_train_prompts, split="train", seed=seed)
         evaluation = task.dataset(max(8, script_args.num_train_prompts // 8), split="test", seed=seed)
-        return train, evaluation if with_eval else None, "the arithmetic task"
+        return train, evaluation if with_eval else None, f"the built-in {script_args.dataset_name!r} task"
     else:
         source = script_args.dataset_name
         builder = _FILE_DATASETS.get(os.path.splitext(source)[1].lower())
         with _no_progress_bars():  # a bad file must get its one-line error alone on stderr
             if builder is not None:
                 check_data_file(source)
-                data = load_dataset(builder, data_files=source)
+                try:
+                    data = load_dataset(builder, data_files=source)
+                except Exception as err:  # datasets wraps the reader's error: name the file and the cause
+                    cause = err.__cause__ or err
+                    raise ValueError(
+                        f"`dataset_name`: datasets could not read {source} ({type(cause).__name__}: {cause})."
+                    ) from err
             else:
                 data = load_dataset(source, name=script_args.dataset_config, streaming=script_args.dataset_streaming)
     split = script_args.dataset_train_split
@@ -130,6 +143,30 @@ def _load_datasets(
         raise ValueError(f"`dataset_train_split`: {source} has no split {split!r} (splits: {', '.join(data)}).")
     evaluation = data[script_args.dataset_test_split] if with_eval and script_args.dataset_test_split in data else None
     return data[split], evaluation, source
+
+
+def default_choices_line(
+    method: str,
+    script_args: TrainScriptArguments,
+    model_args: EntropyModelConfig,
+    dataset_args: DatasetMixtureConfig | None = None,
+) -> str | None:
+    """The line a run prints at start when it trains on the demo defaults, the embedded model or the built-in task,
+    which `trl grpo` would refuse as missing options; None when it names its own model and data."""
+    from ..models import DEFAULT_MODEL
+
+    parts = []
+    if model_args.model_name_or_path == DEFAULT_MODEL:
+        parts.append(f" the embedded SmolLM2-135M-Instruct (--model_name_or_path {DEFAULT_MODEL}, the default)")
+    if script_args.dataset_name == "arithmetic" and not (dataset_args and dataset_args.datasets):
+        parts.append(" on the built-in arithmetic task (--dataset_name arithmetic, the default)")
+    if not parts:
+        return None
+    options = "both options" if len(parts) == 2 else "this option"
+    return (
+        f"Training{''.join(parts)}: trl-entropy's demo defaults, where `trl grpo` requires {options}; "
+        f"see `trl-entropy {method} --help`."
+    )
 
 
 @dataclass
@@ -148,18 +185,14 @@ class TrainingJob:
         import transformers
         from packaging.version import Version
 
+        from ..hardware import precision_line
+
         module, name = _TRAINERS[self.method]
         trainer = getattr(importlib.import_module(module), name)(**self.trainer_kwargs)
-        if self.script_args.entropy_stats:
-            try:
-                from ..callbacks import EntropyStatsCallback
-            except ImportError:
-                trainer.accelerator.print(
-                    "EntropyStatsCallback is not available; training without entropy statistics."
-                )
-            else:
-                trainer.add_callback(EntropyStatsCallback(trainer))
-        if self.guard_args is not None and self.guard_args.collapse_guard:  # after the stats: it reads them
+        trainer.accelerator.print(precision_line(self.training_args))
+        # EntropyStatsCallback is the trainer's own (the config's `entropy_stats`, as from Python); the guard reads its
+        # repetition rate, and the callback moves itself first in the list, so the order of addition does not matter.
+        if self.guard_args is not None and self.guard_args.collapse_guard:
             trainer.add_callback(self.guard_args.build(self.script_args.dataset_name, self.training_args.seed))
         args = self.training_args
         trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
@@ -186,11 +219,12 @@ def prepare_training(
     model. Raises ``ValueError`` (one line: the option, what it accepts, the value) on anything wrong."""
     from trl import get_peft_config
 
-    from ..models import resolve_model_path
-
     if method not in _TRAINERS:
         raise ValueError(f"`method` must be one of {sorted(_TRAINERS)}, got {method!r}.")
     dataset_args = dataset_args or DatasetMixtureConfig()
+    defaults_line = default_choices_line(method, script_args, model_args, dataset_args)
+    if defaults_line and os.environ.get("RANK", "0") == "0":  # once per run, not once per process of a launch
+        print(defaults_line, flush=True)
     registry = reward_registry()
     reward_funcs: list[Any] = [_reward_function(name, registry) for name in script_args.reward_funcs or []]
     if script_args.reward_model_name_or_path:
@@ -217,8 +251,19 @@ def prepare_training(
         script_args, dataset_args, training_args.seed, training_args.eval_strategy != "no"
     )
     check_training_dataset(train, source, script_args.dataset_train_split, reward_funcs)
+    if guard_args is not None:
+        guard_args.check_probe()
+    check_checkpoint(training_args.resume_from_checkpoint, training_args.output_dir)
+    if method != "emft" and not reward_funcs and getattr(training_args, "entropy_reward", "none") == "none":
+        raise ValueError(  # TRL refuses this only once the model has loaded
+            "no reward: give `--reward_funcs` (or `--reward_model_name_or_path`), or a label-free `--entropy_reward` "
+            "('token', 'trajectory' or 'self_certainty')."
+        )
+    prompts = train["prompt"] if hasattr(train, "__getitem__") and hasattr(train, "column_names") else None
+    where = f"split {script_args.dataset_train_split!r} of {source}"
+    model_path = check_model_inputs(model_args.model_name_or_path, prompts, where, training_args.max_completion_length)
     kwargs = {
-        "model": resolve_model_path(model_args.model_name_or_path),
+        "model": model_path,
         "args": training_args,
         "train_dataset": train,
         "eval_dataset": evaluation,

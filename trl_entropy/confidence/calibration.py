@@ -26,6 +26,8 @@ __all__ = [
 ]
 
 THRESHOLD_METHODS = ("mean", "info", "bayes", "universal")
+NEGATIVE_ENTROPY_TOLERANCE = 1e-4
+"""How far below 0 a measured entropy may lie (float32 rounding of a near-one-hot distribution is ~1e-6)."""
 """Threshold formulas of Think Just Enough, section 3 of REFERENCE.md."""
 
 _CALIBRATION_FORMAT = "trl-entropy/entropy-calibration"
@@ -171,7 +173,8 @@ class EntropyThresholdCalibrator:
         """Fit from per-example sequence entropies and correctness labels; returns ``self``.
 
         Raises:
-            ValueError: lengths differ, an entry is NaN or infinite, a group (correct or incorrect) has fewer than
+            ValueError: lengths differ, an entry is NaN, infinite or negative (below ``-1e-4``: float32 rounding aside,
+                an entropy is >= 0), a group (correct or incorrect) has fewer than
                 2 examples, or a group has zero variance (the thresholds and the test are then undefined).
         """
         entropies = _as_float_list(sequence_entropies, "sequence_entropies")
@@ -183,6 +186,14 @@ class EntropyThresholdCalibrator:
         bad = [i for i, v in enumerate(entropies) if not math.isfinite(v)]
         if bad:
             raise ValueError(f"`sequence_entropies` must be finite; entries {bad[:10]} are NaN or infinite.")
+        # An entropy is >= 0; float32 rounding leaves at most a few 1e-6 below it, anything lower is not an entropy
+        # (log-probabilities, or a confidence whose higher values mean more confident).
+        negative = [i for i, v in enumerate(entropies) if v < -NEGATIVE_ENTROPY_TOLERANCE]
+        if negative:
+            raise ValueError(
+                f"`sequence_entropies` must be entropies, >= 0, got negative values at entries {negative[:10]} (e.g. "
+                f"{entropies[negative[0]]:g}): pass entropies, not log-probabilities or confidences."
+            )
         correct = [v for v, ok in zip(entropies, labels) if ok]
         incorrect = [v for v, ok in zip(entropies, labels) if not ok]
         for name, group in (("correct", correct), ("incorrect", incorrect)):

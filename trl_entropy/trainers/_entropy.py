@@ -17,6 +17,7 @@ import torch
 from ..ops import high_entropy_mask
 from ..rewards import entropy_token_reward, entropy_trajectory_reward, self_certainty_reward
 from ._signals import CompletionSignalsMixin
+from ._stats import EntropyStatsArguments
 
 ENTROPY_REWARDS = ("none", "token", "trajectory", "self_certainty")
 FORKING_MODES = ("top", "bottom")
@@ -27,8 +28,9 @@ logger = logging.getLogger(__name__)
 
 
 @dataclass
-class EntropyMethodsArguments:
-    """Entropy fields shared by :class:`EntropyGRPOConfig` and :class:`EntropyRLOOConfig`.
+class EntropyMethodsArguments(EntropyStatsArguments):
+    """Entropy fields shared by :class:`EntropyGRPOConfig` and :class:`EntropyRLOOConfig` (with ``entropy_stats``, see
+    :class:`~trl_entropy.trainers._stats.EntropyStatsArguments`).
 
     Parameters:
         entropy_reward (`str`, *optional*, defaults to `"none"`):
@@ -118,6 +120,9 @@ class EntropyMethodsArguments:
             if value not in allowed:
                 raise ValueError(f"`{name}` must be one of {list(allowed)}, got {value!r}.")
 
+        validate_sampling_fields(self)
+        for name in ("entropy_reward_weight", "forking_token_ratio"):
+            require_number(self, name)
         one_of("entropy_reward", ENTROPY_REWARDS)
         one_of("forking_token_mode", FORKING_MODES)
         one_of("forking_token_scope", FORKING_SCOPES)
@@ -134,9 +139,7 @@ class EntropyMethodsArguments:
             )
         if getattr(self, "deepspeed", None) and importlib.util.find_spec("deepspeed") is None:
             # transformers would fail later with an unrelated-looking TypeError.
-            raise ImportError(
-                "`deepspeed` is set but DeepSpeed is not installed: `pip install 'trl-entropy[deepspeed]'`."
-            )
+            raise ImportError("`deepspeed` is set but DeepSpeed is not installed: `pip install deepspeed`.")
         if self.forking_token_ratio < 1.0 and getattr(self, "top_entropy_quantile", 1.0) < 1.0:
             raise ValueError(
                 "Set either TRL's `top_entropy_quantile` or `forking_token_ratio`, not both: they are two versions of "
@@ -147,6 +150,49 @@ class EntropyMethodsArguments:
     @property
     def forking_tokens_enabled(self) -> bool:
         return self.forking_token_ratio < 1.0
+
+
+def require_number(config: Any, name: str) -> None:
+    """A TypeError naming ``name`` unless the field is a real number (a bool or a string such as ``"0.2"`` is not:
+    Python would compare it wrongly or fail later with a bare ``TypeError``)."""
+    value = getattr(config, name)
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError(f"`{name}` must be a number, got {value!r} ({type(value).__name__}).")
+
+
+def _require_integer(config: Any, name: str, low: int, why: str) -> None:
+    value = getattr(config, name)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"`{name}` must be an integer >= {low}, got {value!r} ({type(value).__name__}).")
+    if value < low:
+        raise ValueError(f"`{name}` must be an integer >= {low}{why}, got {value}.")
+
+
+def validate_sampling_fields(config: Any) -> None:
+    """Range checks of TRL's own GRPO/RLOO fields that TRL 1.16 leaves unchecked (or checks by dividing by them),
+    run before TRL's ``__post_init__``, so that a bad value fails in one line naming the field, at config time, not
+    as a ``ZeroDivisionError`` in TRL's config or a transformers error in the first ``generate`` after the model
+    loaded. Shared by the GRPO, RLOO and EM-FT configs."""
+    require_number(config, "temperature")
+    if not (math.isfinite(config.temperature) and config.temperature > 0):
+        raise ValueError(
+            f"`temperature` (sampling temperature) must be a finite number > 0, got {config.temperature}."
+        )
+    if config.max_completion_length is not None:
+        _require_integer(config, "max_completion_length", 1, " (tokens generated per completion)")
+    if getattr(config, "num_generations", None) is not None:
+        # TRL divides the generation batch by it before checking its own minimum of 2.
+        _require_integer(config, "num_generations", 2, " (completions per prompt; the group baseline needs 2)")
+    require_number(config, "beta")
+    if not (math.isfinite(config.beta) and config.beta >= 0):
+        raise ValueError(f"`beta` (the KL coefficient) must be a finite number >= 0, got {config.beta}.")
+    if hasattr(config, "top_entropy_quantile"):
+        require_number(config, "top_entropy_quantile")
+        if not (0.0 <= config.top_entropy_quantile <= 1.0):
+            raise ValueError(
+                f"`top_entropy_quantile` (TRL's rho) must be in [0, 1] (1.0 keeps every token), got "
+                f"{config.top_entropy_quantile}."
+            )
 
 
 _ENTROPY_OFF = EntropyMethodsArguments()
@@ -242,7 +288,19 @@ class EntropyTrainerMixin(CompletionSignalsMixin):
     # do) finds the state of a trainer with every entropy option off.
     entropy_reward_func: EntropyReward | None = None
 
+    @classmethod
+    def _trl_config_class(cls) -> type:
+        """The TRL config the entropy config extends (``GRPOConfig`` / ``RLOOConfig``): what TRL's trainer reads."""
+        return next(base for base in cls._config_class.__bases__ if base is not EntropyMethodsArguments)
+
     def __init__(self, model, reward_funcs=None, args=None, *pos_args, **kwargs):
+        expected = self._trl_config_class()
+        if args is not None and not isinstance(args, expected):
+            # Another trainer's config (or a dict) would fail deep inside TRL with an AttributeError.
+            raise TypeError(
+                f"`args` of {type(self).__name__} must be an {self._config_class.__name__} (or TRL's "
+                f"{expected.__name__}), got {type(args).__module__}.{type(args).__qualname__}."
+            )
         if args is None:
             model_name = model if isinstance(model, str) else model.config._name_or_path
             args = self._config_class(f"{str(model_name).split('/')[-1]}-{self._trl_name}")
@@ -398,5 +456,7 @@ __all__ = [
     "entropy_fields",
     "entropy_settings",
     "forking_normalization_weights",
+    "require_number",
     "sequence_rewards",
+    "validate_sampling_fields",
 ]

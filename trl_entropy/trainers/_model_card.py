@@ -2,8 +2,13 @@
 naming the base model, the entropy method with its settings, the papers as BibTeX and a ``trl-entropy`` tag.
 
 TRL's own card reads "fine-tuned version of [None]" for a model loaded from a local folder (the embedded SmolLM2 is
-one) and "trained with GRPO", with no word of the entropy method; the trainers get this card through the one
-overridden method of :class:`EntropyModelCardMixin`.
+one), ``pipeline(model="None")`` in its usage snippet when the model is not pushed to the Hub, and "trained with GRPO",
+with no word of the entropy method; the trainers get this card through the one overridden method of
+:class:`EntropyModelCardMixin`.
+
+``base_model`` in the card's YAML header is a Hub model id or absent: the Hub refuses a push whose model card names
+anything else there (a local path is "not valid"). A local folder whose Hub id is known gets it (the embedded models,
+a folder of the Hub's download cache); any other local folder is named in the card's text.
 """
 
 from __future__ import annotations
@@ -17,8 +22,11 @@ from trl.trainer.utils import generate_model_card, get_config_model_id
 
 __all__ = ["EntropyModelCardMixin", "PAPERS", "base_model_id", "entropy_method_settings"]
 
-# The embedded default model (``trl_entropy.models``) is this hub model, converted into a local folder.
-_EMBEDDED_FOLDER, _EMBEDDED_HUB_ID = "SmolLM2-135M-Instruct", "HuggingFaceTB/SmolLM2-135M-Instruct"
+# The embedded models (``trl_entropy.models``) are these hub models, converted into local folders of these names.
+_EMBEDDED_HUB_IDS = {
+    "SmolLM2-135M-Instruct": "HuggingFaceTB/SmolLM2-135M-Instruct",
+    "gemma-3-270m": "google/gemma-3-270m",
+}
 
 # docstyle-ignore
 PAPERS = {
@@ -60,13 +68,17 @@ PAPERS = {
 
 
 def base_model_id(model: Any) -> str | None:
-    """Hub id of the model that was fine-tuned: the config's ``_name_or_path`` when it is a hub id, the hub id of the
-    embedded SmolLM2 for its converted folder, else ``None`` (another local folder)."""
+    """Hub id of the model that was fine-tuned: the config's ``_name_or_path`` when it is a hub id; for a local
+    folder, the hub id of an embedded model's converted folder or of a snapshot in the Hub's download cache
+    (``.../models--org--name/snapshots/<revision>``); else ``None`` (another local folder)."""
     name = get_config_model_id(model.config)
     if not name:
         return None
     if os.path.isdir(name):
-        return _EMBEDDED_HUB_ID if Path(name).name == _EMBEDDED_FOLDER else None
+        path = Path(name).resolve()
+        if path.parent.name == "snapshots" and path.parent.parent.name.startswith("models--"):
+            return path.parent.parent.name.removeprefix("models--").replace("--", "/")
+        return _EMBEDDED_HUB_IDS.get(path.name)
     return name
 
 
@@ -146,7 +158,8 @@ class EntropyModelCardMixin:
         card = generate_model_card(
             base_model=base_model,
             model_name=model_name or Path(self.args.output_dir).name,
-            hub_model_id=self.hub_model_id,
+            # TRL's snippet loads `hub_model_id`; a model that is not on the Hub loads from its output folder
+            hub_model_id=self.hub_model_id or self.args.output_dir,
             dataset_name=dataset_name,
             tags=sorted(tags),
             wandb_url=wandb_url,
@@ -161,10 +174,18 @@ class EntropyModelCardMixin:
         if base_model is None:
             local = get_config_model_id(self.model.config) or "a local model"
             text = text.replace("[None](https://huggingface.co/None)", f"the local model `{local}`")
+        if not self.hub_model_id:
+            where = (
+                f"The model is not on the Hub: load it from the folder it was saved to, `{self.args.output_dir}` "
+                "(after `push_to_hub`, from its Hub id).\n\n"
+            )
+            text = text.replace("## Quick start\n\n", "## Quick start\n\n" + where, 1)
         rows = "\n".join(f"| `{name}` | `{value}` |" for name, value in settings)
+        # The method itself is named in TRL's "Training procedure" sentence above: this section adds the class and
+        # the settings only.
         section = (
             "## Entropy method\n\n"
-            f"Trained with trl-entropy's `{type(self).__name__}`: {method}.\n\n"
+            f"Trained with trl-entropy's `{type(self).__name__}`, with these settings:\n\n"
             f"| setting | value |\n|---|---|\n{rows}\n\n"
         )
         text = text.replace("### Framework versions", section + "### Framework versions", 1)

@@ -18,8 +18,10 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase, TrainerCallba
 from trl import GRPOConfig, GRPOTrainer
 from trl.models.utils import disable_gradient_checkpointing
 
+from ._entropy import validate_sampling_fields
 from ._model_card import EntropyModelCardMixin
 from ._signals import CompletionSignalsMixin
+from ._stats import EntropyStatsArguments, EntropyStatsMixin
 from ._trl import GRPO_GENERATE_FIELDS, SUPPORTED_TRL, multimodal_forward_names
 
 __all__ = ["EMFTConfig", "EMFTTrainer"]
@@ -28,7 +30,7 @@ ENTROPY_NORMALIZATIONS = ("token", "sequence")
 
 
 @dataclass
-class EMFTConfig(GRPOConfig):
+class EMFTConfig(EntropyStatsArguments, GRPOConfig):
     r"""
     Configuration of :class:`EMFTTrainer`: entropy-minimisation fine-tuning (EM-FT) of Agarwal et al. (2025).
 
@@ -80,6 +82,9 @@ class EMFTConfig(GRPOConfig):
             weights and log it as ``emft/entropy_after`` next to ``emft/entropy_before`` (the loss pass) and their
             difference ``emft/entropy_change``. Costs one extra forward pass without gradient per optimizer step
             (about a third of the optimisation time, far less than sampling). Set ``False`` to skip it.
+        entropy_stats (`bool` or `None`, *optional*, defaults to `None`):
+            Attach :class:`~trl_entropy.callbacks.EntropyStatsCallback` (`None` or `True`; EM-FT is an entropy method,
+            so auto means on) or not (`False`); see :class:`~trl_entropy.trainers._stats.EntropyStatsArguments`.
         vllm_importance_sampling_correction (`bool`, *optional*, defaults to `False`):
             TRL's field with a different default: the EM-FT loss treats the sampled completions as fixed data and
             differentiates only the entropy, so the sampler-vs-trainer log-prob ratio has no use. Turning it on only
@@ -140,9 +145,10 @@ class EMFTConfig(GRPOConfig):
             )
         if self.num_generations is not None and self.num_generations != samples:
             raise ValueError(
-                f"`num_generations` is set from `num_samples_per_prompt` in EM-FT; leave it unset. Got "
-                f"num_generations={self.num_generations} and num_samples_per_prompt={samples}."
+                f"`num_generations` is set from `num_samples_per_prompt` in EM-FT; leave it unset, got "
+                f"{self.num_generations} (num_samples_per_prompt={samples})."
             )
+        validate_sampling_fields(self)  # temperature, max_completion_length, beta, top_entropy_quantile
         if self.entropy_normalization not in ENTROPY_NORMALIZATIONS:
             raise ValueError(
                 f"`entropy_normalization` must be one of {ENTROPY_NORMALIZATIONS}, got {self.entropy_normalization!r}."
@@ -185,7 +191,7 @@ class _EntropyAfterUpdateCallback(TrainerCallback):
         self.trainer._log_entropy_update()
 
 
-class EMFTTrainer(EntropyModelCardMixin, CompletionSignalsMixin, GRPOTrainer):
+class EMFTTrainer(EntropyModelCardMixin, EntropyStatsMixin, CompletionSignalsMixin, GRPOTrainer):
     """Entropy-minimisation fine-tuning (EM-FT, Agarwal et al., 2025): minimise the mean token entropy of the model's
     own sampled completions, with no labels and no rewards.
 
@@ -266,6 +272,9 @@ class EMFTTrainer(EntropyModelCardMixin, CompletionSignalsMixin, GRPOTrainer):
         self._window_entropy: torch.Tensor | None = None
         self._window_model = None
         self.add_callback(_EntropyAfterUpdateCallback(self))
+
+    def _entropy_methods_on(self) -> bool:
+        return True  # EM-FT's loss is the entropy: `entropy_stats=None` attaches EntropyStatsCallback
 
     # ------------------------------------------------------------------------------------------------------------
     # Rewards: none.

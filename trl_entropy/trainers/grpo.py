@@ -9,6 +9,7 @@ from trl import GRPOConfig, GRPOTrainer
 
 from ._entropy import EntropyMethodsArguments, EntropyTrainerMixin, entropy_settings
 from ._model_card import EntropyModelCardMixin
+from ._stats import EntropyStatsMixin
 from ._trl import GRPO_GENERATE_FIELDS, SUPPORTED_TRL
 
 # How each GRPO `loss_type` of TRL 1.16 normalises its token losses, which decides what
@@ -68,7 +69,7 @@ class EntropyGRPOConfig(EntropyMethodsArguments, GRPOConfig):
         super().__post_init__()
 
 
-class EntropyGRPOTrainer(EntropyModelCardMixin, EntropyTrainerMixin, GRPOTrainer):
+class EntropyGRPOTrainer(EntropyModelCardMixin, EntropyStatsMixin, EntropyTrainerMixin, GRPOTrainer):
     """Drop-in replacement for [`~trl.GRPOTrainer`] with entropy rewards and forking-token masks.
 
     The constructor is GRPOTrainer's (a plain [`~trl.GRPOConfig`] is accepted and runs GRPOTrainer unchanged),
@@ -84,7 +85,8 @@ class EntropyGRPOTrainer(EntropyModelCardMixin, EntropyTrainerMixin, GRPOTrainer
        normalised per ``forking_token_normalization`` for the ``loss_type`` (table in
        docs/methods/forking_tokens.md).
 
-    With every entropy option off it runs GRPOTrainer's code unchanged.
+    With an entropy option on it also attaches :class:`~trl_entropy.callbacks.EntropyStatsCallback` (the config's
+    ``entropy_stats``, docs/metrics.md); with every entropy option off it runs GRPOTrainer's code unchanged.
     """
 
     _config_class = EntropyGRPOConfig

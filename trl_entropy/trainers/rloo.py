@@ -10,6 +10,7 @@ from trl import RLOOConfig, RLOOTrainer
 
 from ._entropy import FORKING_NORMALIZATIONS, EntropyMethodsArguments, EntropyTrainerMixin, entropy_settings
 from ._model_card import EntropyModelCardMixin
+from ._stats import EntropyStatsMixin
 from ._trl import RLOO_GENERATE_FIELDS, SUPPORTED_TRL
 
 
@@ -47,11 +48,13 @@ class EntropyRLOOConfig(EntropyMethodsArguments, RLOOConfig):
         super().__post_init__()
 
 
-class EntropyRLOOTrainer(EntropyModelCardMixin, EntropyTrainerMixin, RLOOTrainer):
+class EntropyRLOOTrainer(EntropyModelCardMixin, EntropyStatsMixin, EntropyTrainerMixin, RLOOTrainer):
     """Drop-in replacement for [`~trl.RLOOTrainer`] with entropy rewards and forking-token masks.
 
-    A plain [`~trl.RLOOConfig`] is accepted and runs RLOOTrainer unchanged. The entropy reward is read from the pass
-    RLOO already makes with the policy before the rewards (its ``old_logps``), so it costs no extra forward.
+    A plain [`~trl.RLOOConfig`] is accepted and runs RLOOTrainer unchanged; with an entropy option on the trainer also
+    attaches :class:`~trl_entropy.callbacks.EntropyStatsCallback` (the config's ``entropy_stats``). The entropy reward
+    is read from the pass RLOO already makes with the policy before the rewards (its ``old_logps``), so it costs no
+    extra forward.
 
     RLOO's loss is sequence-level: one clipped ratio per completion, ``r = exp(sum_t m_t (log pi(y_t) - log
     pi_old(y_t)))`` with ``m`` the completion mask. With ``forking_token_ratio < 1`` the mask restricts which tokens
