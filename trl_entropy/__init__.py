@@ -9,21 +9,18 @@ from importlib import import_module
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # what the lazy names are, for type checkers and the API reference
+    from .confidence.thresholds import threshold_bayes, threshold_info, threshold_mean, threshold_universal
     from .models import DEFAULT_MODEL, load_default_model, load_model
     from .ops import (
-        cohens_d,
         entropy_from_topk_logprobs,
         entropy_gradient,
         high_entropy_mask,
         masked_sequence_reduce,
         selected_token_count,
         self_certainty,
-        threshold_bayes,
-        threshold_info,
-        threshold_mean,
-        threshold_universal,
         token_entropy,
     )
+    from .stats import cohens_d
 
 __version__ = "0.1.0"
 
@@ -32,21 +29,20 @@ _LAZY = {
     **dict.fromkeys(("DEFAULT_MODEL", "load_default_model", "load_model"), "models"),
     **dict.fromkeys(
         (
-            "cohens_d",
             "entropy_from_topk_logprobs",
             "entropy_gradient",
             "high_entropy_mask",
             "masked_sequence_reduce",
             "selected_token_count",
             "self_certainty",
-            "threshold_bayes",
-            "threshold_info",
-            "threshold_mean",
-            "threshold_universal",
             "token_entropy",
         ),
         "ops",
     ),
+    **dict.fromkeys(
+        ("threshold_bayes", "threshold_info", "threshold_mean", "threshold_universal"), "confidence.thresholds"
+    ),
+    "cohens_d": "stats",
     "EntropyGRPOConfig": "trainers",
     "EntropyGRPOTrainer": "trainers",
     "EntropyRLOOConfig": "trainers",
@@ -55,13 +51,13 @@ _LAZY = {
     "EMFTTrainer": "trainers",
     "EntropyStatsCallback": "callbacks",
     "CompletionSignals": "signals",
-    "CollapseGuardCallback": "collapse_guard",
-    "CollapseGuardConfig": "collapse",
-    "EMInfLogitsProcessor": "inference",
-    "AdaptiveTemperatureLogitsProcessor": "inference",
+    "CollapseGuardCallback": "callbacks",
+    "CollapseGuardConfig": "callbacks",
+    "EMInfLogitsProcessor": "decoding",
+    "AdaptiveTemperatureLogitsProcessor": "decoding",
     "EntropyThresholdCalibrator": "confidence",
     "EntropyEarlyStopping": "confidence",
-    "ArithmeticTask": "tasks",
+    "ArithmeticTask": "evaluation.tasks",
 }
 
 

@@ -41,6 +41,7 @@ MASK_NAME = "token_mask"
 SIGNAL_SOURCES = ("generation", "old_logps", "forward")
 
 __all__ = [
+    "SignalSource",
     "MASK_NAME",
     "SIGNAL_NAMES",
     "SIGNAL_SOURCES",
@@ -114,6 +115,14 @@ class CompletionSignals:
             out[row, : value.numel()] = value
             mask[row, : keep.numel()] = keep
         return out, mask
+
+
+class SignalSource:
+    """Base of the trainers that fill :class:`CompletionSignals` for the callbacks that ask for them.
+
+    :class:`~trl_entropy.callbacks.EntropyStatsCallback` checks for it instead of importing the trainers, so that the
+    callbacks wing does not depend on the trainers wing (which depends on it).
+    """
 
 
 def declared_signals(func: Callable) -> tuple[str, ...]:

@@ -18,6 +18,7 @@ from statistics import NormalDist
 
 __all__ = [
     "auroc",
+    "cohens_d",
     "auroc_interval",
     "majority_at_k",
     "mann_whitney_p",
@@ -169,3 +170,17 @@ def majority_at_k(answers: Sequence[Hashable | None], reference: Hashable) -> bo
     if not votes:
         return False
     return votes.most_common(1)[0][0] == reference
+
+
+def cohens_d(mu_c: float, sigma_c: float, n_c: int, mu_i: float, sigma_i: float, n_i: int) -> float:
+    """Cohen's d ``(mu_c - mu_i) / s_pooled`` with the pooled standard deviation of two groups.
+
+    ``s_pooled = sqrt(((n_c - 1) sigma_c^2 + (n_i - 1) sigma_i^2) / (n_c + n_i - 2))``, with sample (ddof=1)
+    standard deviations. Negative when correct answers have the lower entropy, as expected.
+    """
+    if n_c + n_i <= 2:
+        raise ValueError("Cohen's d needs at least 3 examples in total.")
+    pooled = math.sqrt(((n_c - 1) * sigma_c**2 + (n_i - 1) * sigma_i**2) / (n_c + n_i - 2))
+    if pooled == 0:
+        raise ValueError("Cohen's d is undefined: both groups have zero variance.")
+    return (mu_c - mu_i) / pooled

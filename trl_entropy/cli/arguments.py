@@ -16,7 +16,7 @@ from trl.scripts.grpo import GRPOScriptArguments
 
 from ..confidence.calibration import THRESHOLD_METHODS
 from ..confidence.signals import ConfidenceSignal
-from ..inference import AdaptiveTemperatureConfig, EMInfConfig
+from ..decoding.processors import AdaptiveTemperatureConfig, EMInfConfig
 from ..models import DEFAULT_MODEL
 
 __all__ = [
@@ -231,7 +231,7 @@ class GenerateArguments:
     seed: int = field(default=0, metadata={"help": "Seed of the task draw and of sampling."})
 
     def __post_init__(self):
-        from ..tasks import TASK_NAMES
+        from ..evaluation.tasks import TASK_NAMES
 
         if self.prompts_file is None and self.task not in TASK_NAMES:
             raise ValueError(f"`task` must be one of {', '.join(map(repr, TASK_NAMES))}, got {self.task!r}.")

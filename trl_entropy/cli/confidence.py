@@ -16,8 +16,8 @@ import torch
 from ..confidence.calibration import EntropyThresholdCalibrator
 from ..confidence.pipeline import think_just_enough_generate
 from ..data_checks import check_model_inputs
+from ..evaluation.tasks import ArithmeticTask, grade
 from ..files import json_safe, write_atomically
-from ..tasks import ArithmeticTask, grade
 from .arguments import CalibrateArguments, EarlyStopGenerateArguments, _EarlyStopTaskArguments
 from .generate import load_task_problems
 

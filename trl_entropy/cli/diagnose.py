@@ -13,7 +13,7 @@ from typing import Any
 from trl import DatasetMixtureConfig
 
 from ..data_checks import check_model_inputs, check_training_dataset
-from ..diagnose import TOO_FEW_SAMPLES
+from ..evaluation.diagnose import TOO_FEW_SAMPLES
 from ..files import json_safe, write_atomically
 from .arguments import DiagnoseArguments, TrainScriptArguments
 from .train import _load_datasets
@@ -26,8 +26,8 @@ _ANSWER_COLUMNS = ("answer", "solution")  # the built-in task's, then TRL's accu
 def parse_answer(text: str) -> str | None:
     """The built-in answer parsing: the last ``\\boxed{}`` or number (:func:`trl_entropy.tasks.extract_answer`),
     normalised so that equal numbers vote together."""
-    from ..generate import normalize_answer
-    from ..tasks import extract_answer
+    from ..evaluation.generate import normalize_answer
+    from ..evaluation.tasks import extract_answer
 
     return normalize_answer(extract_answer(text))
 
@@ -45,10 +45,10 @@ class DiagnosisJob:
     def run(self) -> dict[str, Any]:
         import torch
 
-        from ..diagnose import diagnose
+        from ..callbacks.plots import plot_diagnosis
+        from ..evaluation.diagnose import diagnose
+        from ..evaluation.tasks import grade
         from ..models import load_model
-        from ..plots import plot_diagnosis
-        from ..tasks import grade
 
         args = self.args
         if args.num_threads is not None:

@@ -22,11 +22,11 @@ from typing import Any
 from transformers import LogitsProcessor, PreTrainedModel, PreTrainedTokenizerBase
 
 from ..data_checks import check_data_file, check_model_inputs
-from ..evaluation import TRUNCATION_WARNING_RATE
+from ..decoding.processors import AdaptiveTemperatureLogitsProcessor, EMInfLogitsProcessor
+from ..evaluation.accuracy import TRUNCATION_WARNING_RATE
+from ..evaluation.generate import generate_completions, load_prompts, render_prompt, score_completions
+from ..evaluation.tasks import extract_answer, grade
 from ..files import write_atomically
-from ..generate import generate_completions, load_prompts, render_prompt, score_completions
-from ..inference import AdaptiveTemperatureLogitsProcessor, EMInfLogitsProcessor
-from ..tasks import extract_answer, grade
 from .arguments import GenerateArguments
 
 logger = logging.getLogger(__name__)
@@ -46,7 +46,7 @@ def build_logits_processors(args: GenerateArguments) -> list[LogitsProcessor]:
 def load_task_problems(task: str, num_problems: int | None, split: str, seed: int) -> list[dict[str, Any]]:
     """The problems of ``--task`` as rows, or one ``ValueError`` line naming ``task`` (an unknown name, or a hub
     task that can not be read here)."""
-    from ..tasks import TASK_NAMES, load_task
+    from ..evaluation.tasks import TASK_NAMES, load_task
 
     if task not in TASK_NAMES:
         raise ValueError(f"`task` must be one of {list(TASK_NAMES)}, got {task!r}.")

@@ -141,7 +141,7 @@ def make_parser(command: str, argv: Sequence[str] = ()) -> TrlParser:
 
         module, config_name, _ = _TRAINERS[command]
         config_class = _import(module, config_name)
-        from ..collapse_guard import CollapseGuardArguments
+        from ..callbacks.collapse_guard import CollapseGuardArguments
 
         # `trl grpo`'s dataclasses first, in its order; the collapse guard's options after them.
         dataclass_types = (

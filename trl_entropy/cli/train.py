@@ -43,7 +43,7 @@ def reward_registry() -> dict[str, Callable]:
         think_format_reward,
     )
 
-    from ..tasks import accuracy_reward as answer_accuracy_reward
+    from ..evaluation.tasks import accuracy_reward as answer_accuracy_reward
 
     return {
         "accuracy": answer_accuracy_reward,
@@ -100,7 +100,7 @@ def _no_progress_bars():
 
 def _builtin_tasks() -> tuple[str, ...]:
     """The names of :data:`trl_entropy.tasks.TASKS`: generated offline, seeded, with an ``answer`` column."""
-    from ..tasks import TASKS
+    from ..evaluation.tasks import TASKS
 
     return tuple(TASKS)
 
@@ -117,7 +117,7 @@ def _load_datasets(
         data = get_dataset(dataset_args)
         source = "the `datasets` mixture (" + ", ".join(d.path for d in dataset_args.datasets) + ")"
     elif script_args.dataset_name in _builtin_tasks():
-        from ..tasks import build_task
+        from ..evaluation.tasks import build_task
 
         task = build_task(script_args.dataset_name, prompt_style=script_args.prompt_style)
         train = task.dataset(script_args.num_train_prompts, split="train", seed=seed)

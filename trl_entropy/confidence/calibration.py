@@ -14,8 +14,9 @@ from typing import Any, Literal
 import torch
 
 from ..files import write_atomically
-from ..ops import cohens_d, threshold_bayes, threshold_info, threshold_mean, threshold_universal
+from ..stats import cohens_d
 from .signals import ConfidenceSignal
+from .thresholds import threshold_bayes, threshold_info, threshold_mean, threshold_universal
 
 __all__ = [
     "THRESHOLD_METHODS",

@@ -29,9 +29,9 @@ from dataclasses import dataclass
 
 import torch
 
-from ..decoding import GenerationEntropyRecorder
+from ..decoding.loop import GenerationEntropyRecorder
 from ..ops import self_certainty, token_entropy
-from ..signals import MASK_NAME, SIGNAL_NAMES, CompletionSignals, declared_signals, signal_observers
+from ..signals import MASK_NAME, SIGNAL_NAMES, CompletionSignals, SignalSource, declared_signals, signal_observers
 from ._trl import generate_fields
 
 logger = logging.getLogger(__name__)
@@ -70,7 +70,7 @@ def _is_multimodal(inputs: list[dict]) -> bool:
     return any(row.get("images") or row.get("image") is not None for row in inputs if isinstance(row, dict))
 
 
-class CompletionSignalsMixin:
+class CompletionSignalsMixin(SignalSource):
     """Computes the per-token signals that reward functions and callbacks ask for, once per generation batch.
 
     Who asks: reward functions through their parameters (:func:`~trl_entropy.signals.declared_signals`), callbacks

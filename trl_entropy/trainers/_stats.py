@@ -62,7 +62,7 @@ class EntropyStatsArguments:
 
 def _is_stats_callback(callback: Any) -> bool:
     """Whether ``callback`` (an instance or a class, as ``Trainer.add_callback`` takes) is an EntropyStatsCallback."""
-    from ..callbacks import EntropyStatsCallback
+    from ..callbacks.entropy_stats import EntropyStatsCallback
 
     if isinstance(callback, type):
         return issubclass(callback, EntropyStatsCallback)
@@ -79,7 +79,7 @@ class EntropyStatsMixin:
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         if self._wants_entropy_stats() and not any(_is_stats_callback(cb) for cb in self.callback_handler.callbacks):
-            from ..callbacks import EntropyStatsCallback
+            from ..callbacks.entropy_stats import EntropyStatsCallback
 
             callback = EntropyStatsCallback(self)
             self.add_callback(callback)

@@ -26,8 +26,8 @@ from tqdm.auto import tqdm
 from transformers import LogitsProcessorList
 from transformers.generation.streamers import BaseStreamer
 
-from .ops import self_certainty, token_entropy
-from .signals import SIGNAL_NAMES
+from ..ops import self_certainty, token_entropy
+from ..signals import SIGNAL_NAMES
 
 __all__ = [
     "Completion",

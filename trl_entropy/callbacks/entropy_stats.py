@@ -65,9 +65,9 @@ import torch
 from accelerate import PartialState
 from transformers import Trainer, TrainerCallback
 
-from .distribution import EntropyDistribution, TokenEntropyCounter, merge_distributions, merge_token_counters
-from .files import append_jsonl_record, json_safe, truncate_jsonl, write_atomically
-from .signals import CompletionSignals
+from ..distribution import EntropyDistribution, TokenEntropyCounter, merge_distributions, merge_token_counters
+from ..files import append_jsonl_record, json_safe, truncate_jsonl, write_atomically
+from ..signals import CompletionSignals, SignalSource
 
 logger = logging.getLogger(__name__)
 
@@ -362,9 +362,7 @@ _NEEDS_SIGNALS = (
 
 
 def _passes_signals(trainer: Any) -> bool:
-    from .trainers._signals import CompletionSignalsMixin
-
-    return isinstance(trainer, CompletionSignalsMixin)
+    return isinstance(trainer, SignalSource)
 
 
 def _infer_vocab_size(model: Any, processing_class: Any) -> int:

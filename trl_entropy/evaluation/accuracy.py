@@ -28,7 +28,7 @@ from pathlib import Path
 from statistics import NormalDist
 from typing import Any
 
-from .decoding import Completion, Decoder, truncation_rate
+from ..decoding.loop import Completion, Decoder, truncation_rate
 
 __all__ = [
     "TRUNCATION_WARNING_RATE",
