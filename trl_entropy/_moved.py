@@ -13,11 +13,15 @@ from importlib import import_module
 from typing import Any
 
 
-def forward(old: str, new: str) -> Callable[[str], Any]:
-    """The module ``__getattr__`` of the deprecated path ``old``: every name is read from module ``new``."""
-    warnings.warn(f"{old} is deprecated: import from {new}", DeprecationWarning, stacklevel=3)
+def forward(old: str, *new: str) -> Callable[[str], Any]:
+    """The module ``__getattr__`` of the deprecated path ``old``: every name is read from the first module of ``new``
+    that has it."""
+    warnings.warn(f"{old} is deprecated: import from {' or '.join(new)}", DeprecationWarning, stacklevel=3)
 
     def __getattr__(name: str) -> Any:
-        return getattr(import_module(new), name)
+        for module in new[:-1]:
+            if hasattr(import_module(module), name):
+                return getattr(import_module(module), name)
+        return getattr(import_module(new[-1]), name)
 
     return __getattr__

@@ -2,4 +2,4 @@
 
 from ._moved import forward
 
-__getattr__ = forward(__name__, "trl_entropy.callbacks.collapse_guard")
+__getattr__ = forward(__name__, "trl_entropy.callbacks.collapse_guard", "trl_entropy.cli.arguments")

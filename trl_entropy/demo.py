@@ -2,4 +2,4 @@
 
 from ._moved import forward
 
-__getattr__ = forward(__name__, "trl_entropy.cli.demo")
+__getattr__ = forward(__name__, "trl_entropy.cli.demo", "trl_entropy.cli.arguments")

@@ -18,6 +18,7 @@ from typing import IO, Any
 import numpy as np
 
 __all__ = [
+    "STATS_FILE_NAME",
     "append_jsonl_record",
     "atomic_writer",
     "disk_full_message",
@@ -25,6 +26,9 @@ __all__ = [
     "truncate_jsonl",
     "write_atomically",
 ]
+
+# The entropy statistics file EntropyStatsCallback writes in output_dir and `trl-entropy plot` reads.
+STATS_FILE_NAME = "entropy_stats.jsonl"
 
 
 def json_safe(value: Any) -> Any:

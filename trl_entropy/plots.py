@@ -2,4 +2,4 @@
 
 from ._moved import forward
 
-__getattr__ = forward(__name__, "trl_entropy.callbacks.plots")
+__getattr__ = forward(__name__, "trl_entropy.callbacks.plots", "trl_entropy.cli.plot", "trl_entropy.cli.arguments")

@@ -18,7 +18,6 @@ from .collapse_guard import (
     BEST_WEIGHTS_FILE,
     GUARD_STATE_FILE,
     SIGNAL_KEYS,
-    CollapseGuardArguments,
     CollapseGuardCallback,
 )
 from .entropy_stats import (
@@ -56,7 +55,6 @@ __all__ = [
     "probe_within_budget",
     "identical_completion_fraction",
     "signal_triggers",
-    "CollapseGuardArguments",
     "CollapseGuardCallback",
     "GUARD_STATE_FILE",
     "BEST_WEIGHTS_FILE",

@@ -40,7 +40,7 @@ import math
 import os
 import time
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, fields
 from typing import Any
 
 import torch
@@ -52,7 +52,7 @@ from .collapse import CollapseGuardConfig, probe_drop_fired, probe_within_budget
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["CollapseGuardArguments", "CollapseGuardCallback", "GUARD_STATE_FILE", "BEST_WEIGHTS_FILE", "SIGNAL_KEYS"]
+__all__ = ["CollapseGuardCallback", "GUARD_STATE_FILE", "BEST_WEIGHTS_FILE", "SIGNAL_KEYS"]
 
 GUARD_STATE_FILE = "collapse_guard_state.json"
 BEST_WEIGHTS_FILE = "collapse_guard_best.pt"
@@ -435,103 +435,4 @@ class CollapseGuardCallback(TrainerCallback):
             "Resuming at step %d without %s: the collapse guard restarts its history.",
             state.global_step,
             GUARD_STATE_FILE,
-        )
-
-
-@dataclass
-class CollapseGuardArguments:
-    """Command-line options of the collapse guard (``trl-entropy grpo|rloo|emft --collapse_guard ...``). The thresholds
-    keep :class:`~trl_entropy.collapse.CollapseGuardConfig`'s measured defaults; the Python API sets every field.
-
-    Parameters:
-        collapse_guard (`bool`, *optional*, defaults to `False`):
-            Attach :class:`CollapseGuardCallback` (after the entropy statistics, so it also reads their repetition
-            rate).
-        collapse_guard_action (`str`, *optional*, defaults to `"stop_and_restore"`):
-            `"warn"`, `"stop"` or `"stop_and_restore"` (see `CollapseGuardConfig.action`).
-        collapse_guard_probe (`str` or `None`, *optional*, defaults to `None`):
-            Labelled probe problems: `"arithmetic"` (held-out "What is a + b?" problems of the built-in task's test
-            split), a `.json`/`.jsonl` file with `prompt` and `answer` fields, or None: `"arithmetic"` when training
-            on the built-in task, else no probe (the log signals act alone).
-        collapse_guard_probe_size (`int`, *optional*, defaults to `32`):
-            Probe problems used, >= 1 (the first ones of a file).
-        collapse_guard_probe_every (`int`, *optional*, defaults to `5`):
-            Probe evaluation every this many steps, >= 1.
-        collapse_guard_probe_max_new_tokens (`int`, *optional*, defaults to `96`):
-            Token budget of the greedy probe, >= 1 (pick one where the answers finish; the truncation rate is logged).
-        collapse_guard_max_probe_time_fraction (`float`, *optional*, defaults to `0.1`):
-            The probes' time budget, a fraction of the training time in [0, 1]; 0 switches the budget off (see
-            `CollapseGuardConfig.max_probe_time_fraction`).
-    """
-
-    collapse_guard: bool = field(default=False, metadata={"help": "Stop (or flag) a collapsing run."})
-    collapse_guard_action: str = field(
-        default="stop_and_restore", metadata={"help": "'warn', 'stop' or 'stop_and_restore'."}
-    )
-    collapse_guard_probe: str | None = field(
-        default=None,
-        metadata={
-            "help": "'arithmetic' or a .json/.jsonl file with prompt/answer; unset: 'arithmetic' when training on the "
-            "built-in task, else no probe."
-        },
-    )
-    collapse_guard_probe_size: int = field(default=32, metadata={"help": "Probe problems, >= 1."})
-    collapse_guard_probe_every: int = field(default=5, metadata={"help": "Probe every N steps, >= 1."})
-    collapse_guard_probe_max_new_tokens: int = field(default=96, metadata={"help": "Probe token budget, >= 1."})
-    collapse_guard_max_probe_time_fraction: float = field(
-        default=0.1, metadata={"help": "Probe time budget as a fraction of training time, in [0, 1]; 0: no budget."}
-    )
-
-    def __post_init__(self):
-        from .collapse import ACTIONS
-
-        if self.collapse_guard_action not in ACTIONS:
-            raise ValueError(f"`collapse_guard_action` must be one of {ACTIONS}, got {self.collapse_guard_action!r}.")
-        for name in ("collapse_guard_probe_size", "collapse_guard_probe_every", "collapse_guard_probe_max_new_tokens"):
-            value = getattr(self, name)
-            if not (isinstance(value, int) and value >= 1):
-                raise ValueError(f"`{name}` must be an integer >= 1, got {value!r}.")
-        fraction = self.collapse_guard_max_probe_time_fraction
-        if not (isinstance(fraction, int | float) and math.isfinite(fraction) and 0 <= fraction <= 1):
-            raise ValueError(f"`collapse_guard_max_probe_time_fraction` must be in [0, 1], got {fraction!r}.")
-        probe = self.collapse_guard_probe
-        if probe is not None and probe != "arithmetic" and not probe.endswith((".json", ".jsonl")):
-            raise ValueError(f"`collapse_guard_probe` must be 'arithmetic' or a .json/.jsonl file, got {probe!r}.")
-
-    def probe_file(self) -> str | None:
-        """The probe data file, when ``collapse_guard_probe`` names one."""
-        probe = self.collapse_guard_probe
-        return probe if self.collapse_guard and probe not in (None, "arithmetic") else None
-
-    def check_probe(self) -> None:
-        """Refuse, before the model loads, a probe file that does not exist, is not JSON lines, or has a record
-        without a usable ``prompt`` or without an ``answer`` (one line naming the option, the file and the line)."""
-        from ..data_checks import check_data_file
-
-        path = self.probe_file()
-        if path is not None:
-            check_data_file(path, option="collapse_guard_probe", required=("prompt", "answer"))
-
-    def build(self, dataset_name: str | None, seed: int) -> CollapseGuardCallback:
-        """The callback these options describe (``dataset_name`` picks the default probe)."""
-        probe_name = self.collapse_guard_probe or ("arithmetic" if dataset_name == "arithmetic" else None)
-        probe = None
-        if probe_name == "arithmetic":
-            from ..evaluation.tasks import ArithmeticTask
-
-            # seed + 1: other problems than the CLI's own arithmetic eval split (drawn with `seed`).
-            probe = ArithmeticTask().dataset(self.collapse_guard_probe_size, split="test", seed=seed + 1)
-        elif probe_name is not None:
-            from datasets import load_dataset
-
-            self.check_probe()
-
-            probe = load_dataset("json", data_files=probe_name, split="train")
-            probe = probe.select(range(min(self.collapse_guard_probe_size, len(probe))))
-        return CollapseGuardCallback(
-            probe_problems=probe,
-            action=self.collapse_guard_action,
-            probe_every=self.collapse_guard_probe_every,
-            probe_max_new_tokens=self.collapse_guard_probe_max_new_tokens,
-            max_probe_time_fraction=self.collapse_guard_max_probe_time_fraction or None,
         )

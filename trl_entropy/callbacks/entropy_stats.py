@@ -66,7 +66,7 @@ from accelerate import PartialState
 from transformers import Trainer, TrainerCallback
 
 from ..distribution import EntropyDistribution, TokenEntropyCounter, merge_distributions, merge_token_counters
-from ..files import append_jsonl_record, json_safe, truncate_jsonl, write_atomically
+from ..files import STATS_FILE_NAME, append_jsonl_record, json_safe, truncate_jsonl, write_atomically
 from ..signals import CompletionSignals, SignalSource
 
 logger = logging.getLogger(__name__)
@@ -84,7 +84,6 @@ __all__ = [
     "truncate_jsonl",
 ]
 
-STATS_FILE_NAME = "entropy_stats.jsonl"
 STATE_FILE_NAME = "entropy_stats_state.json"
 _ENTROPY_REWARD_HINTS = ("entropy", "certainty", "confidence")
 _ACCURACY_REWARD_HINTS = ("accuracy", "correct")

@@ -13,7 +13,6 @@ import logging
 import math
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -22,18 +21,15 @@ import numpy as np
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "PlotArguments",
+    "load_checked_stats",
     "load_entropy_stats",
-    "main",
     "plot_collapse_signals",
     "plot_histograms",
     "plot_quantile_bands",
     "plot_top_tokens",
-    "run_plot",
 ]
 
 INSTALL_HINT = "pip install matplotlib"
-STATS_FILE_NAME = "entropy_stats.jsonl"
 # The callback's scalar prefix (trl_entropy.callbacks.METRIC_PREFIX, not imported: this module runs without torch) and
 # the one trl-entropy 0.1.0 wrote, which load_entropy_stats reads under the current names.
 _PREFIX = "sampling_entropy/"
@@ -54,50 +50,6 @@ def _figure_class():
     except ImportError as err:
         raise ImportError(f"Plotting entropy statistics needs matplotlib; install it with `{INSTALL_HINT}`.") from err
     return Figure
-
-
-@dataclass
-class PlotArguments:
-    """Arguments of ``trl-entropy plot``.
-
-    Parameters:
-        stats_file (`str`):
-            ``entropy_stats.jsonl`` written by ``EntropyStatsCallback``, or the training ``output_dir`` holding it.
-        output_dir (`str` or `None`, *optional*, defaults to `None`):
-            Folder for the PNG files; `None` means ``entropy_plots/`` next to the stats file.
-        steps (`list[int]` or `None`, *optional*, defaults to `None`):
-            Logging steps whose histograms to draw (the nearest logged step is used for each); `None` picks
-            ``max_histograms`` evenly spaced steps, first and last included.
-        max_histograms (`int`, *optional*, defaults to `5`):
-            Number of histograms drawn when ``steps`` is `None`, in [1, 20].
-        log_y (`bool`, *optional*, defaults to `False`):
-            Log-scale entropy axis for the quantile bands (shows the low quantiles, which sit near 0 nats).
-        dpi (`int`, *optional*, defaults to `120`):
-            Resolution of the PNG files, in [50, 600].
-    """
-
-    stats_file: str = field(metadata={"help": "entropy_stats.jsonl, or the training output_dir that holds it."})
-    output_dir: str | None = field(default=None, metadata={"help": "PNG folder; None: <stats dir>/entropy_plots."})
-    steps: list[int] | None = field(default=None, metadata={"help": "Steps whose histograms to draw."})
-    max_histograms: int = field(default=5, metadata={"help": "Histograms drawn when --steps is not given, [1, 20]."})
-    log_y: bool = field(default=False, metadata={"help": "Log-scale entropy axis for the quantile bands."})
-    dpi: int = field(default=120, metadata={"help": "PNG resolution, in [50, 600]."})
-
-    def __post_init__(self):
-        path = Path(self.stats_file)
-        if path.is_dir():
-            path = path / STATS_FILE_NAME
-        if not path.is_file():
-            raise ValueError(f"`stats_file` must be an entropy stats JSONL file or a folder holding one, got {path}.")
-        self.stats_file = str(path)
-        if self.output_dir is None:
-            self.output_dir = str(path.parent / "entropy_plots")
-        if not (isinstance(self.max_histograms, int) and 1 <= self.max_histograms <= 20):
-            raise ValueError(f"`max_histograms` must be an integer in [1, 20], got {self.max_histograms!r}.")
-        if not (isinstance(self.dpi, int) and 50 <= self.dpi <= 600):
-            raise ValueError(f"`dpi` must be an integer in [50, 600], got {self.dpi!r}.")
-        if self.steps is not None and (not self.steps or any(int(s) < 0 for s in self.steps)):
-            raise ValueError(f"`steps` must be a non-empty list of steps >= 0, got {self.steps}.")
 
 
 # Keys of every record EntropyStatsCallback writes, with the type each must have.
@@ -142,6 +94,23 @@ def load_entropy_stats(path: str | Path) -> list[dict[str, Any]]:
     if skipped:
         logger.warning("Skipped %d malformed line(s) in %s.", skipped, path)
     return [records[step] for step in sorted(records)]
+
+
+def load_checked_stats(path: str | Path) -> list[dict[str, Any]]:
+    """The records of an ``entropy_stats.jsonl``, refusing in one line an empty file or one another writer made."""
+    records = load_entropy_stats(path)
+    if not records:
+        raise ValueError(f"`stats_file` {path} holds no entropy stats record.")
+    foreign = [r for r in records if not _is_stats_record(r)]
+    if foreign:
+        # Another JSONL with a "step" field (a trainer log, a generation output) would draw blank figures.
+        keys = ", ".join(sorted(foreign[0])[:8])
+        raise ValueError(
+            f"`stats_file` {path} is not an entropy_stats.jsonl of EntropyStatsCallback: "
+            f"{len(foreign)} of {len(records)} records lack {' / '.join(repr(k) for k in _STATS_KEYS)} (step "
+            f"{foreign[0]['step']} has: {keys})."
+        )
+    return records
 
 
 def _series(records: Sequence[dict[str, Any]], key: str) -> tuple[np.ndarray, np.ndarray]:
@@ -405,49 +374,3 @@ def plot_diagnosis(result: dict[str, Any], path: str | Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=110)
     return path
-
-
-def run_plot(args: PlotArguments) -> list[Path]:
-    """Write the PNG figures for ``args`` and return their paths."""
-    records = load_entropy_stats(args.stats_file)
-    if not records:
-        raise ValueError(f"`stats_file` {args.stats_file} holds no entropy stats record.")
-    foreign = [r for r in records if not _is_stats_record(r)]
-    if foreign:
-        # Another JSONL with a "step" field (a trainer log, a generation output) would draw blank figures.
-        keys = ", ".join(sorted(foreign[0])[:8])
-        raise ValueError(
-            f"`stats_file` {args.stats_file} is not an entropy_stats.jsonl of EntropyStatsCallback: "
-            f"{len(foreign)} of {len(records)} records lack {' / '.join(repr(k) for k in _STATS_KEYS)} (step "
-            f"{foreign[0]['step']} has: {keys})."
-        )
-    output_dir = Path(args.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    figures = {
-        "entropy_quantiles.png": plot_quantile_bands(records, log_y=args.log_y),
-        "entropy_histograms.png": plot_histograms(records, args.steps, args.max_histograms),
-        "entropy_signals.png": plot_collapse_signals(records),
-        "entropy_top_tokens.png": plot_top_tokens(records),
-    }
-    paths = []
-    for name, figure in figures.items():
-        path = output_dir / name
-        figure.savefig(path, dpi=args.dpi)
-        paths.append(path)
-    return paths
-
-
-def main(argv: Sequence[str] | None = None) -> list[Path]:
-    """Command-line entry point (``trl-entropy plot``): parse :class:`PlotArguments`, write the figures, print their
-    paths."""
-    from transformers import HfArgumentParser
-
-    (args,) = HfArgumentParser(PlotArguments).parse_args_into_dataclasses(args=argv)
-    paths = run_plot(args)
-    for path in paths:
-        print(path)
-    return paths
-
-
-if __name__ == "__main__":
-    main()

@@ -1,5 +1,8 @@
 """The argument dataclasses of every ``trl-entropy`` command, beside the CLI that parses them.
 
+One file on purpose, over the package's ~500-line guideline: it is one thing, the option surface of the command line,
+and reads as the reference of every option (help text, range, default).
+
 Each field's ``help`` is what ``trl-entropy <command> --help`` prints; each ``__post_init__`` checks ranges, so a
 bad value fails in one line before any model loads. The commands share names for the same things: ``--num_problems``
 (how many problems) and ``--output_file`` (where the results go).
@@ -10,6 +13,8 @@ from __future__ import annotations
 import codecs
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 from trl import ModelConfig
 from trl.scripts.grpo import GRPOScriptArguments
@@ -17,9 +22,16 @@ from trl.scripts.grpo import GRPOScriptArguments
 from ..confidence.calibration import THRESHOLD_METHODS
 from ..confidence.signals import ConfidenceSignal
 from ..decoding.processors import AdaptiveTemperatureConfig, EMInfConfig
+from ..files import STATS_FILE_NAME
 from ..models import DEFAULT_MODEL
 
+if TYPE_CHECKING:
+    from ..callbacks.collapse_guard import CollapseGuardCallback
+
 __all__ = [
+    "CollapseGuardArguments",
+    "DemoArguments",
+    "PlotArguments",
     "DiagnoseArguments",
     "TrainScriptArguments",
     "EntropyModelConfig",
@@ -511,3 +523,286 @@ class DiagnoseArguments:
             raise ValueError(f"`prompt_style` must be 'open' or 'short', got {self.prompt_style!r}.")
         if self.num_threads is not None and self.num_threads < 1:
             raise ValueError(f"`num_threads` must be >= 1 or None, got {self.num_threads}.")
+
+
+# Hub tasks the demo can evaluate on besides the built-in arithmetic.
+DEMO_HUB_TASKS = ("gsm8k", "math500")
+
+
+@dataclass
+class DemoArguments:
+    """Arguments of ``trl-entropy demo``. The defaults are the study's protocol in its ``open`` regime, sized for a
+    2-core CPU.
+
+    Parameters:
+        model_name_or_path (`str`, *optional*, defaults to `"smollm2"`):
+            Model to train: `"smollm2"` (the embedded SmolLM2-135M-Instruct, offline), a hub id or a local folder.
+        task (`str`, *optional*, defaults to `"arithmetic"`):
+            `"arithmetic"` (built in: "What is a + b?", 1 <= a, b <= 20, offline), or `"gsm8k"` / `"math500"`
+            (through `datasets.load_dataset`, needs the hub or a populated cache, and a larger model and budget).
+        output_dir (`str`, *optional*, defaults to `"trl-entropy-demo"`):
+            Folder for the report, the results JSON, the plots and the training logs.
+        prompt_style (`str`, *optional*, defaults to `"open"`):
+            Prompt of the arithmetic task: `"open"` (the question alone: the study's regime where EM-RL helps) or
+            `"short"` (two worked examples first: the regime where it does not; see the report's study line).
+        num_eval_problems (`int`, *optional*, defaults to `96`):
+            Held-out problems (disjoint from the training prompts), >= 1. Below
+            :data:`trl_entropy.diagnose.MIN_VERDICT_PROMPTS` (93: where an accuracy's 95% interval is within +-10
+            points, the gap the verdict acts on) the report gives the numbers and no verdict.
+        num_samples (`int`, *optional*, defaults to `4`):
+            Samples per held-out problem at `temperature` (majority@k, pass@k), >= 2.
+        eval_max_new_tokens (`int`, *optional*, defaults to `256`):
+            Token budget of the evaluation, >= 1: where the base model's greedy answers finish with the open prompt
+            (the report gives the fraction cut off; the study's own budgets are larger for sampled base answers).
+        num_train_prompts (`int`, *optional*, defaults to `512`):
+            Unlabelled training prompts, >= 1 (training stops at `max_steps` whichever comes first).
+        max_steps (`int`, *optional*, defaults to `30`):
+            Optimizer steps of EM-RL, >= 1.
+        prompts_per_step (`int`, *optional*, defaults to `2`):
+            Prompts per optimizer step, >= 1; each gets `num_generations` completions.
+        num_generations (`int`, *optional*, defaults to `4`):
+            Completions per prompt (the GRPO group whose mean reward is the baseline), >= 2.
+        temperature (`float`, *optional*, defaults to `1.0`):
+            Sampling temperature of training and of the sampled evaluation, > 0. The entropy reward is measured at it.
+        learning_rate (`float`, *optional*, defaults to `2e-5`):
+            AdamW learning rate, > 0 (the study's; 5e-5 collapsed the entropy to a degenerate answer within 30 steps,
+            see `benchmarks/bench_collapse.py`).
+        beta (`float`, *optional*, defaults to `0.0`):
+            KL weight to the initial model, >= 0 (the paper: 0.001). 0 loads no reference model (faster on CPU).
+        max_completion_length (`int`, *optional*, defaults to `32`):
+            Longest training completion in tokens, >= 1 (the study's; with the open prompt most training completions
+            are cut off: training teaches the model to answer within it).
+        entropy_reward (`str`, *optional*, defaults to `"token"`):
+            EM-RL variant: `"token"`, `"trajectory"` or `"self_certainty"`.
+        eval_batch_size (`int`, *optional*, defaults to `64`):
+            Sequences per `generate` call in evaluation, >= 1.
+        seed (`int`, *optional*, defaults to `0`):
+            Seed of the problems, of sampling and of training.
+        num_threads (`int` or `None`, *optional*, defaults to `1`):
+            CPU threads for torch. 1 by default: a training step took 9.2 s with 1 thread and 7.5 s with torch's 2
+            alone on 2 cores, but beside a second such job 9.3 s with 1 thread each and 37 s (up to 63 s) with 2
+            each (`bench_label_free.py --step-time-check`). None keeps torch's choice.
+        quick (`bool`, *optional*, defaults to `False`):
+            Smoke-test mode: 2 training steps, 8 held-out problems, 2 samples, a 32-token evaluation budget.
+        save_model (`bool`, *optional*, defaults to `False`):
+            Save the trained model to `<output_dir>/model`.
+        collapse_guard (`bool`, *optional*, defaults to `False`):
+            Watch training with :class:`~trl_entropy.collapse_guard.CollapseGuardCallback` (its defaults; for the
+            arithmetic task a probe of 32 test-split problems drawn with `seed + 1`).
+    """
+
+    model_name_or_path: str = field(
+        default="smollm2", metadata={"help": "'smollm2' (embedded SmolLM2-135M-Instruct), a hub id or a local path."}
+    )
+    task: str = field(
+        default="arithmetic",
+        metadata={"help": "'arithmetic' (built in, offline), 'gsm8k' or 'math500' (need the hub)."},
+    )
+    output_dir: str = field(default="trl-entropy-demo", metadata={"help": "Folder for report.md, JSON and plots."})
+    prompt_style: str = field(
+        default="open",
+        metadata={"help": "Arithmetic prompt: 'open' (the study's regime where EM-RL helps) or 'short'."},
+    )
+    num_eval_problems: int = field(default=96, metadata={"help": "Held-out problems, >= 1."})
+    num_samples: int = field(default=4, metadata={"help": "Samples per held-out problem, >= 2."})
+    eval_max_new_tokens: int = field(default=256, metadata={"help": "Evaluation token budget, >= 1."})
+    num_train_prompts: int = field(default=512, metadata={"help": "Unlabelled training prompts, >= 1."})
+    max_steps: int = field(default=30, metadata={"help": "EM-RL optimizer steps, >= 1."})
+    prompts_per_step: int = field(default=2, metadata={"help": "Prompts per optimizer step, >= 1."})
+    num_generations: int = field(default=4, metadata={"help": "Completions per prompt (GRPO group size), >= 2."})
+    temperature: float = field(
+        default=1.0, metadata={"help": "Sampling temperature of training and of the sampled evaluation, > 0."}
+    )
+    learning_rate: float = field(default=2e-5, metadata={"help": "AdamW learning rate, > 0."})
+    beta: float = field(default=0.0, metadata={"help": "KL weight to the initial model, >= 0 (0: no reference)."})
+    max_completion_length: int = field(default=32, metadata={"help": "Longest training completion in tokens, >= 1."})
+    entropy_reward: str = field(
+        default="token", metadata={"help": "EM-RL variant: 'token', 'trajectory' or 'self_certainty'."}
+    )
+    eval_batch_size: int = field(default=64, metadata={"help": "Sequences per generate call in evaluation, >= 1."})
+    seed: int = field(default=0, metadata={"help": "Seed of problems, sampling and training."})
+    num_threads: int | None = field(default=1, metadata={"help": "torch CPU threads; 1 is robust under load."})
+    quick: bool = field(default=False, metadata={"help": "Smoke test: 2 steps, 8 held-out problems."})
+    save_model: bool = field(default=False, metadata={"help": "Save the trained model to <output_dir>/model."})
+    collapse_guard: bool = field(default=False, metadata={"help": "Stop and restore the best probe step on collapse."})
+
+    def __post_init__(self):
+        if self.task != "arithmetic" and self.task not in DEMO_HUB_TASKS:
+            raise ValueError(f"`task` must be 'arithmetic', 'gsm8k' or 'math500', got {self.task!r}.")
+        if self.prompt_style not in ("open", "short"):
+            raise ValueError(f"`prompt_style` must be 'open' or 'short', got {self.prompt_style!r}.")
+        for name in (
+            "num_eval_problems",
+            "eval_max_new_tokens",
+            "num_train_prompts",
+            "max_steps",
+            "prompts_per_step",
+            "max_completion_length",
+            "eval_batch_size",
+        ):
+            value = getattr(self, name)
+            if not (isinstance(value, int) and value >= 1):
+                raise ValueError(f"`{name}` must be an integer >= 1, got {value!r}.")
+        for name in ("num_generations", "num_samples"):
+            value = getattr(self, name)
+            if not (isinstance(value, int) and value >= 2):
+                raise ValueError(f"`{name}` must be an integer >= 2, got {value!r}.")
+        if not (math.isfinite(self.temperature) and self.temperature > 0):
+            raise ValueError(f"`temperature` must be a finite number > 0, got {self.temperature}.")
+        if not (math.isfinite(self.learning_rate) and self.learning_rate > 0):
+            raise ValueError(f"`learning_rate` must be a finite number > 0, got {self.learning_rate}.")
+        if not (math.isfinite(self.beta) and self.beta >= 0):
+            raise ValueError(f"`beta` must be a finite number >= 0, got {self.beta}.")
+        if self.entropy_reward not in ("token", "trajectory", "self_certainty"):
+            raise ValueError(
+                f"`entropy_reward` must be 'token', 'trajectory' or 'self_certainty', got {self.entropy_reward!r}."
+            )
+        if self.num_threads is not None and self.num_threads < 1:
+            raise ValueError(f"`num_threads` must be >= 1 or None, got {self.num_threads}.")
+        if self.quick:
+            self.max_steps, self.num_eval_problems, self.num_samples, self.eval_max_new_tokens = 2, 8, 2, 32
+
+
+@dataclass
+class PlotArguments:
+    """Arguments of ``trl-entropy plot``.
+
+    Parameters:
+        stats_file (`str`):
+            ``entropy_stats.jsonl`` written by ``EntropyStatsCallback``, or the training ``output_dir`` holding it.
+        output_dir (`str` or `None`, *optional*, defaults to `None`):
+            Folder for the PNG files; `None` means ``entropy_plots/`` next to the stats file.
+        steps (`list[int]` or `None`, *optional*, defaults to `None`):
+            Logging steps whose histograms to draw (the nearest logged step is used for each); `None` picks
+            ``max_histograms`` evenly spaced steps, first and last included.
+        max_histograms (`int`, *optional*, defaults to `5`):
+            Number of histograms drawn when ``steps`` is `None`, in [1, 20].
+        log_y (`bool`, *optional*, defaults to `False`):
+            Log-scale entropy axis for the quantile bands (shows the low quantiles, which sit near 0 nats).
+        dpi (`int`, *optional*, defaults to `120`):
+            Resolution of the PNG files, in [50, 600].
+    """
+
+    stats_file: str = field(metadata={"help": "entropy_stats.jsonl, or the training output_dir that holds it."})
+    output_dir: str | None = field(default=None, metadata={"help": "PNG folder; None: <stats dir>/entropy_plots."})
+    steps: list[int] | None = field(default=None, metadata={"help": "Steps whose histograms to draw."})
+    max_histograms: int = field(default=5, metadata={"help": "Histograms drawn when --steps is not given, [1, 20]."})
+    log_y: bool = field(default=False, metadata={"help": "Log-scale entropy axis for the quantile bands."})
+    dpi: int = field(default=120, metadata={"help": "PNG resolution, in [50, 600]."})
+
+    def __post_init__(self):
+        path = Path(self.stats_file)
+        if path.is_dir():
+            path = path / STATS_FILE_NAME
+        if not path.is_file():
+            raise ValueError(f"`stats_file` must be an entropy stats JSONL file or a folder holding one, got {path}.")
+        self.stats_file = str(path)
+        if self.output_dir is None:
+            self.output_dir = str(path.parent / "entropy_plots")
+        if not (isinstance(self.max_histograms, int) and 1 <= self.max_histograms <= 20):
+            raise ValueError(f"`max_histograms` must be an integer in [1, 20], got {self.max_histograms!r}.")
+        if not (isinstance(self.dpi, int) and 50 <= self.dpi <= 600):
+            raise ValueError(f"`dpi` must be an integer in [50, 600], got {self.dpi!r}.")
+        if self.steps is not None and (not self.steps or any(int(s) < 0 for s in self.steps)):
+            raise ValueError(f"`steps` must be a non-empty list of steps >= 0, got {self.steps}.")
+
+
+@dataclass
+class CollapseGuardArguments:
+    """Command-line options of the collapse guard (``trl-entropy grpo|rloo|emft --collapse_guard ...``). The thresholds
+    keep :class:`~trl_entropy.collapse.CollapseGuardConfig`'s measured defaults; the Python API sets every field.
+
+    Parameters:
+        collapse_guard (`bool`, *optional*, defaults to `False`):
+            Attach :class:`CollapseGuardCallback` (after the entropy statistics, so it also reads their repetition
+            rate).
+        collapse_guard_action (`str`, *optional*, defaults to `"stop_and_restore"`):
+            `"warn"`, `"stop"` or `"stop_and_restore"` (see `CollapseGuardConfig.action`).
+        collapse_guard_probe (`str` or `None`, *optional*, defaults to `None`):
+            Labelled probe problems: `"arithmetic"` (held-out "What is a + b?" problems of the built-in task's test
+            split), a `.json`/`.jsonl` file with `prompt` and `answer` fields, or None: `"arithmetic"` when training
+            on the built-in task, else no probe (the log signals act alone).
+        collapse_guard_probe_size (`int`, *optional*, defaults to `32`):
+            Probe problems used, >= 1 (the first ones of a file).
+        collapse_guard_probe_every (`int`, *optional*, defaults to `5`):
+            Probe evaluation every this many steps, >= 1.
+        collapse_guard_probe_max_new_tokens (`int`, *optional*, defaults to `96`):
+            Token budget of the greedy probe, >= 1 (pick one where the answers finish; the truncation rate is logged).
+        collapse_guard_max_probe_time_fraction (`float`, *optional*, defaults to `0.1`):
+            The probes' time budget, a fraction of the training time in [0, 1]; 0 switches the budget off (see
+            `CollapseGuardConfig.max_probe_time_fraction`).
+    """
+
+    collapse_guard: bool = field(default=False, metadata={"help": "Stop (or flag) a collapsing run."})
+    collapse_guard_action: str = field(
+        default="stop_and_restore", metadata={"help": "'warn', 'stop' or 'stop_and_restore'."}
+    )
+    collapse_guard_probe: str | None = field(
+        default=None,
+        metadata={
+            "help": "'arithmetic' or a .json/.jsonl file with prompt/answer; unset: 'arithmetic' when training on the "
+            "built-in task, else no probe."
+        },
+    )
+    collapse_guard_probe_size: int = field(default=32, metadata={"help": "Probe problems, >= 1."})
+    collapse_guard_probe_every: int = field(default=5, metadata={"help": "Probe every N steps, >= 1."})
+    collapse_guard_probe_max_new_tokens: int = field(default=96, metadata={"help": "Probe token budget, >= 1."})
+    collapse_guard_max_probe_time_fraction: float = field(
+        default=0.1, metadata={"help": "Probe time budget as a fraction of training time, in [0, 1]; 0: no budget."}
+    )
+
+    def __post_init__(self):
+        from ..callbacks.collapse import ACTIONS
+
+        if self.collapse_guard_action not in ACTIONS:
+            raise ValueError(f"`collapse_guard_action` must be one of {ACTIONS}, got {self.collapse_guard_action!r}.")
+        for name in ("collapse_guard_probe_size", "collapse_guard_probe_every", "collapse_guard_probe_max_new_tokens"):
+            value = getattr(self, name)
+            if not (isinstance(value, int) and value >= 1):
+                raise ValueError(f"`{name}` must be an integer >= 1, got {value!r}.")
+        fraction = self.collapse_guard_max_probe_time_fraction
+        if not (isinstance(fraction, int | float) and math.isfinite(fraction) and 0 <= fraction <= 1):
+            raise ValueError(f"`collapse_guard_max_probe_time_fraction` must be in [0, 1], got {fraction!r}.")
+        probe = self.collapse_guard_probe
+        if probe is not None and probe != "arithmetic" and not probe.endswith((".json", ".jsonl")):
+            raise ValueError(f"`collapse_guard_probe` must be 'arithmetic' or a .json/.jsonl file, got {probe!r}.")
+
+    def probe_file(self) -> str | None:
+        """The probe data file, when ``collapse_guard_probe`` names one."""
+        probe = self.collapse_guard_probe
+        return probe if self.collapse_guard and probe not in (None, "arithmetic") else None
+
+    def check_probe(self) -> None:
+        """Refuse, before the model loads, a probe file that does not exist, is not JSON lines, or has a record
+        without a usable ``prompt`` or without an ``answer`` (one line naming the option, the file and the line)."""
+        from ..data_checks import check_data_file
+
+        path = self.probe_file()
+        if path is not None:
+            check_data_file(path, option="collapse_guard_probe", required=("prompt", "answer"))
+
+    def build(self, dataset_name: str | None, seed: int) -> CollapseGuardCallback:
+        """The callback these options describe (``dataset_name`` picks the default probe)."""
+        from ..callbacks.collapse_guard import CollapseGuardCallback
+
+        probe_name = self.collapse_guard_probe or ("arithmetic" if dataset_name == "arithmetic" else None)
+        probe = None
+        if probe_name == "arithmetic":
+            from ..evaluation.tasks import ArithmeticTask
+
+            # seed + 1: other problems than the CLI's own arithmetic eval split (drawn with `seed`).
+            probe = ArithmeticTask().dataset(self.collapse_guard_probe_size, split="test", seed=seed + 1)
+        elif probe_name is not None:
+            from datasets import load_dataset
+
+            self.check_probe()
+
+            probe = load_dataset("json", data_files=probe_name, split="train")
+            probe = probe.select(range(min(self.collapse_guard_probe_size, len(probe))))
+        return CollapseGuardCallback(
+            probe_problems=probe,
+            action=self.collapse_guard_action,
+            probe_every=self.collapse_guard_probe_every,
+            probe_max_new_tokens=self.collapse_guard_probe_max_new_tokens,
+            max_probe_time_fraction=self.collapse_guard_max_probe_time_fraction or None,
+        )

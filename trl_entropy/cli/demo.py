@@ -19,11 +19,10 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import platform
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -32,148 +31,14 @@ import torch
 
 from ..files import write_atomically
 from ..stats import mcnemar_exact_p, paired_bootstrap_interval
+from .arguments import DemoArguments
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["DemoArguments", "run_demo", "render_report", "study_reference", "truncation_warnings"]
 
-_HUB_TASKS = ("gsm8k", "math500")
 STUDY_FILE = "study_summary.json"
 """The study's per-row means over seeds, shipped with the package (written by ``benchmarks/bench_label_free.py``)."""
-
-
-@dataclass
-class DemoArguments:
-    """Arguments of ``trl-entropy demo``. The defaults are the study's protocol in its ``open`` regime, sized for a
-    2-core CPU.
-
-    Parameters:
-        model_name_or_path (`str`, *optional*, defaults to `"smollm2"`):
-            Model to train: `"smollm2"` (the embedded SmolLM2-135M-Instruct, offline), a hub id or a local folder.
-        task (`str`, *optional*, defaults to `"arithmetic"`):
-            `"arithmetic"` (built in: "What is a + b?", 1 <= a, b <= 20, offline), or `"gsm8k"` / `"math500"`
-            (through `datasets.load_dataset`, needs the hub or a populated cache, and a larger model and budget).
-        output_dir (`str`, *optional*, defaults to `"trl-entropy-demo"`):
-            Folder for the report, the results JSON, the plots and the training logs.
-        prompt_style (`str`, *optional*, defaults to `"open"`):
-            Prompt of the arithmetic task: `"open"` (the question alone: the study's regime where EM-RL helps) or
-            `"short"` (two worked examples first: the regime where it does not; see the report's study line).
-        num_eval_problems (`int`, *optional*, defaults to `96`):
-            Held-out problems (disjoint from the training prompts), >= 1. Below
-            :data:`trl_entropy.diagnose.MIN_VERDICT_PROMPTS` (93: where an accuracy's 95% interval is within +-10
-            points, the gap the verdict acts on) the report gives the numbers and no verdict.
-        num_samples (`int`, *optional*, defaults to `4`):
-            Samples per held-out problem at `temperature` (majority@k, pass@k), >= 2.
-        eval_max_new_tokens (`int`, *optional*, defaults to `256`):
-            Token budget of the evaluation, >= 1: where the base model's greedy answers finish with the open prompt
-            (the report gives the fraction cut off; the study's own budgets are larger for sampled base answers).
-        num_train_prompts (`int`, *optional*, defaults to `512`):
-            Unlabelled training prompts, >= 1 (training stops at `max_steps` whichever comes first).
-        max_steps (`int`, *optional*, defaults to `30`):
-            Optimizer steps of EM-RL, >= 1.
-        prompts_per_step (`int`, *optional*, defaults to `2`):
-            Prompts per optimizer step, >= 1; each gets `num_generations` completions.
-        num_generations (`int`, *optional*, defaults to `4`):
-            Completions per prompt (the GRPO group whose mean reward is the baseline), >= 2.
-        temperature (`float`, *optional*, defaults to `1.0`):
-            Sampling temperature of training and of the sampled evaluation, > 0. The entropy reward is measured at it.
-        learning_rate (`float`, *optional*, defaults to `2e-5`):
-            AdamW learning rate, > 0 (the study's; 5e-5 collapsed the entropy to a degenerate answer within 30 steps,
-            see `benchmarks/bench_collapse.py`).
-        beta (`float`, *optional*, defaults to `0.0`):
-            KL weight to the initial model, >= 0 (the paper: 0.001). 0 loads no reference model (faster on CPU).
-        max_completion_length (`int`, *optional*, defaults to `32`):
-            Longest training completion in tokens, >= 1 (the study's; with the open prompt most training completions
-            are cut off: training teaches the model to answer within it).
-        entropy_reward (`str`, *optional*, defaults to `"token"`):
-            EM-RL variant: `"token"`, `"trajectory"` or `"self_certainty"`.
-        eval_batch_size (`int`, *optional*, defaults to `64`):
-            Sequences per `generate` call in evaluation, >= 1.
-        seed (`int`, *optional*, defaults to `0`):
-            Seed of the problems, of sampling and of training.
-        num_threads (`int` or `None`, *optional*, defaults to `1`):
-            CPU threads for torch. 1 by default: a training step took 9.2 s with 1 thread and 7.5 s with torch's 2
-            alone on 2 cores, but beside a second such job 9.3 s with 1 thread each and 37 s (up to 63 s) with 2
-            each (`bench_label_free.py --step-time-check`). None keeps torch's choice.
-        quick (`bool`, *optional*, defaults to `False`):
-            Smoke-test mode: 2 training steps, 8 held-out problems, 2 samples, a 32-token evaluation budget.
-        save_model (`bool`, *optional*, defaults to `False`):
-            Save the trained model to `<output_dir>/model`.
-        collapse_guard (`bool`, *optional*, defaults to `False`):
-            Watch training with :class:`~trl_entropy.collapse_guard.CollapseGuardCallback` (its defaults; for the
-            arithmetic task a probe of 32 test-split problems drawn with `seed + 1`).
-    """
-
-    model_name_or_path: str = field(
-        default="smollm2", metadata={"help": "'smollm2' (embedded SmolLM2-135M-Instruct), a hub id or a local path."}
-    )
-    task: str = field(
-        default="arithmetic",
-        metadata={"help": "'arithmetic' (built in, offline), 'gsm8k' or 'math500' (need the hub)."},
-    )
-    output_dir: str = field(default="trl-entropy-demo", metadata={"help": "Folder for report.md, JSON and plots."})
-    prompt_style: str = field(
-        default="open",
-        metadata={"help": "Arithmetic prompt: 'open' (the study's regime where EM-RL helps) or 'short'."},
-    )
-    num_eval_problems: int = field(default=96, metadata={"help": "Held-out problems, >= 1."})
-    num_samples: int = field(default=4, metadata={"help": "Samples per held-out problem, >= 2."})
-    eval_max_new_tokens: int = field(default=256, metadata={"help": "Evaluation token budget, >= 1."})
-    num_train_prompts: int = field(default=512, metadata={"help": "Unlabelled training prompts, >= 1."})
-    max_steps: int = field(default=30, metadata={"help": "EM-RL optimizer steps, >= 1."})
-    prompts_per_step: int = field(default=2, metadata={"help": "Prompts per optimizer step, >= 1."})
-    num_generations: int = field(default=4, metadata={"help": "Completions per prompt (GRPO group size), >= 2."})
-    temperature: float = field(
-        default=1.0, metadata={"help": "Sampling temperature of training and of the sampled evaluation, > 0."}
-    )
-    learning_rate: float = field(default=2e-5, metadata={"help": "AdamW learning rate, > 0."})
-    beta: float = field(default=0.0, metadata={"help": "KL weight to the initial model, >= 0 (0: no reference)."})
-    max_completion_length: int = field(default=32, metadata={"help": "Longest training completion in tokens, >= 1."})
-    entropy_reward: str = field(
-        default="token", metadata={"help": "EM-RL variant: 'token', 'trajectory' or 'self_certainty'."}
-    )
-    eval_batch_size: int = field(default=64, metadata={"help": "Sequences per generate call in evaluation, >= 1."})
-    seed: int = field(default=0, metadata={"help": "Seed of problems, sampling and training."})
-    num_threads: int | None = field(default=1, metadata={"help": "torch CPU threads; 1 is robust under load."})
-    quick: bool = field(default=False, metadata={"help": "Smoke test: 2 steps, 8 held-out problems."})
-    save_model: bool = field(default=False, metadata={"help": "Save the trained model to <output_dir>/model."})
-    collapse_guard: bool = field(default=False, metadata={"help": "Stop and restore the best probe step on collapse."})
-
-    def __post_init__(self):
-        if self.task != "arithmetic" and self.task not in _HUB_TASKS:
-            raise ValueError(f"`task` must be 'arithmetic', 'gsm8k' or 'math500', got {self.task!r}.")
-        if self.prompt_style not in ("open", "short"):
-            raise ValueError(f"`prompt_style` must be 'open' or 'short', got {self.prompt_style!r}.")
-        for name in (
-            "num_eval_problems",
-            "eval_max_new_tokens",
-            "num_train_prompts",
-            "max_steps",
-            "prompts_per_step",
-            "max_completion_length",
-            "eval_batch_size",
-        ):
-            value = getattr(self, name)
-            if not (isinstance(value, int) and value >= 1):
-                raise ValueError(f"`{name}` must be an integer >= 1, got {value!r}.")
-        for name in ("num_generations", "num_samples"):
-            value = getattr(self, name)
-            if not (isinstance(value, int) and value >= 2):
-                raise ValueError(f"`{name}` must be an integer >= 2, got {value!r}.")
-        if not (math.isfinite(self.temperature) and self.temperature > 0):
-            raise ValueError(f"`temperature` must be a finite number > 0, got {self.temperature}.")
-        if not (math.isfinite(self.learning_rate) and self.learning_rate > 0):
-            raise ValueError(f"`learning_rate` must be a finite number > 0, got {self.learning_rate}.")
-        if not (math.isfinite(self.beta) and self.beta >= 0):
-            raise ValueError(f"`beta` must be a finite number >= 0, got {self.beta}.")
-        if self.entropy_reward not in ("token", "trajectory", "self_certainty"):
-            raise ValueError(
-                f"`entropy_reward` must be 'token', 'trajectory' or 'self_certainty', got {self.entropy_reward!r}."
-            )
-        if self.num_threads is not None and self.num_threads < 1:
-            raise ValueError(f"`num_threads` must be >= 1 or None, got {self.num_threads}.")
-        if self.quick:
-            self.max_steps, self.num_eval_problems, self.num_samples, self.eval_max_new_tokens = 2, 8, 2, 32
 
 
 def _load_problems(args: DemoArguments):
@@ -259,7 +124,7 @@ def _train(model, tokenizer, train_prompts, args: DemoArguments):
     # EntropyStatsCallback is attached by the trainer (entropy_reward is on; the config's `entropy_stats`). It moves
     # itself first in the callback list, so the guard reads its repetition rate.
     if args.collapse_guard:
-        from ..callbacks.collapse_guard import CollapseGuardArguments
+        from .arguments import CollapseGuardArguments
 
         trainer.add_callback(CollapseGuardArguments(collapse_guard=True).build(args.task, args.seed))
     trainer.train()
@@ -273,7 +138,8 @@ def _training_plots(training_dir: Path) -> list[Path]:
     if pngs or not (training_dir / "entropy_stats.jsonl").is_file():
         return pngs
     try:
-        from ..callbacks.plots import PlotArguments, run_plot
+        from .arguments import PlotArguments
+        from .plot import run_plot
 
         return run_plot(PlotArguments(stats_file=str(training_dir), output_dir=str(plot_dir)))
     except Exception as err:  # plots are a bonus: a missing matplotlib must not lose the measured results

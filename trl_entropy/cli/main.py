@@ -53,9 +53,9 @@ _SIMPLE = {
         "trl_entropy.cli.confidence",
         "prepare_calibrate",
     ),
-    "plot": ("trl_entropy.plots", "PlotArguments", "trl_entropy.plots", "run_plot"),
+    "plot": ("trl_entropy.cli.arguments", "PlotArguments", "trl_entropy.cli.plot", "run_plot"),
     "diagnose": ("trl_entropy.cli.arguments", "DiagnoseArguments", "trl_entropy.cli.diagnose", "prepare_diagnosis"),
-    "demo": ("trl_entropy.demo", "DemoArguments", "trl_entropy.demo", "run_demo"),
+    "demo": ("trl_entropy.cli.arguments", "DemoArguments", "trl_entropy.cli.demo", "run_demo"),
     "env": ("trl_entropy.cli.env", "EnvArguments", "trl_entropy.cli.env", "run_env"),
     "generate": ("trl_entropy.cli.arguments", "GenerateArguments", "trl_entropy.cli.generate", "prepare_generate"),
     "generate --early_stopping": (
@@ -141,7 +141,7 @@ def make_parser(command: str, argv: Sequence[str] = ()) -> TrlParser:
 
         module, config_name, _ = _TRAINERS[command]
         config_class = _import(module, config_name)
-        from ..callbacks.collapse_guard import CollapseGuardArguments
+        from .arguments import CollapseGuardArguments
 
         # `trl grpo`'s dataclasses first, in its order; the collapse guard's options after them.
         dataclass_types = (
