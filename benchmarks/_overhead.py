@@ -83,8 +83,8 @@ def run_overhead(name: str, family: str, args: argparse.Namespace) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer
 
+    from trl_entropy.evaluation.tasks import ArithmeticTask
     from trl_entropy.models import default_model_path
-    from trl_entropy.tasks import ArithmeticTask
     from trl_entropy.trainers import EntropyGRPOConfig, EntropyGRPOTrainer, EntropyRLOOConfig, EntropyRLOOTrainer
 
     plain_config, plain_trainer, entropy_config, entropy_trainer = {

@@ -32,8 +32,8 @@ from tqdm.auto import tqdm
 from transformers import TrainerCallback
 
 from trl_entropy.callbacks import EntropyStatsCallback, linear_trend_slope
+from trl_entropy.evaluation.tasks import ArithmeticTask, accuracy_reward
 from trl_entropy.models import load_default_model
-from trl_entropy.tasks import ArithmeticTask, accuracy_reward
 from trl_entropy.trainers import EntropyGRPOConfig, EntropyGRPOTrainer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))

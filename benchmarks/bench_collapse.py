@@ -105,7 +105,7 @@ def parse_args() -> argparse.Namespace:
 
 def problem_sets(args, seed: int):
     """Training prompts (no answers), probe and held-out problems of ``seed``, pairwise disjoint by question."""
-    from trl_entropy.tasks import ArithmeticTask
+    from trl_entropy.evaluation.tasks import ArithmeticTask
 
     task = ArithmeticTask()
     train = task.dataset(args.steps * args.prompts_per_step, split="train", seed=seed)
@@ -161,7 +161,7 @@ def run_one(lr: str, guard: str, seed: int, args, sets, out: Path) -> dict:
 
     from trl_entropy import load_default_model
     from trl_entropy.callbacks import EntropyStatsCallback
-    from trl_entropy.collapse_guard import CollapseGuardCallback
+    from trl_entropy.callbacks.collapse_guard import CollapseGuardCallback
     from trl_entropy.trainers import EntropyGRPOConfig, EntropyGRPOTrainer
 
     train, probe, heldout = sets
@@ -284,7 +284,7 @@ def probe_size(results: dict, bases: dict) -> list[dict]:
     A run counts as collapsed when its final held-out accuracy is below the base model's (where the base answers
     finish, 256 tokens), else as healthy: the replay says on how many of each the decision would fire, and at which
     step on the collapsed ones."""
-    from trl_entropy.collapse import probe_drop_fired
+    from trl_entropy.callbacks.collapse import probe_drop_fired
 
     def series(run, n, b):
         probes = [e for e in run["guard_events"] if e["event"] == "probe" and "correct" in e]
@@ -327,9 +327,9 @@ def probe_size(results: dict, bases: dict) -> list[dict]:
 
 def first_firings(run: dict) -> dict:
     """Replay of each default log-signal trigger on the run's logged signals: the first step it fires at, or None
-    (the pure functions of ``trl_entropy.collapse`` on growing prefixes, as the guard calls them)."""
-    from trl_entropy.collapse import CollapseGuardConfig, signal_triggers
-    from trl_entropy.collapse_guard import SIGNAL_KEYS
+    (the pure functions of ``trl_entropy.callbacks.collapse`` on growing prefixes, as the guard calls them)."""
+    from trl_entropy.callbacks.collapse import CollapseGuardConfig, signal_triggers
+    from trl_entropy.callbacks.collapse_guard import SIGNAL_KEYS
 
     config = CollapseGuardConfig()
     history: dict[str, list] = {key: [] for key in SIGNAL_KEYS}

@@ -2,7 +2,8 @@
 
 For every setting of ``benchmarks/bench_label_free.py`` (the ``open`` and ``short`` prompt regimes, 3 seeds each, and
 the ``open_2digit`` task variant, 1 seed, added to check the rule on a setting its thresholds were not chosen on),
-:func:`trl_entropy.diagnose.diagnose` runs on the untrained embedded SmolLM2-135M-Instruct with its defaults (64
+:func:`trl_entropy.evaluation.diagnose.diagnose` runs on the untrained embedded SmolLM2-135M-Instruct with its
+defaults (64
 prompts of the setting's training pool, 4 samples each at T=1, 256 tokens), before any training, and its verdict is
 set beside the study's outcome of EM-RL token (GRPO) in that setting:
 
@@ -65,9 +66,9 @@ def agrees(verdict: str, result: str) -> bool | None:
 
 def diagnose_setting(regime: str, args: argparse.Namespace) -> dict:
     from trl_entropy.cli.diagnose import parse_answer
-    from trl_entropy.diagnose import diagnose
+    from trl_entropy.evaluation.diagnose import diagnose
+    from trl_entropy.evaluation.tasks import grade
     from trl_entropy.models import load_default_model
-    from trl_entropy.tasks import grade
 
     _, pool = study.problem_split(regime)
     rows = study.problems(regime, pool[: args.num_prompts])

@@ -40,10 +40,10 @@ def main() -> None:
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from trl_entropy.demo import DemoArguments
+    from trl_entropy.cli.demo import DemoArguments
+    from trl_entropy.evaluation.tasks import ArithmeticTask
     from trl_entropy.hardware import default_bf16, machine_record
     from trl_entropy.models import default_model_path
-    from trl_entropy.tasks import ArithmeticTask
     from trl_entropy.trainers import EntropyGRPOConfig, EntropyGRPOTrainer
 
     demo = DemoArguments()

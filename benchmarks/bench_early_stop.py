@@ -104,7 +104,7 @@ def compose(baseline: list[dict], always: list[dict], tau: float) -> list[dict]:
 def solve_interleaved(model, tokenizer, prompts, answers, taus: dict, chunk: int, **pipeline_kwargs):
     """Run every threshold of ``taus`` (name -> tau or None) chunk by chunk, so no run gets a warmer machine."""
     from trl_entropy.confidence import think_just_enough_generate
-    from trl_entropy.tasks import grade
+    from trl_entropy.evaluation.tasks import grade
 
     rows = {name: [] for name in taus}
     seconds = {name: 0.0 for name in taus}
@@ -175,8 +175,8 @@ def evaluate_setting(setting, calibrator, model, tokenizer, prompts, answers, ch
 def smollm2_setting(args) -> dict:
     from trl_entropy.cli.arguments import CalibrateArguments
     from trl_entropy.cli.confidence import run_calibrate
+    from trl_entropy.evaluation.tasks import ArithmeticTask
     from trl_entropy.models import load_default_model
-    from trl_entropy.tasks import ArithmeticTask
 
     instruction = "Think step by step."
     calibrate_args = CalibrateArguments(
@@ -295,7 +295,7 @@ def synthetic_setting(args) -> dict:
     import torch
 
     from trl_entropy.confidence import EntropyThresholdCalibrator, think_just_enough_generate
-    from trl_entropy.tasks import grade
+    from trl_entropy.evaluation.tasks import grade
 
     problems = synthetic_problems()
     threads = torch.get_num_threads()

@@ -75,8 +75,8 @@ def _step_timer():
 def run_emft(args, output_dir: str) -> dict:
     from transformers import TrainerCallback
 
+    from trl_entropy.evaluation.tasks import ArithmeticTask
     from trl_entropy.models import load_default_model
-    from trl_entropy.tasks import ArithmeticTask
     from trl_entropy.trainers.emft import EMFTConfig, EMFTTrainer
 
     class TimedEMFTTrainer(EMFTTrainer):
@@ -159,8 +159,8 @@ def run_sft(args, output_dir: str) -> dict:
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
 
+    from trl_entropy.evaluation.tasks import ArithmeticTask
     from trl_entropy.models import load_default_model
-    from trl_entropy.tasks import ArithmeticTask
 
     model, tokenizer = load_default_model()
     prompts = ArithmeticTask().dataset(args.batch * (args.steps + 1), split="train")["prompt"]

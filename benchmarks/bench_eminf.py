@@ -53,7 +53,7 @@ def throughput(model, tokenizer, prompts, args) -> dict:
     import torch
     from transformers import LogitsProcessorList
 
-    from trl_entropy.inference import EMInfLogitsProcessor
+    from trl_entropy.decoding.processors import EMInfLogitsProcessor
 
     tokenizer.padding_side = "left"
     inputs = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
@@ -130,9 +130,9 @@ def throughput(model, tokenizer, prompts, args) -> dict:
 
 
 def accuracy_table(model, tokenizer, args) -> dict:
-    from trl_entropy.generate import generate_completions, render_prompt, score_completions
-    from trl_entropy.inference import AdaptiveTemperatureLogitsProcessor, EMInfLogitsProcessor
-    from trl_entropy.tasks import ArithmeticTask, extract_answer, grade
+    from trl_entropy.decoding.processors import AdaptiveTemperatureLogitsProcessor, EMInfLogitsProcessor
+    from trl_entropy.evaluation.generate import generate_completions, render_prompt, score_completions
+    from trl_entropy.evaluation.tasks import ArithmeticTask, extract_answer, grade
 
     data = ArithmeticTask(prompt_style="short").dataset(args.n, "test", seed=args.seed)
     prompts = [render_prompt(tokenizer, p) for p in data["prompt"]]
@@ -280,9 +280,9 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(args.threads)
-    from trl_entropy.generate import render_prompt
+    from trl_entropy.evaluation.generate import render_prompt
+    from trl_entropy.evaluation.tasks import ArithmeticTask
     from trl_entropy.models import load_default_model
-    from trl_entropy.tasks import ArithmeticTask
 
     started = time.perf_counter()
     model, tokenizer = load_default_model()

@@ -10,7 +10,7 @@ Two measurements on the embedded SmolLM2-135M-Instruct, each timed for today's p
   again at each rung. New: :func:`trl_entropy.evaluation.evaluate_ladder` (a rung continues the cut-off answers from
   their KV cache; ended rows are dropped and the rest merged into full batches every 32 tokens).
 - ``trl-entropy diagnose``'s defaults: 64 prompts of the open regime's training pool (as ``bench_diagnose.py``), 1
-  greedy + 4 samples each at T=1, 256 tokens, batches of 64. Old: :func:`trl_entropy.diagnose.diagnose` with
+  greedy + 4 samples each at T=1, 256 tokens, batches of 64. Old: :func:`trl_entropy.evaluation.diagnose.diagnose` with
   ``segment_tokens=None`` (one ``generate`` call per batch, as before); new: its defaults.
 
 Greedy completions must be the same tokens in both (the committed study's greedy numbers must not move): the JSON
@@ -110,8 +110,8 @@ def ladder_record(results, seconds: float) -> dict:
 
 def run_diagnose(model, tokenizer, rows, max_new_tokens: int, segment_tokens: int | None) -> tuple[dict, float]:
     from trl_entropy.cli.diagnose import parse_answer
-    from trl_entropy.diagnose import diagnose
-    from trl_entropy.tasks import grade
+    from trl_entropy.evaluation.diagnose import diagnose
+    from trl_entropy.evaluation.tasks import grade
 
     start = time.perf_counter()
     result = diagnose(

@@ -493,7 +493,7 @@ def bench_emft(args, dev: Device, model, tokenizer, tmp: str) -> dict:
 def bench_decode(args, dev: Device, model, tokenizer) -> dict:
     from transformers import LogitsProcessorList
 
-    from trl_entropy.inference import AdaptiveTemperatureLogitsProcessor, EMInfLogitsProcessor
+    from trl_entropy.decoding.processors import AdaptiveTemperatureLogitsProcessor, EMInfLogitsProcessor
     from trl_entropy.testing import tiny_prompts
 
     tokenizer.padding_side = "left"

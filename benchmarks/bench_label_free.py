@@ -140,7 +140,7 @@ def problem_split(regime: str = "open") -> tuple[list[tuple[int, int]], list[tup
 
 
 def problems(regime: str, pairs: list[tuple[int, int]]) -> list[dict]:
-    from trl_entropy.tasks import ArithmeticTask
+    from trl_entropy.evaluation.tasks import ArithmeticTask
 
     style, low, high = REGIME_TASKS[regime]
     task = ArithmeticTask(low=low, high=high, prompt_style=style)
@@ -156,8 +156,8 @@ def train_pairs(seed: int, regime: str = "open") -> list[tuple[int, int]]:
 
 
 def parse_answer(text: str) -> str | None:
-    from trl_entropy.generate import normalize_answer
-    from trl_entropy.tasks import extract_answer
+    from trl_entropy.evaluation.generate import normalize_answer
+    from trl_entropy.evaluation.tasks import extract_answer
 
     return normalize_answer(extract_answer(text))
 
@@ -185,8 +185,8 @@ def make_trainer(method: str, seed: int, model, tokenizer, train_rows: list[dict
     from datasets import Dataset
     from trl import GRPOConfig, GRPOTrainer
 
+    from trl_entropy.evaluation.tasks import accuracy_reward
     from trl_entropy.rewards import majority_vote_reward, rent_reward
-    from trl_entropy.tasks import accuracy_reward
     from trl_entropy.trainers import (
         EMFTConfig,
         EMFTTrainer,

@@ -1,4 +1,5 @@
-"""Base accuracy of the built-in tasks (``trl_entropy.tasks.TASKS``) on the offline models, greedy, one torch thread.
+"""Base accuracy of the built-in tasks (``trl_entropy.evaluation.tasks.TASKS``) on the offline models, greedy, one
+torch thread.
 
 Each task's held-out split (``seed``), one greedy completion per problem through the public
 :func:`trl_entropy.evaluation.evaluate`, at a budget where answers finish (the truncation rate says whether they did):
@@ -23,8 +24,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import RESULTS_DIR, print_table, write_results  # noqa: E402
 
 from trl_entropy.evaluation import evaluate  # noqa: E402
+from trl_entropy.evaluation.tasks import TASKS, build_task  # noqa: E402
 from trl_entropy.models import load_model  # noqa: E402
-from trl_entropy.tasks import TASKS, build_task  # noqa: E402
 
 
 def main() -> None:

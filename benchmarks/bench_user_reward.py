@@ -37,8 +37,8 @@ def main() -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import GRPOConfig, GRPOTrainer
 
+    from trl_entropy.evaluation.tasks import ArithmeticTask
     from trl_entropy.models import default_model_path
-    from trl_entropy.tasks import ArithmeticTask
     from trl_entropy.trainers import EntropyGRPOConfig, EntropyGRPOTrainer
 
     path = default_model_path()

@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 from trl import TrlParser
 
 from trl_entropy.confidence import ConfidenceSignal, EntropyThresholdCalibrator, think_just_enough_generate
+from trl_entropy.evaluation.tasks import ArithmeticTask, grade
 from trl_entropy.models import load_model
-from trl_entropy.tasks import ArithmeticTask, grade
 
 
 @dataclass

@@ -16,9 +16,9 @@ import torch
 from trl import TrlParser
 
 from trl_entropy.callbacks import EntropyStatsCallback
+from trl_entropy.evaluation.tasks import ArithmeticTask, accuracy_reward
 from trl_entropy.hardware import default_bf16
 from trl_entropy.models import load_model
-from trl_entropy.tasks import ArithmeticTask, accuracy_reward
 from trl_entropy.trainers import EntropyGRPOConfig, EntropyGRPOTrainer
 
 

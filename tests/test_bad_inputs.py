@@ -298,7 +298,7 @@ def test_a_corrupt_best_weights_file_falls_back_to_stop_only(tmp_path, caplog, c
 
     from transformers import TrainerControl
 
-    from trl_entropy.collapse_guard import BEST_WEIGHTS_FILE, CollapseGuardCallback
+    from trl_entropy.callbacks.collapse_guard import BEST_WEIGHTS_FILE, CollapseGuardCallback
 
     path = tmp_path / BEST_WEIGHTS_FILE
     weights = {"weight": torch.arange(6.0)}
@@ -317,7 +317,7 @@ def test_a_corrupt_best_weights_file_falls_back_to_stop_only(tmp_path, caplog, c
     args = SimpleNamespace(output_dir=str(tmp_path), world_size=1)
     state = SimpleNamespace(global_step=7, is_world_process_zero=True)
     control = TrainerControl()
-    with caplog.at_level(logging.WARNING, logger="trl_entropy.collapse_guard"):
+    with caplog.at_level(logging.WARNING, logger="trl_entropy.callbacks.collapse_guard"):
         guard._act(args, state, control, model, ["probe_drop"])
     assert control.should_training_stop and guard.restored_step is None
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())

@@ -19,7 +19,6 @@ from trl_entropy.callbacks import (
     STATE_FILE_NAME,
     EntropyStatsCallback,
     EntropyStatsConfig,
-    _forking_selection,
     append_jsonl_record,
     linear_trend_slope,
     merge_window_states,
@@ -80,14 +79,20 @@ def test_pearson_correlation_matches_numpy():
     assert pearson_correlation([1.0, 2.0, 3.0], [1.0, 1.0, 1.0]) is None  # constant: undefined
 
 
-def test_forking_selection_equals_exact_top_k_mask():
+def test_forking_selection_keeps_the_closed_form_count_of_the_highest_entropies():
+    # The callback's forking tokens are ops.high_entropy_mask's: ceil(ratio * n_valid) tokens (at least one), the
+    # highest entropies among valid ones, earlier token first on ties; checked against a Python brute force.
     g = torch.Generator().manual_seed(2)
-    for ratio in (0.2, 0.5, 1.0, 0.01):
-        entropies = torch.rand(7, 13, generator=g)
+    for ratio in (0.2, 0.5, 1.0, 0.01, 0.7):
+        entropies = torch.randint(0, 5, (7, 13), generator=g).float()  # many ties
         mask = torch.rand(7, 13, generator=g) > 0.3
-        assert torch.equal(_forking_selection(entropies, mask, ratio), high_entropy_mask(entropies, mask, ratio))
+        flat = [(float(e), i) for i, (e, m) in enumerate(zip(entropies.flatten(), mask.flatten(), strict=True)) if m]
+        k = max(1, math.ceil(round(ratio * len(flat), 9)))
+        expected = torch.zeros(7 * 13, dtype=torch.bool)
+        expected[[i for _, i in sorted(flat, key=lambda t: (-t[0], t[1]))[:k]]] = True
+        assert torch.equal(high_entropy_mask(entropies, mask, ratio), expected.view(7, 13))
     empty = torch.zeros(2, 3, dtype=torch.bool)
-    assert not _forking_selection(torch.rand(2, 3), empty, 0.2).any()
+    assert not high_entropy_mask(torch.rand(2, 3), empty, 0.2).any()
 
 
 def test_jsonl_append_and_truncate(tmp_path):
@@ -534,7 +539,7 @@ def test_entropy_stats_must_be_a_bool_or_none(value, tmp_path):
 def test_plots_read_the_scalar_names_of_0_1_0_files(grpo_run, tmp_path):
     """A JSONL written under the 0.1.0 names (`entropy/mean`...) loads as the current file does (`sampling_entropy/`),
     so `trl-entropy plot` draws the same figures from it."""
-    from trl_entropy.plots import load_entropy_stats
+    from trl_entropy.callbacks.plots import load_entropy_stats
 
     _, _, output_dir = grpo_run
     current = load_entropy_stats(output_dir / "entropy_stats.jsonl")

@@ -15,7 +15,7 @@ import torch
 from trainer_utils import GUARD_LOG_TRIGGERS_OFF as OFF
 from trainer_utils import TINY_KWARGS, WeightRecorder, tiny_setup
 
-from trl_entropy.collapse import (
+from trl_entropy.callbacks.collapse import (
     CollapseGuardConfig,
     entropy_decay_fired,
     entropy_floor_fired,
@@ -27,9 +27,9 @@ from trl_entropy.collapse import (
     repetition_fired,
     signal_triggers,
 )
-from trl_entropy.collapse_guard import GUARD_STATE_FILE, CollapseGuardCallback
+from trl_entropy.callbacks.collapse_guard import GUARD_STATE_FILE, CollapseGuardCallback
 from trl_entropy.evaluation import generate_completions
-from trl_entropy.tasks import extract_answer
+from trl_entropy.evaluation.tasks import extract_answer
 from trl_entropy.trainers import EntropyGRPOConfig, EntropyGRPOTrainer
 
 
@@ -296,7 +296,7 @@ def test_guard_state_survives_save_and_resume(tmp_path):
 
 def test_cli_flag_parses_and_wires_the_guard(tmp_path):
     from trl_entropy.cli import main, make_parser
-    from trl_entropy.collapse_guard import CollapseGuardArguments
+    from trl_entropy.cli.arguments import CollapseGuardArguments
     from trl_entropy.testing import make_tiny_model_and_tokenizer
 
     model, tokenizer = make_tiny_model_and_tokenizer(seed=0)
@@ -348,8 +348,8 @@ def test_two_ranks_take_the_main_process_decision(tmp_path):
 
 
 def test_demo_option_attaches_the_guard(tmp_path):
-    from trl_entropy.demo import DemoArguments, _train
-    from trl_entropy.tasks import ArithmeticTask
+    from trl_entropy.cli.demo import DemoArguments, _train
+    from trl_entropy.evaluation.tasks import ArithmeticTask
     from trl_entropy.testing import make_tiny_model_and_tokenizer
 
     model, tokenizer = make_tiny_model_and_tokenizer(seed=0)

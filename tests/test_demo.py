@@ -7,15 +7,15 @@ import re
 import pytest
 import torch
 
-from trl_entropy.demo import DemoArguments, render_report, run_demo
+from trl_entropy.cli.demo import DemoArguments, render_report, run_demo
 from trl_entropy.evaluation import (
     evaluate,
     generate_completions,
     plot_entropy_histograms,
     wilson_interval,
 )
+from trl_entropy.evaluation.tasks import grade
 from trl_entropy.stats import paired_bootstrap_interval
-from trl_entropy.tasks import grade
 from trl_entropy.testing import make_tiny_model_and_tokenizer, tiny_prompts
 
 Z95 = 1.959963984540054
@@ -163,7 +163,7 @@ def test_evaluate_grades_every_completion():
 
 def _diagnosis(answers, max_new_tokens=4, seed=0):
     """A real diagnosis of the tiny model (its completions graded against ``answers``)."""
-    from trl_entropy.diagnose import diagnose
+    from trl_entropy.evaluation.diagnose import diagnose
 
     model, tokenizer = make_tiny_model_and_tokenizer(seed=seed)
     prompts = tiny_prompts(len(answers))
@@ -192,7 +192,7 @@ STUDY = {
 
 
 def _results(before, after, study=STUDY):
-    from trl_entropy.demo import paired_changes
+    from trl_entropy.cli.demo import paired_changes
 
     args = DemoArguments(num_samples=2)
     return {
@@ -249,7 +249,7 @@ def test_report_warns_when_more_than_5_percent_of_base_answers_are_truncated(bud
 
 
 def test_the_shipped_study_summary_names_both_regimes():
-    from trl_entropy.demo import study_reference
+    from trl_entropy.cli.demo import study_reference
 
     study = study_reference()
     assert study is not None and study["source"] == "benchmarks/bench_label_free.py"

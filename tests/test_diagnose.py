@@ -12,7 +12,7 @@ import random
 import pytest
 from scipy import stats as scipy_stats
 
-from trl_entropy.diagnose import confidence_separation, diagnose, label_free_agreement, verdict
+from trl_entropy.evaluation.diagnose import confidence_separation, diagnose, label_free_agreement, verdict
 from trl_entropy.stats import (
     auroc,
     auroc_interval,

@@ -409,8 +409,8 @@ def held_out_token_entropy(model, prompt_ids, prompt_mask, completion_ids, compl
 
 @pytest.mark.slow
 def test_emft_lowers_held_out_entropy_on_smollm2(tmp_path):
+    from trl_entropy.evaluation.tasks import ArithmeticTask
     from trl_entropy.models import load_default_model
-    from trl_entropy.tasks import ArithmeticTask
 
     model, tokenizer = load_default_model()
     task = ArithmeticTask()

@@ -17,9 +17,9 @@ from trl_entropy.evaluation import (
     generate_completions,
     truncation_rate,
 )
-from trl_entropy.generate import generate_completions as generate_samples
-from trl_entropy.generate import score_completions
-from trl_entropy.tasks import extract_answer, grade
+from trl_entropy.evaluation.generate import generate_completions as generate_samples
+from trl_entropy.evaluation.generate import score_completions
+from trl_entropy.evaluation.tasks import extract_answer, grade
 from trl_entropy.testing import make_tiny_model_and_tokenizer, tiny_prompts
 
 

@@ -8,7 +8,7 @@ import torch
 
 from trl_entropy.cli.arguments import GenerateArguments
 from trl_entropy.cli.generate import run_generate
-from trl_entropy.generate import (
+from trl_entropy.evaluation.generate import (
     Completion,
     count_generated_tokens,
     generate_completions,
@@ -19,7 +19,7 @@ from trl_entropy.generate import (
     score_completions,
     wilson_interval,
 )
-from trl_entropy.tasks import extract_answer, grade
+from trl_entropy.evaluation.tasks import extract_answer, grade
 
 
 def test_count_generated_tokens_matches_a_python_loop():
@@ -237,7 +237,7 @@ def test_progress_counts_token_slots_up_to_completions_times_budget():
 
     from tqdm import tqdm
 
-    from trl_entropy.decoding import _TokenProgress
+    from trl_entropy.decoding.loop import _TokenProgress
 
     bar = tqdm(total=3 * 4, file=io.StringIO())
     progress = _TokenProgress(bar, end_ids=[1])

@@ -7,7 +7,7 @@ import torch
 from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
 from trl_entropy import inference, ops
-from trl_entropy.inference import (
+from trl_entropy.decoding.processors import (
     AdaptiveTemperatureConfig,
     AdaptiveTemperatureLogitsProcessor,
     EMInfConfig,

@@ -4,8 +4,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from trl_entropy.evaluation.tasks import ArithmeticTask
 from trl_entropy.ops import masked_sequence_reduce, token_entropy
-from trl_entropy.tasks import ArithmeticTask
 from trl_entropy.trainers import EntropyGRPOConfig, EntropyGRPOTrainer, EntropyRLOOConfig, EntropyRLOOTrainer
 
 pytestmark = pytest.mark.slow

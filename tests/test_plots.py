@@ -1,6 +1,5 @@
-"""trl_entropy.plots: PNG files from an entropy_stats.jsonl, what the figures draw, the CLI entry point and errors."""
+"""trl_entropy.callbacks.plots: PNG files from an entropy_stats.jsonl, what the figures draw, and errors."""
 
-import json
 import math
 import sys
 
@@ -11,16 +10,15 @@ import torch
 pytest.importorskip("matplotlib")
 
 from trl_entropy.callbacks import append_jsonl_record  # noqa: E402
-from trl_entropy.distribution import EntropyDistribution  # noqa: E402
-from trl_entropy.plots import (  # noqa: E402
-    PlotArguments,
+from trl_entropy.callbacks.plots import (  # noqa: E402
     load_entropy_stats,
-    main,
     plot_collapse_signals,
     plot_histograms,
     plot_quantile_bands,
-    run_plot,
 )
+from trl_entropy.cli.arguments import PlotArguments  # noqa: E402
+from trl_entropy.cli.plot import run_plot  # noqa: E402
+from trl_entropy.distribution import EntropyDistribution  # noqa: E402
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 QUANTILES = (0.1, 0.25, 0.5, 0.75, 0.9, 0.99)
@@ -85,14 +83,6 @@ def test_run_plot_writes_pngs_next_to_the_stats(stats_file):
     for path in paths:
         assert path.parent == stats_file.parent / "entropy_plots"
         assert path.read_bytes().startswith(PNG_SIGNATURE) and path.stat().st_size > 5000
-
-
-def test_main_parses_the_cli_arguments(stats_file, tmp_path):
-    out = tmp_path / "figures"
-    paths = main(
-        ["--stats_file", str(stats_file), "--output_dir", str(out), "--steps", "2", "9", "--log_y", "--dpi", "60"]
-    )
-    assert {p.parent for p in paths} == {out} and all(p.is_file() for p in paths)
 
 
 def test_quantile_figure_draws_the_logged_values(stats_file):
@@ -176,9 +166,3 @@ def test_missing_matplotlib_names_the_extra(stats_file, monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
     with pytest.raises(ImportError, match="pip install matplotlib"):
         plot_quantile_bands(load_entropy_stats(stats_file))
-
-
-def test_records_survive_a_json_round_trip(stats_file):
-    # The figures only need what JSON keeps: NaN-free numbers and lists.
-    for record in load_entropy_stats(stats_file):
-        assert json.loads(json.dumps(record, allow_nan=False)) == record

@@ -5,7 +5,7 @@ import re
 
 import pytest
 
-from trl_entropy.tasks import (
+from trl_entropy.evaluation.tasks import (
     TASK_NAMES,
     TASKS,
     ArithmeticTask,

@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from trl_entropy.validation import (
+from trl_entropy.evaluation.validation import (
     PROBE_ONLY_RULE,
     PROBE_RULE,
     STATIC_RULE,
@@ -124,8 +124,8 @@ def test_bad_input_is_refused():
 def test_min_verdict_prompts_from_the_wilson_half_width():
     import statistics
 
-    from trl_entropy.diagnose import MIN_VERDICT_PROMPTS, MODE_GAP_HELPS, min_prompts_for_effect
     from trl_entropy.evaluation import wilson_interval
+    from trl_entropy.evaluation.diagnose import MIN_VERDICT_PROMPTS, MODE_GAP_HELPS, min_prompts_for_effect
 
     assert MIN_VERDICT_PROMPTS == min_prompts_for_effect(MODE_GAP_HELPS) == 93
     # Independent check at exactly 50% (even n): the Wilson interval of n/2 of n is within +-10 points from n = 94
@@ -139,7 +139,7 @@ def test_min_verdict_prompts_from_the_wilson_half_width():
 
 
 def test_verdict_says_too_few_samples_below_the_minimum():
-    from trl_entropy.diagnose import MIN_VERDICT_PROMPTS, TOO_FEW_SAMPLES, verdict
+    from trl_entropy.evaluation.diagnose import MIN_VERDICT_PROMPTS, TOO_FEW_SAMPLES, verdict
 
     def metrics(num_prompts):
         return {

@@ -401,13 +401,15 @@ def high_entropy_mask(
         raise ValueError(f"`entropies` {tuple(entropies.shape)} and `mask` {tuple(mask.shape)} must have one shape.")
     valid = mask.bool() & ~torch.isnan(entropies)
     flat_valid = valid.reshape(-1)
-    k = selected_token_count(int(flat_valid.sum()), ratio)
-    selected = torch.zeros_like(flat_valid)
-    if k > 0:
-        # Invalid tokens sort last; a stable sort keeps row-major order among equal entropies.
-        keys = torch.where(flat_valid, entropies.reshape(-1).float(), torch.tensor(float("-inf"), device=mask.device))
-        order = torch.sort(keys, descending=True, stable=True).indices
-        selected[order[:k]] = True
+    # k = selected_token_count(n_valid, ratio), computed on the device so that a selection (the trainers' loss mask,
+    # the statistics callback's forking tokens) never waits for the host; with no valid token nothing is selected.
+    k = torch.ceil(torch.round(flat_valid.sum().double() * ratio, decimals=9)).long().clamp(min=1)
+    # Invalid tokens sort last; a stable sort keeps row-major order among equal entropies.
+    keys = torch.where(flat_valid, entropies.reshape(-1).float(), torch.tensor(float("-inf"), device=mask.device))
+    order = torch.sort(keys, descending=True, stable=True).indices
+    rank = torch.empty_like(order)
+    rank[order] = torch.arange(order.numel(), device=order.device)
+    selected = flat_valid & (rank < k)
     if mode == "bottom":
         selected = flat_valid & ~selected
     return selected.view(entropies.shape)

@@ -28,9 +28,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, for trai
 from trainer_utils import GUARD_LOG_TRIGGERS_OFF as OFF  # noqa: E402
 from trainer_utils import TINY_KWARGS, tiny_setup  # noqa: E402
 
-from trl_entropy.collapse_guard import CollapseGuardCallback  # noqa: E402
+from trl_entropy.callbacks.collapse_guard import CollapseGuardCallback  # noqa: E402
 from trl_entropy.evaluation import generate_completions  # noqa: E402
-from trl_entropy.tasks import extract_answer  # noqa: E402
+from trl_entropy.evaluation.tasks import extract_answer  # noqa: E402
 from trl_entropy.trainers import (  # noqa: E402
     EMFTConfig,
     EMFTTrainer,

@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, for trai
 from trainer_utils import TINY_KWARGS, tiny_setup  # noqa: E402
 
 import trl_entropy.confidence  # noqa: E402, F401  (imports without the optional packages)
-import trl_entropy.inference  # noqa: E402
+import trl_entropy.decoding.processors  # noqa: E402
 from trl_entropy.callbacks import EntropyStatsCallback  # noqa: E402
 from trl_entropy.trainers import EntropyGRPOConfig, EntropyGRPOTrainer  # noqa: E402
 
@@ -49,13 +49,14 @@ def main() -> None:
     results["trained_steps"] = run.state.global_step
 
     def plot():
-        from trl_entropy.plots import PlotArguments, run_plot
+        from trl_entropy.cli.arguments import PlotArguments
+        from trl_entropy.cli.plot import run_plot
 
         run_plot(PlotArguments(stats_file=str(out / "run" / "entropy_stats.jsonl"), output_dir=str(out / "plots")))
 
     results["plot"] = attempt(plot)
     results["use_vllm"] = attempt(lambda: trainer(config("vllm", use_vllm=True)))
-    results["vllm_adapter"] = attempt(trl_entropy.inference.make_vllm_logits_processor_class)
+    results["vllm_adapter"] = attempt(trl_entropy.decoding.processors.make_vllm_logits_processor_class)
     results["deepspeed"] = attempt(lambda: config("deepspeed", deepspeed={"zero_optimization": {"stage": 2}}))
     results["wandb"] = attempt(lambda: trainer(config("wandb", report_to=["wandb"])))
     print("RESULT" + json.dumps(results))

@@ -3,7 +3,8 @@
 Confidence rewards collapse: early gains, then accuracy below the start (No Free Lunch, arXiv 2506.17219), sudden
 complete collapse in long self-rewarded runs (SRT, arXiv 2505.21444), repetition spam and short outputs. Each trigger
 below reads a plain sequence of per-logging-step values (what TRL logs, averaged over ranks) and says whether it fires
-now; :class:`~trl_entropy.collapse_guard.CollapseGuardCallback` feeds them and acts. Nothing here touches a model.
+now; :class:`~trl_entropy.callbacks.collapse_guard.CollapseGuardCallback` feeds them and acts. Nothing here touches a
+model.
 
 Triggers (each can be switched off with ``None``):
 
@@ -46,7 +47,7 @@ ACTIONS = ("warn", "stop", "stop_and_restore")
 
 @dataclass
 class CollapseGuardConfig:
-    """Configuration of :class:`~trl_entropy.collapse_guard.CollapseGuardCallback`.
+    """Configuration of :class:`~trl_entropy.callbacks.collapse_guard.CollapseGuardCallback`.
 
     Defaults come from ``benchmarks/bench_collapse.py`` (SmolLM2-135M-Instruct, EM-RL with the token-entropy reward,
     a + b problems, 60 steps, see ``docs/collapse_guard.md``). The per-trigger "Measured" notes below are from its

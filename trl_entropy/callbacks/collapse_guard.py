@@ -6,12 +6,12 @@ The signals are what TRL already logs (averaged over ranks) in ``on_log``'s ``lo
 :class:`~trl_entropy.callbacks.EntropyStatsCallback` runs before the guard. With a labelled probe set the guard also
 evaluates greedy probe accuracy every ``probe_every`` steps (``model`` and ``processing_class`` come in every callback
 event's keyword arguments) and keeps a CPU copy of the best probe step's weights. The decision functions live in
-:mod:`trl_entropy.collapse`.
+:mod:`trl_entropy.callbacks.collapse`.
 
 Example::
 
-    from trl_entropy.collapse_guard import CollapseGuardCallback
-    from trl_entropy.tasks import ArithmeticTask
+    from trl_entropy.callbacks.collapse_guard import CollapseGuardCallback
+    from trl_entropy.evaluation.tasks import ArithmeticTask
 
     probe = ArithmeticTask().dataset(32, split="test", seed=1)
     trainer.add_callback(CollapseGuardCallback(probe_problems=probe, action="stop_and_restore"))
@@ -78,7 +78,8 @@ class CollapseGuardCallback(TrainerCallback):
     """Stops (or flags) a label-free run that collapses, optionally restoring the best probe checkpoint.
 
     Args:
-        config: a :class:`~trl_entropy.collapse.CollapseGuardConfig`; keyword ``overrides`` replace its fields.
+        config: a :class:`~trl_entropy.callbacks.collapse.CollapseGuardConfig`; keyword ``overrides`` replace its
+        fields.
         probe_problems: optional labelled problems (a dataset or a list of dicts with ``prompt`` and ``answer``),
             e.g. 32 held-out problems disjoint from the training prompts. Without them only the log signals act.
     """

@@ -67,6 +67,7 @@ from transformers import Trainer, TrainerCallback
 
 from ..distribution import EntropyDistribution, TokenEntropyCounter, merge_distributions, merge_token_counters
 from ..files import STATS_FILE_NAME, append_jsonl_record, json_safe, truncate_jsonl, write_atomically
+from ..ops import high_entropy_mask
 from ..signals import CompletionSignals, SignalSource
 
 logger = logging.getLogger(__name__)
@@ -285,7 +286,7 @@ class _EntropyWindow:
         valid = mask & torch.isfinite(entropies)
         self.distribution.update(entropies, mask)
         if token_ids is not None:
-            selected = _forking_selection(entropies, valid, forking_ratio)
+            selected = high_entropy_mask(entropies, valid, forking_ratio)
             self.tokens.update(token_ids, selected, torch.where(valid, entropies, torch.zeros_like(entropies)))
             repeated, total = repeated_ngram_counts(token_ids, mask, ngram)
             self._counters["repeated_ngrams"] = self._counters["repeated_ngrams"] + repeated
@@ -299,21 +300,6 @@ class _EntropyWindow:
 
 
 @torch.no_grad()
-def _forking_selection(entropies: torch.Tensor, valid: torch.Tensor, ratio: float) -> torch.Tensor:
-    """Valid tokens at or above the micro-batch's top-``ceil(ratio * n_valid)`` entropy (Wang et al., 2025).
-
-    Same selection as :func:`trl_entropy.ops.high_entropy_mask` up to ties at the threshold, but computed with
-    device tensors only, so observing a micro-batch never waits for the host.
-    """
-    n_valid = valid.sum()
-    # Rounding before the ceil keeps e.g. 0.2 * 15 at 3 rather than 4 (float error), as in ops.selected_token_count.
-    keep = torch.ceil(torch.round(n_valid.double() * ratio, decimals=9)).long().clamp(min=1)
-    flat = torch.where(valid, entropies, torch.full_like(entropies, -math.inf)).reshape(-1)
-    ordered = flat.sort(descending=True).values
-    threshold = ordered.gather(0, (keep - 1).clamp(max=flat.numel() - 1).view(1)).squeeze(0)
-    return valid & (entropies >= threshold)
-
-
 def merge_window_states(states: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     """Merge per-rank window states (each from one rank's ``state_dict()``) into host objects:
     ``{"distribution": EntropyDistribution, "tokens": TokenEntropyCounter, "repeated_ngrams", "total_ngrams",

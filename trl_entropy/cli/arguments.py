@@ -54,19 +54,19 @@ class TrainScriptArguments(GRPOScriptArguments):
     Parameters:
         dataset_name (`str`, *optional*, defaults to `"arithmetic"`):
             `"arithmetic"` (the built-in "What is a + b?" task, offline) or another built-in task of
-            :data:`trl_entropy.tasks.TASKS` (`"arithmetic_2digit"`, `"subtraction"`, `"multiplication"`,
+            :data:`trl_entropy.evaluation.tasks.TASKS` (`"arithmetic_2digit"`, `"subtraction"`, `"multiplication"`,
             `"word_problems"`, `"sequence"`), a hub dataset id or local folder (`datasets.load_dataset`), or a
             `.json`/`.jsonl`/`.csv`/`.parquet` file. It needs a `prompt` column.
             `trl grpo` requires a dataset; a run on this default says so in one line at start.
         num_train_prompts (`int`, *optional*, defaults to `1024`):
             Number of prompts drawn for a built-in task, >= 1 (ignored for other datasets).
         prompt_style (`str`, *optional*, defaults to `"open"`):
-            Prompt of a built-in task (:class:`~trl_entropy.tasks.ArithmeticTask`): `"open"` (the
+            Prompt of a built-in task (:class:`~trl_entropy.evaluation.tasks.ArithmeticTask`): `"open"` (the
             question alone) or `"short"` (two worked examples first); ignored for other datasets.
         reward_funcs (`list[str]` or `None`, *optional*, defaults to `None`):
             Reward functions: TRL's `accuracy_reward` (reads the `solution` column), `reasoning_accuracy_reward`,
             `think_format_reward`, `get_soft_overlong_punishment` (with `trl grpo`'s settings), `accuracy`
-            (:func:`trl_entropy.tasks.accuracy_reward`, reads the `answer` column) or a dotted import path
+            (:func:`trl_entropy.evaluation.tasks.accuracy_reward`, reads the `answer` column) or a dotted import path
             `my_module.my_reward`. Optional with `--entropy_reward`; not allowed for `emft`.
         reward_model_name_or_path (`str` or `None`, *optional*, defaults to `None`):
             A sequence-classification reward model (hub id or folder), scored before the reward functions, as in
@@ -132,7 +132,8 @@ class GenerateModeArguments:
     Parameters:
         early_stopping (`bool`, *optional*, defaults to `False`):
             `False`: batched generation, optionally with EM-INF or the adaptive temperature
-            (:func:`trl_entropy.generate.run_generate`). `True`: Think-Just-Enough entropy early stopping with a
+            (:func:`trl_entropy.evaluation.generate.run_generate`). `True`: Think-Just-Enough entropy early stopping
+            with a
             calibrated threshold (:func:`trl_entropy.confidence.run_early_stop_generate`); see
             `trl-entropy generate --early_stopping --help` for its options.
     """
@@ -157,9 +158,10 @@ class GenerateArguments:
             JSONL file, one object per line with `prompt` (a string or a list of chat messages) and optionally
             `answer`; other fields are copied to the output. When `None`, `task` is used.
         task (`str`, *optional*, defaults to `"arithmetic"`):
-            Built-in task when no `prompts_file` is given: an offline task of `trl_entropy.tasks.TASKS`
+            Built-in task when no `prompts_file` is given: an offline task of `trl_entropy.evaluation.tasks.TASKS`
             (`"arithmetic"`, `"arithmetic_2digit"`, `"subtraction"`, `"multiplication"`, `"word_problems"`,
-            `"sequence"`; open prompt style) or a hub task of `trl_entropy.tasks.load_task` (`"gsm8k"`, `"math500"`;
+            `"sequence"`; open prompt style) or a hub task of `trl_entropy.evaluation.tasks.load_task` (`"gsm8k"`,
+            `"math500"`;
             needs a network or a populated cache).
         num_problems (`int`, *optional*, defaults to `64`):
             Number of task problems (`>= 1`); for a prompts file, `0` keeps every line, else the first ones.
@@ -271,7 +273,7 @@ class GenerateArguments:
         self.adaptive_temperature_config()
 
     def em_inf_config(self) -> EMInfConfig:
-        """The :class:`~trl_entropy.inference.EMInfConfig` these arguments describe."""
+        """The :class:`~trl_entropy.decoding.processors.EMInfConfig` these arguments describe."""
         return EMInfConfig(
             threshold=self.em_inf_threshold,
             steps=self.em_inf_steps,
@@ -281,7 +283,7 @@ class GenerateArguments:
         )
 
     def adaptive_temperature_config(self) -> AdaptiveTemperatureConfig:
-        """The :class:`~trl_entropy.inference.AdaptiveTemperatureConfig` these arguments describe."""
+        """The :class:`~trl_entropy.decoding.processors.AdaptiveTemperatureConfig` these arguments describe."""
         return AdaptiveTemperatureConfig(threshold=self.em_inf_threshold, alpha=self.adaptive_temperature_alpha)
 
 
@@ -297,7 +299,8 @@ class _EarlyStopTaskArguments:
         default="arithmetic",
         metadata={
             "help": "Problems: 'arithmetic' (built in, offline, with the arithmetic_* options), another offline task "
-            "of trl_entropy.tasks.TASKS ('word_problems', 'sequence'...), or 'gsm8k' / 'math500' (need the hub)."
+            "of trl_entropy.evaluation.tasks.TASKS ('word_problems', 'sequence'...), or 'gsm8k' / 'math500' "
+            "(need the hub)."
         },
     )
     num_problems: int = field(default=20, metadata={"help": "Number of problems, >= 1."})
@@ -454,7 +457,8 @@ class EarlyStopGenerateArguments(_EarlyStopTaskArguments):
 @dataclass
 class DiagnoseArguments:
     """Arguments of ``trl-entropy diagnose``: before training, measure on a few prompts of the training data whether
-    label-free training can help this model (:func:`trl_entropy.diagnose.diagnose`), print a verdict with its rule and
+    label-free training can help this model (:func:`trl_entropy.evaluation.diagnose.diagnose`), print a verdict with
+    its rule and
     numbers, and write ``diagnosis.json`` and ``diagnosis.png`` to `output_dir`.
 
     Parameters:
@@ -547,7 +551,8 @@ class DemoArguments:
             `"short"` (two worked examples first: the regime where it does not; see the report's study line).
         num_eval_problems (`int`, *optional*, defaults to `96`):
             Held-out problems (disjoint from the training prompts), >= 1. Below
-            :data:`trl_entropy.diagnose.MIN_VERDICT_PROMPTS` (93: where an accuracy's 95% interval is within +-10
+            :data:`trl_entropy.evaluation.diagnose.MIN_VERDICT_PROMPTS` (93: where an accuracy's 95% interval is
+            within +-10
             points, the gap the verdict acts on) the report gives the numbers and no verdict.
         num_samples (`int`, *optional*, defaults to `4`):
             Samples per held-out problem at `temperature` (majority@k, pass@k), >= 2.
@@ -587,7 +592,8 @@ class DemoArguments:
         save_model (`bool`, *optional*, defaults to `False`):
             Save the trained model to `<output_dir>/model`.
         collapse_guard (`bool`, *optional*, defaults to `False`):
-            Watch training with :class:`~trl_entropy.collapse_guard.CollapseGuardCallback` (its defaults; for the
+            Watch training with :class:`~trl_entropy.callbacks.collapse_guard.CollapseGuardCallback` (its defaults;
+            for the
             arithmetic task a probe of 32 test-split problems drawn with `seed + 1`).
     """
 
@@ -710,7 +716,8 @@ class PlotArguments:
 @dataclass
 class CollapseGuardArguments:
     """Command-line options of the collapse guard (``trl-entropy grpo|rloo|emft --collapse_guard ...``). The thresholds
-    keep :class:`~trl_entropy.collapse.CollapseGuardConfig`'s measured defaults; the Python API sets every field.
+    keep :class:`~trl_entropy.callbacks.collapse.CollapseGuardConfig`'s measured defaults; the Python API sets every
+    field.
 
     Parameters:
         collapse_guard (`bool`, *optional*, defaults to `False`):

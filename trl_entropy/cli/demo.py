@@ -1,7 +1,8 @@
 """``trl-entropy demo``: first what to expect, then label-free EM-RL where this project's study shows it working,
 measured before and after, in about 15 minutes on a 2-core CPU.
 
-1. :func:`~trl_entropy.diagnose.diagnose` on held-out problems with the embedded SmolLM2-135M-Instruct: greedy and
+1. :func:`~trl_entropy.evaluation.diagnose.diagnose` on held-out problems with the embedded SmolLM2-135M-Instruct:
+greedy and
    sampled accuracy, majority@k, pass@k, truncation, how well the model's confidence tracks correctness, and a verdict.
 2. EM-RL (Agarwal et al., 2025, arXiv 2505.15134: the reward is minus the mean token entropy of each sampled
    completion; no labels, no reward model) with :class:`~trl_entropy.trainers.EntropyGRPOTrainer`, in the regime

@@ -1,5 +1,6 @@
 """What ``trl-entropy diagnose`` runs: read the prompts (and answers) of the training data exactly as ``trl-entropy
-grpo`` reads them, check them before the model loads, run :func:`trl_entropy.diagnose.diagnose` with the built-in
+grpo`` reads them, check them before the model loads, run :func:`trl_entropy.evaluation.diagnose.diagnose` with the
+built-in
 answer parsing and grading, print the verdict, and write ``diagnosis.json`` and ``diagnosis.png``."""
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ _ANSWER_COLUMNS = ("answer", "solution")  # the built-in task's, then TRL's accu
 
 
 def parse_answer(text: str) -> str | None:
-    """The built-in answer parsing: the last ``\\boxed{}`` or number (:func:`trl_entropy.tasks.extract_answer`),
+    """The built-in answer parsing: the last ``\\boxed{}`` or number
+    (:func:`trl_entropy.evaluation.tasks.extract_answer`),
     normalised so that equal numbers vote together."""
     from ..evaluation.generate import normalize_answer
     from ..evaluation.tasks import extract_answer

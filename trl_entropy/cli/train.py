@@ -35,7 +35,7 @@ _TRAINERS = {
 
 def reward_registry() -> dict[str, Callable]:
     """Reward names ``--reward_funcs`` accepts: TRL's own (those of ``trl grpo``, with its settings) and
-    ``accuracy`` (:func:`trl_entropy.tasks.accuracy_reward`, grading the ``answer`` column)."""
+    ``accuracy`` (:func:`trl_entropy.evaluation.tasks.accuracy_reward`, grading the ``answer`` column)."""
     from trl.rewards import (
         accuracy_reward,
         get_soft_overlong_punishment,
@@ -99,7 +99,8 @@ def _no_progress_bars():
 
 
 def _builtin_tasks() -> tuple[str, ...]:
-    """The names of :data:`trl_entropy.tasks.TASKS`: generated offline, seeded, with an ``answer`` column."""
+    """The names of :data:`trl_entropy.evaluation.tasks.TASKS`: generated offline, seeded, with an ``answer``
+    column."""
     from ..evaluation.tasks import TASKS
 
     return tuple(TASKS)

@@ -3,7 +3,7 @@
 :class:`Decoder` generates completions in left-padded batches with ``model.generate`` and can extend the ones cut off
 at a budget to a longer one, resuming each from its KV cache, so that every token is decoded once: evaluation
 (:mod:`trl_entropy.evaluation`, its budget ladder included), ``diagnose``, the collapse guard's probe and
-``trl-entropy generate`` (:mod:`trl_entropy.generate`) all decode through it. Between segments of
+``trl-entropy generate`` (:mod:`trl_entropy.evaluation.generate`) all decode through it. Between segments of
 :attr:`Decoder.segment_tokens` tokens it drops the completions that have ended and merges the remaining rows into full
 batches, so that a batch does not keep computing rows that are done (``generate`` runs a batch until its longest row
 ends).

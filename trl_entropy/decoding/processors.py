@@ -1,13 +1,14 @@
 """EM-INF (inference-time entropy minimisation, Agarwal et al., 2025) as a transformers logits processor, the paper's
 adaptive-temperature baseline, and adapters for vLLM's logits-processor interfaces.
 
-The maths lives in :func:`trl_entropy.ops.em_inf_logits` and :func:`trl_entropy.ops.adaptive_temperature`; the classes
+The maths lives in :func:`trl_entropy.decoding.em_inf.em_inf_logits` and
+:func:`trl_entropy.decoding.em_inf.adaptive_temperature`; the classes
 here only hold settings and plug those functions into a decoding loop.
 
 Example::
 
     from transformers import LogitsProcessorList
-    from trl_entropy.inference import EMInfLogitsProcessor
+    from trl_entropy.decoding.processors import EMInfLogitsProcessor
 
     # The released script's settings: EM-INF, then sampling at temperature 0.1.
     processors = LogitsProcessorList([EMInfLogitsProcessor(threshold=0.3, steps=3, lr=0.1, kl_weight=0.05)])
@@ -21,7 +22,7 @@ before EM-INF in the list leaves ``-inf`` entries, which EM-INF keeps at ``-inf`
 vLLM (not a dependency; imported only when an adapter that needs it is used):
 
 * V1 engine (batch level): ``LLM(model, logits_processors=[EMInfVLLMLogitsProcessor])`` (or the string
-  ``"trl_entropy.inference:EMInfVLLMLogitsProcessor"``), then enable it per request with
+  ``"trl_entropy.decoding.processors:EMInfVLLMLogitsProcessor"``), then enable it per request with
   ``SamplingParams(extra_args={"em_inf": True})`` or ``extra_args={"em_inf": {"threshold": 0.3, "steps": 5}}``.
   vLLM's V1 sampler applies such non-argmax-invariant processors before penalties, temperature and top-k/top-p.
   It targets ``vllm.v1.sample.logits_processor.LogitsProcessor`` (vLLM >= 0.10.2); vLLM's newer "Model Runner V2"
@@ -139,7 +140,7 @@ class EMInfConfig:
             raise ValueError(f"`eps` must be > 0, got {self.eps}.")
 
     def apply(self, logits: torch.Tensor) -> EMInfResult:
-        """Run :func:`trl_entropy.ops.em_inf_logits` on ``logits`` ``[..., V]`` with these settings."""
+        """Run :func:`trl_entropy.decoding.em_inf.em_inf_logits` on ``logits`` ``[..., V]`` with these settings."""
         return em_inf_logits(logits, **asdict(self))
 
 
@@ -180,7 +181,8 @@ class EMInfLogitsProcessor(LogitsProcessor):
 
     Rows are independent (a row's output never depends on the rest of the batch), the optimisation runs in float32
     with a closed-form gradient and hand-written Adam/SGD, the output has the input's dtype, ``-inf`` entries stay
-    ``-inf``, and a row's entropy never increases. See :func:`trl_entropy.ops.em_inf_logits` for the guarantees,
+    ``-inf``, and a row's entropy never increases. See :func:`trl_entropy.decoding.em_inf.em_inf_logits` for the
+    guarantees,
     including when the argmax token can change.
 
     Args:
@@ -283,7 +285,8 @@ class AdaptiveTemperatureConfig:
             raise ValueError(f"`max_iter` must be an integer >= 1, got {self.max_iter!r}.")
 
     def temperatures(self, logits: torch.Tensor) -> torch.Tensor:
-        """Per-row temperatures for ``logits`` ``[..., V]`` (see :func:`trl_entropy.ops.adaptive_temperature`)."""
+        """Per-row temperatures for ``logits`` ``[..., V]`` (see
+        :func:`trl_entropy.decoding.em_inf.adaptive_temperature`)."""
         return adaptive_temperature(logits, **asdict(self))
 
 
@@ -403,7 +406,7 @@ def make_vllm_logits_processor_class() -> type:
     The class keeps a ``row -> EMInfConfig`` map of the requests that enabled EM-INF (through
     ``SamplingParams.extra_args["em_inf"]``, see :func:`em_inf_config_from_extra_args`), updated from vLLM's
     ``BatchUpdate`` with vLLM's own ``process_dict_updates``, and applies :func:`apply_em_inf_to_rows` at each step.
-    It is also reachable as ``trl_entropy.inference.EMInfVLLMLogitsProcessor``.
+    It is also reachable as ``trl_entropy.decoding.processors.EMInfVLLMLogitsProcessor``.
     """
     global _VLLM_CLASS
     if _VLLM_CLASS is not None:
@@ -428,7 +431,8 @@ def make_vllm_logits_processor_class() -> type:
             self.row_configs: dict[int, EMInfConfig] = {}
 
         def is_argmax_invariant(self) -> bool:
-            # EM-INF can change the greedy token (see trl_entropy.ops.em_inf_logits), so vLLM must run it for greedy
+            # EM-INF can change the greedy token (see trl_entropy.decoding.em_inf.em_inf_logits), so vLLM must run it
+            # for greedy
             # requests too.
             return False
 
@@ -453,7 +457,7 @@ def make_vllm_logits_processor_class() -> type:
 
 def __getattr__(name: str):
     # Lazy attribute, so that importing this module never imports vLLM, while
-    # "trl_entropy.inference:EMInfVLLMLogitsProcessor" still resolves for vLLM's loader.
+    # "trl_entropy.decoding.processors:EMInfVLLMLogitsProcessor" still resolves for vLLM's loader.
     if name == "EMInfVLLMLogitsProcessor":
         return make_vllm_logits_processor_class()
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

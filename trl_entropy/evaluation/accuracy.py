@@ -11,7 +11,7 @@ Example::
 
     from trl_entropy import load_default_model
     from trl_entropy.evaluation import evaluate
-    from trl_entropy.tasks import ArithmeticTask
+    from trl_entropy.evaluation.tasks import ArithmeticTask
 
     model, tokenizer = load_default_model()
     problems = ArithmeticTask().dataset(96, split="test")
@@ -103,7 +103,7 @@ class EvaluationResult:
 
     Attributes:
         num_problems: number of problems (one completion each).
-        num_correct: completions whose final answer is correct (:func:`trl_entropy.tasks.grade`).
+        num_correct: completions whose final answer is correct (:func:`trl_entropy.evaluation.tasks.grade`).
         do_sample: whether the completions were sampled (else greedy).
         temperature: sampling temperature (1.0 for greedy decoding).
         entropy_temperature: temperature ``T`` of the measured entropy ``H(softmax(z / T))``.
@@ -370,7 +370,8 @@ def evaluate(
 
     Args:
         problems: a dataset (or list of dicts) with ``prompt`` and ``answer`` columns, e.g.
-            :meth:`trl_entropy.tasks.ArithmeticTask.dataset` or :func:`trl_entropy.tasks.load_task`.
+            :meth:`trl_entropy.evaluation.tasks.ArithmeticTask.dataset` or
+            :func:`trl_entropy.evaluation.tasks.load_task`.
         Others: as in :func:`generate_completions`.
     """
     prompts, answers = _columns(problems)

@@ -5,9 +5,9 @@ loading, prompt files, the built-in tasks, output files) is :func:`trl_entropy.c
 
 Example::
 
-    from trl_entropy.generate import generate_completions, render_prompt, score_completions
-    from trl_entropy.inference import EMInfLogitsProcessor
-    from trl_entropy.tasks import extract_answer, grade
+    from trl_entropy.evaluation.generate import generate_completions, render_prompt, score_completions
+    from trl_entropy.decoding.processors import EMInfLogitsProcessor
+    from trl_entropy.evaluation.tasks import extract_answer, grade
 
     prompts = [render_prompt(tokenizer, "What is 2 + 3?")]
     samples = generate_completions(model, tokenizer, prompts, do_sample=True, temperature=0.1,
@@ -173,8 +173,8 @@ def score_completions(
     budget: an accuracy whose answers were cut off partly measures the budget).
 
     ``parse_answer(text)`` extracts a completion's answer (None when there is none); ``is_correct(prediction,
-    answer)`` grades the voted answer (e.g. :func:`trl_entropy.tasks.extract_answer` and
-    :func:`trl_entropy.tasks.grade`).
+    answer)`` grades the voted answer (e.g. :func:`trl_entropy.evaluation.tasks.extract_answer` and
+    :func:`trl_entropy.evaluation.tasks.grade`).
 
     Returns:
         ``(records, summary)``; ``records[i]`` has ``completions``, ``num_tokens``, ``extracted``, ``prediction`` and

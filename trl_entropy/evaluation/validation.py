@@ -4,7 +4,8 @@ A rule here is a conjunction of thresholds on measured quantities ("features"): 
 feature is at or above its threshold, else **does not help**. Each candidate rule's thresholds are chosen on some
 settings and judged on another (leave one setting out), so the reported agreement is out of sample:
 
-- :data:`STATIC_RULE`: today's rule of :func:`trl_entropy.diagnose.verdict` as a binary prediction: greedy minus
+- :data:`STATIC_RULE`: today's rule of :func:`trl_entropy.evaluation.diagnose.verdict` as a binary prediction: greedy
+minus
   sampled accuracy and the AUROC of minus sequence entropy for correctness (its fixed thresholds 0.10 and 0.60 are
   :data:`STATIC_RULE_THRESHOLDS`; here they are re-chosen in every fold);
 - :data:`PROBE_RULE`: the same two quantities plus the held-out trend of a short label-free training probe (a few
@@ -82,7 +83,7 @@ STATIC_RULE = Rule(
     "greedy minus sampled accuracy and the confidence AUROC, measured once on the untrained model (diagnose)",
 )
 STATIC_RULE_THRESHOLDS = (0.10, 0.60)
-"""The thresholds of :data:`STATIC_RULE` in :func:`trl_entropy.diagnose.verdict` (``MODE_GAP_HELPS``,
+"""The thresholds of :data:`STATIC_RULE` in :func:`trl_entropy.evaluation.diagnose.verdict` (``MODE_GAP_HELPS``,
 ``CONFIDENCE_AUROC``), for scoring today's fixed rule beside the re-chosen ones."""
 PROBE_RULE = Rule(
     "static+probe",
