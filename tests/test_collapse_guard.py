@@ -7,7 +7,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
-from collections import Counter
 
 import numpy as np
 import pytest
@@ -19,7 +18,6 @@ from trl_entropy.callbacks.collapse import (
     CollapseGuardConfig,
     entropy_decay_fired,
     entropy_floor_fired,
-    identical_completion_fraction,
     identical_completions_fired,
     length_collapse_fired,
     probe_drop_fired,
@@ -131,21 +129,6 @@ def test_probe_drop_measures_from_the_best_earlier_evaluation():
     assert probe_drop_fired([0.3, 0.5, 0.3, 0.2], 0.15, 2)
     assert not probe_drop_fired([0.5], 0.15, 1)  # nothing to compare with
     assert not probe_drop_fired([0.1, 0.5, 0.9], 0.15, 1)  # rising
-
-
-def test_identical_completion_fraction_against_counter():
-    rng = np.random.default_rng(1)
-    for _ in range(50):
-        group, groups = int(rng.integers(1, 5)), int(rng.integers(0, 4))
-        ids = [list(rng.integers(0, 3, size=rng.integers(0, 3))) for _ in range(group * groups)]
-        duplicated = 0
-        for g in range(groups):
-            counts = Counter(tuple(x) for x in ids[g * group : (g + 1) * group])
-            duplicated += sum(c for c in counts.values() if c > 1)
-        expected = duplicated / len(ids) if ids else 0.0
-        assert identical_completion_fraction(ids, group) == pytest.approx(expected)
-    with pytest.raises(ValueError, match="group_size"):
-        identical_completion_fraction([[1], [2], [3]], 2)
 
 
 def test_signal_triggers_names_each_trigger():

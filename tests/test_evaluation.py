@@ -13,7 +13,6 @@ from trl_entropy.evaluation import (
     continue_completions,
     evaluate,
     evaluate_ladder,
-    finishing_budget,
     generate_completions,
     truncation_rate,
 )
@@ -96,36 +95,10 @@ def _completions(lengths: list[int], finished: list[bool]) -> list[Completion]:
     return [Completion(text="", token_ids=[0] * n, finished=f) for n, f in zip(lengths, finished)]
 
 
-def _budget_by_brute_force(completions: list[Completion], fraction: float) -> int | None:
-    """Smallest budget B (1..longest) at which at least ``fraction`` of the completions end within B tokens."""
-    for budget in range(1, max(c.num_tokens for c in completions) + 1):
-        done = sum(c.finished and c.num_tokens <= budget for c in completions)
-        if done >= fraction * len(completions) - 1e-9:
-            return budget
-    return None
-
-
-@pytest.mark.parametrize("fraction", [0.5, 0.9, 0.95, 1.0])
-def test_finishing_budget_matches_brute_force(fraction):
-    g = torch.Generator().manual_seed(0)
-    for _ in range(50):
-        n = int(torch.randint(1, 30, (1,), generator=g))
-        lengths = torch.randint(1, 40, (n,), generator=g).tolist()
-        finished = (torch.rand(n, generator=g) < 0.9).tolist()
-        completions = _completions(lengths, finished)
-        assert finishing_budget(completions, fraction) == _budget_by_brute_force(completions, fraction)
-
-
-def test_finishing_budget_and_truncation_rate_edge_cases():
+def test_truncation_rate_counts_the_completions_cut_off():
     completions = _completions([3, 5, 8, 40], [True, True, True, False])
     assert truncation_rate(completions) == 0.25
-    assert finishing_budget(completions, 0.75) == 8
-    assert finishing_budget(completions, 0.95) is None  # the cut-off answer would need a larger budget to measure
     assert math.isnan(truncation_rate([]))
-    with pytest.raises(ValueError, match="`fraction`"):
-        finishing_budget(completions, 0.0)
-    with pytest.raises(ValueError, match="`completions`"):
-        finishing_budget([], 0.95)
     assert 0 < TRUNCATION_WARNING_RATE < 1
 
 

@@ -20,12 +20,12 @@ trainer = EntropyGRPOTrainer(model, reward_funcs=[entropy_token_reward, majority
 from __future__ import annotations
 
 import math
-from collections import Counter
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 
+from . import stats
 from .ops import masked_sequence_reduce
 
 __all__ = [
@@ -190,10 +190,9 @@ def majority_vote_reward(
         answers = [parse_answer(completion_text(c)) for c in completions]
         rewards = [0.0] * len(completions)
         for group in _groups(prompts, len(completions), num_generations):
-            votes = Counter(answers[i] for i in group if answers[i] is not None)
-            if not votes:
+            winner = stats.majority_vote([answers[i] for i in group])
+            if winner is None:
                 continue
-            winner = votes.most_common(1)[0][0]  # Counter keeps first-seen order among equal counts
             for i in group:
                 rewards[i] = float(answers[i] is not None and answers[i] == winner)
         return rewards

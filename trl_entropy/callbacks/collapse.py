@@ -26,7 +26,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from .entropy_stats import linear_trend_slope
+from ..stats import linear_trend_slope
 
 __all__ = [
     "ACTIONS",
@@ -38,7 +38,6 @@ __all__ = [
     "identical_completions_fired",
     "probe_drop_fired",
     "probe_within_budget",
-    "identical_completion_fraction",
     "signal_triggers",
 ]
 
@@ -287,25 +286,6 @@ def probe_within_budget(probe_seconds: float, train_seconds: float, max_fraction
     if max_fraction is None:
         return True
     return probe_seconds <= max_fraction * max(train_seconds, 0.0)
-
-
-def identical_completion_fraction(completion_ids: Sequence[Sequence[int]], group_size: int) -> float:
-    """Fraction of completions that equal another completion of their group (consecutive runs of ``group_size``
-    completions, TRL's layout), in [0, 1]."""
-    if group_size < 1 or len(completion_ids) % group_size:
-        raise ValueError(
-            f"`group_size` must divide the number of completions ({len(completion_ids)}), got {group_size}."
-        )
-    if not completion_ids:
-        return 0.0
-    duplicated = 0
-    for start in range(0, len(completion_ids), group_size):
-        group = [tuple(ids) for ids in completion_ids[start : start + group_size]]
-        counts: dict[tuple, int] = {}
-        for ids in group:
-            counts[ids] = counts.get(ids, 0) + 1
-        duplicated += sum(c for c in counts.values() if c > 1)
-    return duplicated / len(completion_ids)
 
 
 def signal_triggers(history: dict[str, Sequence[float | None]], config: CollapseGuardConfig) -> list[str]:

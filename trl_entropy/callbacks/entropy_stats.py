@@ -60,7 +60,6 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import torch
 from accelerate import PartialState
 from transformers import Trainer, TrainerCallback
@@ -69,6 +68,7 @@ from ..distribution import EntropyDistribution, TokenEntropyCounter, merge_distr
 from ..files import STATS_FILE_NAME, append_jsonl_record, json_safe, truncate_jsonl, write_atomically
 from ..ops import high_entropy_mask
 from ..signals import CompletionSignals, SignalSource
+from ..stats import linear_trend_slope, pearson_correlation
 
 logger = logging.getLogger(__name__)
 
@@ -218,38 +218,6 @@ def repeated_ngram_counts(token_ids: torch.Tensor, mask: torch.Tensor, n: int) -
     ordered = keys.sort(dim=1).values
     repeated = (ordered[:, 1:] == ordered[:, :-1]) & (ordered[:, 1:] >= 0)
     return repeated.sum(), valid.sum()
-
-
-def linear_trend_slope(steps: Sequence[float], values: Sequence[float]) -> float | None:
-    """Least-squares slope of ``values`` against ``steps`` over the finite values; None with fewer than two points
-    or a single distinct step."""
-    x = np.asarray(steps, dtype=np.float64)
-    y = np.asarray([math.nan if v is None else v for v in values], dtype=np.float64)
-    if x.shape != y.shape:
-        raise ValueError(f"`steps` and `values` must have one length, got {x.shape} and {y.shape}.")
-    keep = np.isfinite(x) & np.isfinite(y)
-    x, y = x[keep], y[keep]
-    if x.size < 2 or np.ptp(x) == 0:
-        return None
-    centred = x - x.mean()
-    return float((centred * (y - y.mean())).sum() / (centred * centred).sum())
-
-
-def pearson_correlation(x: Sequence[float | None], y: Sequence[float | None]) -> float | None:
-    """Pearson correlation over the pairs where both values are finite; None with fewer than three such pairs or when
-    either side is constant (undefined)."""
-    a = np.asarray([math.nan if v is None else v for v in x], dtype=np.float64)
-    b = np.asarray([math.nan if v is None else v for v in y], dtype=np.float64)
-    if a.shape != b.shape:
-        raise ValueError(f"`x` and `y` must have one length, got {a.shape} and {b.shape}.")
-    keep = np.isfinite(a) & np.isfinite(b)
-    if keep.sum() < 3:
-        return None
-    a, b = a[keep] - a[keep].mean(), b[keep] - b[keep].mean()
-    scale = math.sqrt(float((a * a).sum()) * float((b * b).sum()))
-    if scale == 0.0:
-        return None
-    return float(np.clip((a * b).sum() / scale, -1.0, 1.0))
 
 
 # ---- per-window state -----------------------------------------------------------------------------------------------

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -14,7 +13,7 @@ from typing import Any, Literal
 import torch
 
 from ..files import write_atomically
-from ..stats import cohens_d
+from ..stats import cohens_d, welch_p_value
 from .signals import ConfidenceSignal
 from .thresholds import threshold_bayes, threshold_info, threshold_mean, threshold_universal
 
@@ -33,48 +32,6 @@ NEGATIVE_ENTROPY_TOLERANCE = 1e-4
 
 _CALIBRATION_FORMAT = "trl-entropy/entropy-calibration"
 _CALIBRATION_VERSION = 1
-
-
-def welch_p_value(
-    x: Sequence[float], y: Sequence[float], method: Literal["auto", "scipy", "normal"] = "auto"
-) -> tuple[float, float, str]:
-    """Two-sided p-value for a difference of means with unequal variances.
-
-    Args:
-        x: first sample (at least 2 values).
-        y: second sample (at least 2 values).
-        method: ``"scipy"``: Welch's t-test, ``scipy.stats.ttest_ind(equal_var=False)``; ``"normal"``: the same
-            statistic referred to a standard normal instead of Student's t (anti-conservative for small samples:
-            the p-value is smaller than Welch's); ``"auto"``: scipy when it is installed, else normal.
-
-    Returns:
-        ``(statistic, p_value, method_used)`` with ``method_used`` ``"welch_t"`` or ``"normal_approximation"``.
-    """
-    if method not in ("auto", "scipy", "normal"):
-        raise ValueError(f"`method` must be 'auto', 'scipy' or 'normal', got {method!r}.")
-    if len(x) < 2 or len(y) < 2:
-        raise ValueError(f"Each sample needs at least 2 values, got {len(x)} and {len(y)}.")
-    if method in ("auto", "scipy"):
-        try:
-            from scipy import stats
-        except ImportError:
-            if method == "scipy":
-                raise ImportError("`method='scipy'` needs scipy: pip install scipy") from None
-        else:
-            result = stats.ttest_ind(list(x), list(y), equal_var=False)
-            return float(result.statistic), float(result.pvalue), "welch_t"
-    mean_x, mean_y = math.fsum(x) / len(x), math.fsum(y) / len(y)
-    var_x = math.fsum((v - mean_x) ** 2 for v in x) / (len(x) - 1)
-    var_y = math.fsum((v - mean_y) ** 2 for v in y) / (len(y) - 1)
-    se = math.sqrt(var_x / len(x) + var_y / len(y))
-    if se == 0:
-        return (
-            (0.0, 1.0, "normal_approximation")
-            if mean_x == mean_y
-            else (math.copysign(math.inf, mean_x - mean_y), 0.0, "normal_approximation")
-        )
-    z = (mean_x - mean_y) / se
-    return z, math.erfc(abs(z) / math.sqrt(2.0)), "normal_approximation"
 
 
 @dataclass(frozen=True)

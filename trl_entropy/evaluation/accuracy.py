@@ -25,16 +25,15 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from statistics import NormalDist
 from typing import Any
 
 from ..decoding.loop import Completion, Decoder, truncation_rate
+from ..stats import wilson_interval
 
 __all__ = [
     "TRUNCATION_WARNING_RATE",
     "Completion",
     "truncation_rate",
-    "finishing_budget",
     "EvaluationResult",
     "wilson_interval",
     "generate_completions",
@@ -45,56 +44,9 @@ __all__ = [
 ]
 
 
-def wilson_interval(successes: int, n: int, confidence: float = 0.95) -> tuple[float, float]:
-    """Wilson score interval for a binomial proportion ``successes / n``.
-
-    Unlike the normal ("Wald") interval it stays inside [0, 1] and keeps close to its nominal coverage for small
-    ``n`` and proportions near 0 or 1, which is the regime of small held-out sets.
-
-    Args:
-        successes: number of successes, in ``[0, n]``.
-        n: number of trials, ``>= 1``.
-        confidence: two-sided confidence level, in (0, 1).
-
-    Returns:
-        ``(low, high)``, with ``0 <= low <= successes / n <= high <= 1``.
-    """
-    if not (isinstance(n, int) and n >= 1):
-        raise ValueError(f"`n` must be an integer >= 1, got {n!r}.")
-    if not (isinstance(successes, int) and 0 <= successes <= n):
-        raise ValueError(f"`successes` must be an integer in [0, n={n}], got {successes!r}.")
-    if not (0.0 < confidence < 1.0):
-        raise ValueError(f"`confidence` must be in (0, 1), got {confidence}.")
-    z = NormalDist().inv_cdf(0.5 + confidence / 2)
-    p = successes / n
-    denominator = 1 + z * z / n
-    centre = (p + z * z / (2 * n)) / denominator
-    half_width = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denominator
-    # Clamp rounding noise: the exact interval always contains p and lies in [0, 1].
-    return max(0.0, min(p, centre - half_width)), min(1.0, max(p, centre + half_width))
-
-
 TRUNCATION_WARNING_RATE = 0.05
 """Largest fraction of truncated completions (no end token within the budget) at which an accuracy is reported as
 measured on finished answers; above it, a reported accuracy partly measures whether answers fit the budget."""
-
-
-def finishing_budget(completions: Sequence[Completion], fraction: float = 0.95) -> int | None:
-    """Smallest token budget at which at least ``fraction`` of ``completions`` would have finished: the
-    ``ceil(fraction * n)``-th smallest length among the finished ones. None when fewer than that finished within the
-    budget they were generated at (a larger budget is needed to measure it).
-
-    Args:
-        completions: completions generated at one (large) budget.
-        fraction: required fraction of finished completions, in (0, 1].
-    """
-    if not (0.0 < fraction <= 1.0):
-        raise ValueError(f"`fraction` must be in (0, 1], got {fraction}.")
-    if not completions:
-        raise ValueError("`completions` must hold at least one completion.")
-    needed = math.ceil(fraction * len(completions) - 1e-9)
-    lengths = sorted(c.num_tokens for c in completions if c.finished)
-    return lengths[needed - 1] if len(lengths) >= needed else None
 
 
 @dataclass

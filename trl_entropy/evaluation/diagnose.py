@@ -25,8 +25,8 @@ from collections import Counter
 from collections.abc import Callable, Hashable, Sequence
 from typing import Any
 
-from ..stats import auroc, auroc_interval, cohens_d, majority_at_k, mann_whitney_p, pass_at_k
-from .accuracy import Completion, generate_completions, wilson_interval
+from ..stats import auroc, auroc_interval, cohens_d, majority_at_k, mann_whitney_p, pass_at_k, wilson_interval
+from .accuracy import Completion, generate_completions
 
 __all__ = [
     "MIN_VERDICT_PROMPTS",

@@ -21,15 +21,15 @@ import json
 import logging
 import math
 import os
-from collections import Counter
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 from transformers import LogitsProcessor, PreTrainedModel, PreTrainedTokenizerBase
 
+from .. import stats
 from ..decoding.loop import Completion, Decoder, render_prompt, truncation_rate
-from .accuracy import wilson_interval
+from ..stats import wilson_interval
 
 logger = logging.getLogger(__name__)
 
@@ -152,14 +152,9 @@ def normalize_answer(answer: str | None) -> str | None:
 
 
 def majority_vote(answers: Sequence[str | None]) -> str | None:
-    """Most frequent non-missing answer after :func:`normalize_answer`; ties go to the answer seen first; None when
-    no answer could be extracted at all."""
-    normalized = [a for a in map(normalize_answer, answers) if a is not None]
-    if not normalized:
-        return None
-    counts = Counter(normalized)
-    best = max(counts.values())
-    return next(a for a in normalized if counts[a] == best)
+    """Most frequent non-missing answer after :func:`normalize_answer` (:func:`trl_entropy.stats.majority_vote`);
+    ties go to the answer seen first; None when no answer could be extracted at all."""
+    return stats.majority_vote([normalize_answer(a) for a in answers])
 
 
 def score_completions(

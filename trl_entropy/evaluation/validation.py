@@ -33,7 +33,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from .accuracy import wilson_interval
+from ..stats import wilson_interval
 
 __all__ = [
     "OUTCOMES",
