@@ -257,9 +257,13 @@ def test_the_shipped_study_summary_names_both_regimes():
     assert {("open", "none"), ("short", "none"), ("open", "em_rl_token"), ("short", "em_rl_token")} <= regimes
 
 
-def test_plot_entropy_histograms_writes_a_png(tmp_path):
-    path = plot_entropy_histograms({"before": [0.1, 0.5, 2.0, float("nan")], "after": [0.0, 0.1]}, tmp_path / "h.png")
-    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+def test_plot_entropy_histograms_writes_a_figure_of_the_requested_size(tmp_path):
+    image = pytest.importorskip("matplotlib.image")
+    samples = {"before": [0.1, 0.5, 2.0, float("nan")], "after": [0.0, 0.1]}
+    path = plot_entropy_histograms(samples, tmp_path / "nested" / "h.png", dpi=50)
+    assert image.imread(path).shape[:2] == (4 * 50, 7 * 50)  # figsize (7, 4) inches at 50 dpi
+    with pytest.raises(ValueError, match="`bins`"):
+        plot_entropy_histograms(samples, tmp_path / "x.png", bins=0)
 
 
 def test_demo_arguments_validation():

@@ -127,9 +127,5 @@ def test_notebook_executes(notebook, tiny_model_dir, tmp_path, monkeypatch):
         nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}
     )
     client.execute()  # raises CellExecutionError on the first failing cell; the install cell is skipped
-    errors = [
-        o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []) if o["output_type"] == "error"
-    ]
-    assert not errors
     assert any(c.get("outputs") for c in nb.cells if c.cell_type == "code")
     assert os.listdir(tmp_path / "outputs")  # the notebook wrote its files under the working directory

@@ -40,10 +40,9 @@ from transformers import TrainerCallback
 from trl_entropy import ops
 from trl_entropy.callbacks import EntropyStatsCallback, append_jsonl_record, truncate_jsonl
 from trl_entropy.decoding import GenerationEntropyRecorder
-from trl_entropy.rewards import entropy_token_reward
+from trl_entropy.rewards import entropy_token_reward, entropy_trajectory_reward, self_certainty_reward
 from trl_entropy.testing import make_tiny_model_and_tokenizer
 from trl_entropy.trainers import EntropyGRPOConfig, EntropyGRPOTrainer, EntropyRLOOConfig, EntropyRLOOTrainer
-from trl_entropy.trainers._entropy import sequence_rewards
 
 REPO = Path(__file__).resolve().parents[1]
 # TRL's configs default to bf16=True, also on CPU: its old-log-probs pass then runs under bf16 autocast and the
@@ -236,12 +235,14 @@ def test_nan_logits_make_a_completion_unscorable_not_best(tmp_path, caplog, kind
     assert math.isnan(logged["grad_norm"])
 
 
-def test_sequence_rewards_treat_every_non_finite_value_as_unscorable():
-    values = torch.tensor([[1.0, 2.0], [math.nan, 1.0], [math.inf, 1.0], [-math.inf, 1.0], [5.0, math.nan]])
-    mask = torch.tensor([[1, 1], [1, 1], [1, 1], [1, 1], [1, 0]])  # the last row's NaN is padding: ignored
-    assert sequence_rewards("token", values, mask) == [-1.5, None, None, None, -5.0]
-    assert sequence_rewards("trajectory", values, mask) == [1.5, None, None, None, 5.0]
-    assert sequence_rewards("self_certainty", values, torch.zeros_like(mask)) == [None] * 5
+def test_builtin_rewards_treat_every_non_finite_value_as_unscorable():
+    values = list(torch.tensor([[1.0, 2.0], [math.nan, 1.0], [math.inf, 1.0], [-math.inf, 1.0], [5.0, math.nan]]))
+    # the last row's NaN is padding: ignored
+    mask = list(torch.tensor([[1, 1], [1, 1], [1, 1], [1, 1], [1, 0]], dtype=torch.bool))
+    empty = [torch.zeros_like(m) for m in mask]
+    assert entropy_token_reward([""] * 5, token_entropy=values, token_mask=mask) == [-1.5, None, None, None, -5.0]
+    assert entropy_trajectory_reward([""] * 5, token_logprob=values, token_mask=mask) == [1.5, None, None, None, 5.0]
+    assert self_certainty_reward([""] * 5, token_self_certainty=values, token_mask=empty) == [None] * 5
 
 
 # ---------------------------------------------------------------------------------------------------------------------

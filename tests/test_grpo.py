@@ -19,7 +19,6 @@ from trl_entropy.decoding import GenerationEntropyRecorder
 from trl_entropy.ops import high_entropy_mask, selected_token_count, token_entropy
 from trl_entropy.testing import make_tiny_model_and_tokenizer
 from trl_entropy.trainers import EntropyGRPOConfig, EntropyGRPOTrainer
-from trl_entropy.trainers._entropy import sequence_rewards
 
 
 class ScoringSourceGRPOTrainer(ScoringSourceMixin, EntropyGRPOTrainer):
@@ -89,13 +88,6 @@ def test_generation_capture_matches_a_forward_pass_per_token():
     reference = token_entropy(full.logits[:, inputs["input_ids"].size(1) - 1 : -1].double(), 0.9)
     assert mask.all() and values.shape == reference.shape
     assert (values - reference).abs().max().item() < 1e-3
-
-
-def test_empty_completion_gets_no_reward_rather_than_the_best():
-    values = torch.tensor([[2.0, 4.0], [0.0, 0.0]])
-    mask = torch.tensor([[1, 1], [0, 0]])
-    assert sequence_rewards("token", values, mask) == [-3.0, None]
-    assert sequence_rewards("trajectory", values, mask) == [3.0, None]
 
 
 def _scored_batch(trainer, dataset):

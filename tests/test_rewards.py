@@ -18,7 +18,7 @@ from trl_entropy.rewards import (
     self_certainty_reward,
 )
 from trl_entropy.signals import declared_signals
-from trl_entropy.trainers._entropy import EntropyReward, sequence_rewards
+from trl_entropy.trainers._entropy import EntropyReward
 
 
 def fixed_batch():
@@ -80,15 +80,6 @@ def test_entropy_reward_sugar_is_these_functions():
         sugar = EntropyReward(variant)
         assert sugar.func is func and sugar.__name__ == name
         assert declared_signals(sugar) == declared_signals(func)
-    values, mask = fixed_batch()
-    width = max(v.numel() for v in values)
-    padded = torch.zeros(len(values), width)
-    padded_mask = torch.zeros(len(values), width, dtype=torch.bool)
-    for i, (v, m) in enumerate(zip(values, mask)):
-        padded[i, : v.numel()], padded_mask[i, : m.numel()] = v, m
-    assert sequence_rewards("token", padded, padded_mask) == entropy_token_reward(
-        [""] * 5, token_entropy=values, token_mask=mask
-    )
 
 
 def test_rewards_without_signals_say_they_need_an_entropy_trainer():

@@ -362,12 +362,63 @@ def _imports(path: Path) -> set[str]:
     return out
 
 
-def test_stopping_rules_and_generation_loops_import_no_cli_and_no_task():
-    """The code before this test imported the CLI's argument classes (and the task and grading) from
-    `confidence/commands.py` and `generate.py`."""
-    library = [*sorted((ROOT / "trl_entropy" / "confidence").glob("*.py")), ROOT / "trl_entropy" / "generate.py"]
-    library.append(ROOT / "trl_entropy" / "diagnose.py")
+def _absolute_imports(path: Path) -> set[str]:
+    """The package modules ``path`` imports, relative imports resolved (``from ..x import y`` in ``a/b.py`` is
+    ``trl_entropy.x``; ``from . import y`` names ``trl_entropy.a.y``)."""
+    package = ROOT / "trl_entropy"
+    parts = ["trl_entropy", *path.relative_to(package).with_suffix("").parts]
+    here = parts[:-1] if parts[-1] != "__init__" else parts[:-1]
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.ImportFrom):
+            base = here[: len(here) - node.level + 1] if node.level else []
+            module = ".".join(base + ([node.module] if node.module else []))
+            out.add(module)
+            out.update(f"{module}.{alias.name}" for alias in node.names)
+        elif isinstance(node, ast.Import):
+            out.update(alias.name for alias in node.names)
+    return {m for m in out if m.startswith("trl_entropy")}
+
+
+def _wing(module: str) -> str:
+    return ".".join(module.split(".")[:2])
+
+
+def test_no_library_module_imports_the_cli():
+    """Every module outside ``trl_entropy/cli`` (the trainers, callbacks, decoding, evaluation, confidence and the
+    shared top level) imports nothing from the command line; the stopping rules and generation loops no task."""
+    package = ROOT / "trl_entropy"
+    library = [p for p in sorted(package.rglob("*.py")) if "cli" not in p.relative_to(package).parts]
+    assert len(library) > 30  # the whole library, not a sample
     for path in library:
-        imports = _imports(path)
-        bad = sorted(i for i in imports if re.search(r"(^|\.)(cli|tasks)(\.|$)", i))
+        bad = sorted(m for m in _absolute_imports(path) if re.match(r"trl_entropy\.cli(\.|$)", m))
         assert not bad, f"{path.relative_to(ROOT)} imports {bad}"
+    no_task = [*sorted((package / "confidence").glob("*.py")), package / "evaluation" / "generate.py"]
+    for path in [*no_task, package / "evaluation" / "diagnose.py"]:
+        bad = sorted(m for m in _absolute_imports(path) if re.search(r"(^|\.)tasks(\.|$)", m))
+        assert not bad, f"{path.relative_to(ROOT)} imports {bad}"
+
+
+def test_the_wings_import_graph_has_no_cycle():
+    """The top-level units (a module of ``trl_entropy/`` or a wing package) form a DAG: a wing never imports one
+    that imports it (e.g. the callbacks never import the trainers, which attach them)."""
+    package = ROOT / "trl_entropy"
+    edges: dict[str, set[str]] = {}
+    for path in package.rglob("*.py"):
+        parts = ["trl_entropy", *path.relative_to(package).with_suffix("").parts]
+        unit = _wing(".".join(parts[:-1] if parts[-1] == "__init__" else parts))
+        targets = {_wing(m) for m in _absolute_imports(path) if m.count(".") >= 1}
+        edges.setdefault(unit, set()).update(t for t in targets if t != unit and t != "trl_entropy")
+    state: dict[str, int] = {}
+
+    def visit(unit: str, stack: tuple[str, ...]) -> None:
+        state[unit] = 1
+        for target in sorted(edges.get(unit, ())):
+            assert state.get(target) != 1, f"import cycle: {' -> '.join((*stack, unit, target))}"
+            if target not in state:
+                visit(target, (*stack, unit))
+        state[unit] = 2
+
+    for unit in sorted(edges):
+        if unit not in state:
+            visit(unit, ())

@@ -79,7 +79,7 @@ class CollapseGuardCallback(TrainerCallback):
 
     Args:
         config: a :class:`~trl_entropy.callbacks.collapse.CollapseGuardConfig`; keyword ``overrides`` replace its
-        fields.
+            fields.
         probe_problems: optional labelled problems (a dataset or a list of dicts with ``prompt`` and ``answer``),
             e.g. 32 held-out problems disjoint from the training prompts. Without them only the log signals act.
     """

@@ -261,16 +261,6 @@ class EntropyReward:
         return self.func(*args, **kwargs)
 
 
-def sequence_rewards(variant: str, per_token: torch.Tensor, mask: torch.Tensor) -> list[float | None]:
-    """The built-in reward ``variant`` of padded per-token values ``[B, L]`` under ``mask`` (tests and tools that hold
-    padded tensors): ``-mean H`` ("token"), ``mean log p`` ("trajectory") or ``mean KL(U||p)`` ("self_certainty").
-    Empty completions and non-finite values give ``None``."""
-    signal = {"token": "token_entropy", "trajectory": "token_logprob", "self_certainty": "token_self_certainty"}
-    rows = list(per_token.float())
-    masks = list(mask.bool())
-    return _BUILTIN_REWARDS[variant]([None] * len(rows), **{signal[variant]: rows, "token_mask": masks})
-
-
 class EntropyTrainerMixin(CompletionSignalsMixin):
     """Adds the entropy reward and the forking-token mask to a TRL online trainer (GRPO or RLOO).
 
@@ -457,6 +447,5 @@ __all__ = [
     "entropy_settings",
     "forking_normalization_weights",
     "require_number",
-    "sequence_rewards",
     "validate_sampling_fields",
 ]

@@ -32,7 +32,7 @@ import torch
 from ..decoding.loop import GenerationEntropyRecorder
 from ..ops import self_certainty, token_entropy
 from ..signals import MASK_NAME, SIGNAL_NAMES, CompletionSignals, SignalSource, declared_signals, signal_observers
-from ._trl import generate_fields
+from ._trl import generate_fields, is_multimodal, plain_generate, scores_the_policy
 
 logger = logging.getLogger(__name__)
 
@@ -63,11 +63,6 @@ class _SignalPlan:
     completions: tuple[list[list[int]], list[list[int]], list[torch.Tensor]] | None = None  # prompts, ids, mask
     policy_pass: _PolicyPass | None = None
     published: bool = False
-
-
-def _is_multimodal(inputs: list[dict]) -> bool:
-    """Whether a batch carries images (TRL's own test: an ``images`` or ``image`` column)."""
-    return any(row.get("images") or row.get("image") is not None for row in inputs if isinstance(row, dict))
 
 
 class CompletionSignalsMixin(SignalSource):
@@ -104,13 +99,8 @@ class CompletionSignalsMixin(SignalSource):
         return tuple(name for name in SIGNAL_NAMES if name in wanted)
 
     def _plain_generate(self) -> bool:
-        """Whether completions come from transformers ``generate`` on this process, whose logits the hook sees."""
-        return not (
-            getattr(self, "use_vllm", False)
-            or getattr(self, "use_transformers_continuous_batching", False)
-            or getattr(self, "rollout_func", None) is not None
-            or getattr(self, "tools", None)
-        )
+        """Whether completions come from transformers ``generate`` on this process (:func:`._trl.plain_generate`)."""
+        return plain_generate(self)
 
     def _entropy_source(self) -> str | None:
         """The plan: ``"generation"`` (decoding logits), ``"scoring"`` (TRL's pass of the policy over the completions
@@ -208,18 +198,8 @@ class CompletionSignalsMixin(SignalSource):
 
     # ---- TRL's pass of the policy --------------------------------------------------------------------------------
     def _scores_the_policy(self, model) -> bool:
-        """Whether a pass with ``model`` runs the policy: ``self.model``, and for a PEFT policy with its adapters
-        active (TRL 1.16 scores a PEFT reference with the same module, adapters disabled or its ``"ref"`` adapter
-        active)."""
-        if model is not self.model:
-            return False
-        unwrapped = self.accelerator.unwrap_model(model)
-        if getattr(unwrapped, "peft_config", None) is None:
-            return True
-        from peft.tuners.tuners_utils import BaseTunerLayer
-
-        layer = next((m for m in unwrapped.modules() if isinstance(m, BaseTunerLayer)), None)
-        return layer is None or (not layer.disable_adapters and "ref" not in layer.active_adapters)
+        """Whether a pass with ``model`` runs the policy (:func:`._trl.scores_the_policy`)."""
+        return scores_the_policy(self, model)
 
     def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, *args, **kwargs):
         if not self._watch_policy_pass or torch.is_grad_enabled() or not self._scores_the_policy(model):
@@ -253,7 +233,7 @@ class CompletionSignalsMixin(SignalSource):
         if names and observed is not None and set(names) <= _TRL_PASS_SIGNALS:
             values, source = self._signals_from_pass(observed, completion_ids, names), "old_logps"
         else:
-            if names and _is_multimodal(inputs):
+            if names and is_multimodal(inputs):
                 raise RuntimeError(
                     f"The per-token signals {list(names)} of multimodal completions from a generator that returns no "
                     "logits (vLLM, tools, a rollout_func) need the image inputs, which TRL builds after generation "

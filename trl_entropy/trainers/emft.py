@@ -22,7 +22,7 @@ from ._entropy import validate_sampling_fields
 from ._model_card import EntropyModelCardMixin
 from ._signals import CompletionSignalsMixin
 from ._stats import EntropyStatsArguments, EntropyStatsMixin
-from ._trl import GRPO_GENERATE_FIELDS, SUPPORTED_TRL, multimodal_forward_names
+from ._trl import GRPO_GENERATE_FIELDS, SUPPORTED_TRL, multimodal_forward_names, no_reward
 
 __all__ = ["EMFTConfig", "EMFTTrainer"]
 
@@ -175,11 +175,6 @@ class EMFTConfig(EntropyStatsArguments, GRPOConfig):
         super().__post_init__()
 
 
-def _no_reward(completions: list, **kwargs) -> list[float]:
-    """Placeholder reward that satisfies GRPOTrainer's "at least one reward source"; EMFTTrainer never calls it."""
-    return [0.0] * len(completions)
-
-
 class _EntropyAfterUpdateCallback(TrainerCallback):
     """Hands each optimizer step to :meth:`EMFTTrainer._log_entropy_update` (``on_optimizer_step`` runs after
     ``optimizer.step()`` and before the gradients are zeroed and the step's metrics are logged)."""
@@ -257,7 +252,7 @@ class EMFTTrainer(EntropyModelCardMixin, EntropyStatsMixin, CompletionSignalsMix
             raise TypeError(f"`args` must be an EMFTConfig, got {type(args).__name__}.")
         super().__init__(
             model=model,
-            reward_funcs=[_no_reward],
+            reward_funcs=[no_reward],
             args=args,
             train_dataset=train_dataset,
             eval_dataset=eval_dataset,

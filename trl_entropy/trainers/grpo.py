@@ -10,21 +10,7 @@ from trl import GRPOConfig, GRPOTrainer
 from ._entropy import EntropyMethodsArguments, EntropyTrainerMixin, entropy_settings
 from ._model_card import EntropyModelCardMixin
 from ._stats import EntropyStatsMixin
-from ._trl import GRPO_GENERATE_FIELDS, SUPPORTED_TRL
-
-# How each GRPO `loss_type` of TRL 1.16 normalises its token losses, which decides what
-# `forking_token_normalization="selected"` does (see `forking_normalization_weights`). A loss type TRL adds later is
-# refused with "selected" at config time (its normaliser is unknown here); "all" needs no entry.
-LOSS_AGGREGATION = {
-    "dapo": "token",
-    "bnpo": "token",
-    "cispo": "token",
-    "vespo": "token",
-    "grpo": "sequence",
-    "sapo": "sequence",
-    "dr_grpo": "constant",
-    "luspo": "constant",
-}
+from ._trl import GRPO_GENERATE_FIELDS, LOSS_AGGREGATION, SUPPORTED_TRL
 
 
 @dataclass
