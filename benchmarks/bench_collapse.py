@@ -6,7 +6,7 @@ and the demo's 2e-5. Each learning rate is trained twice from the same seed:
 
 - ``warn``: the guard only observes (``action="warn"``): it evaluates the probe and logs when it would fire, and
   changes nothing (the probe is greedy with no RNG draw, so the weights follow the unguarded run exactly; tested in
-  ``tests/test_collapse_guard.py``). This is the run "without the guard", with the probe curve drawn.
+  ``tests/callbacks/test_collapse_guard.py``). This is the run "without the guard", with the probe curve drawn.
 - ``stop_and_restore``: the guard with its default thresholds stops training and loads the best probe weights back.
 
 The probe: 32 labelled problems, disjoint from the training prompts, greedy, every ``probe_every`` steps. The final

@@ -13,7 +13,7 @@
 #      site-packages first, .venv's after it: TRL X.Y and whatever newer dependency it asks for shadow .venv's, nothing
 #      in .venv changes); with --fresh, a venv that installs the bumped copy with its `dev` extra from the index;
 #   3. prints `trl-entropy env` there (the versions under test);
-#   4. runs the TRL-contract tests (tests/test_trl_contract.py, tests/test_dropin.py; TESTS="..." runs other pytest
+#   4. runs the TRL-contract tests (tests/trainers/test_trl_contract.py, tests/trainers/test_dropin.py; TESTS="..." runs other pytest
 #      arguments) on the bumped copy;
 #   5. runs TRL's own GRPO/RLOO trainer tests (../shared/trl-conformance/run.sh, or $CONFORMANCE) in `base` mode
 #      (TRL's classes) and `swap` mode (the entropy trainers under TRL's names), and lists the tests that fail with
@@ -129,7 +129,7 @@ step "trl-entropy env (the bumped copy on TRL $installed)"
 (cd "$work/src" && PYTHONPATH="$work/src" "$py" -m trl_entropy.cli env)
 
 # 4. The TRL-contract tests.
-tests=${TESTS:-tests/test_trl_contract.py tests/test_dropin.py}
+tests=${TESTS:-tests/trainers/test_trl_contract.py tests/trainers/test_dropin.py}
 step "contract tests: pytest $tests"
 # shellcheck disable=SC2086  # TESTS is a list of pytest arguments
 (cd "$work/src" && PYTHONPATH="$work/src" OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 "$py" -m pytest -q -p no:cacheprovider \

@@ -1,5 +1,5 @@
 """The collapse guard on every rank of a 2-process CPU launch (torchrun, gloo); launched by
-tests/test_collapse_guard.py.
+tests/callbacks/test_collapse_guard.py.
 
 Usage: ``python -m torch.distributed.run --standalone --nproc_per_node 2 collapse_guard_checks.py OUT_DIR``
 

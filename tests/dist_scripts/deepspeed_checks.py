@@ -1,4 +1,4 @@
-"""DeepSpeed ZeRO-2 / ZeRO-3 on CPU processes (torchrun, gloo); launched by tests/test_peft_deepspeed.py.
+"""DeepSpeed ZeRO-2 / ZeRO-3 on CPU processes (torchrun, gloo); launched by tests/trainers/test_peft_deepspeed.py.
 
 Usage: ``python -m torch.distributed.run --standalone --nproc_per_node 2 deepspeed_checks.py OUT_DIR STAGES``
 with ``STAGES`` e.g. ``2,3`` (one run per stage, one after the other in the same processes).

@@ -1,4 +1,5 @@
-"""Checks run on every rank of a multi-process CPU launch (torchrun, gloo); launched by tests/test_distributed.py.
+"""Checks run on every rank of a multi-process CPU launch (torchrun, gloo); launched by
+tests/trainers/test_distributed.py.
 
 Usage: ``python -m torch.distributed.run --standalone --nproc_per_node 2 distributed_checks.py OUT_DIR``
 

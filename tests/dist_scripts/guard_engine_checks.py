@@ -1,5 +1,5 @@
 """The collapse guard's restore under DDP, DeepSpeed ZeRO-2 and ZeRO-3, for GRPO, RLOO and EM-FT, on 2 CPU processes
-(torchrun, gloo); launched by tests/test_collapse_guard.py.
+(torchrun, gloo); launched by tests/callbacks/test_collapse_guard.py.
 
 Usage: ``python -m torch.distributed.run --standalone --nproc_per_node 2 guard_engine_checks.py OUT_DIR STAGES KINDS``
 with ``STAGES`` e.g. ``0,2,3`` (0: plain DDP) and ``KINDS`` e.g. ``grpo,rloo,emft``.

@@ -53,22 +53,21 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import math
 import os
 from collections import deque
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from accelerate import PartialState
 from transformers import Trainer, TrainerCallback
 
-from ..distribution import EntropyDistribution, TokenEntropyCounter, merge_distributions, merge_token_counters
+from ..distribution import EntropyDistribution, TokenEntropyCounter
 from ..files import STATS_FILE_NAME, append_jsonl_record, json_safe, truncate_jsonl, write_atomically
-from ..ops import high_entropy_mask
 from ..signals import CompletionSignals, SignalSource
 from ..stats import linear_trend_slope, pearson_correlation
+from .stats_config import _DEFAULT_FORKING_RATIO, EntropyStatsConfig
+from .windows import _EntropyWindow, _merged_to_state_dict, merge_window_states, repeated_ngram_counts
 
 logger = logging.getLogger(__name__)
 
@@ -95,200 +94,6 @@ LEGACY_METRIC_PREFIX = "entropy"
 """Their prefix in trl-entropy 0.1.0 (``entropy/mean``...): the JSONL files of that version still plot."""
 _HISTOGRAM_TAG = f"train/{METRIC_PREFIX}/histogram"
 _TOP_TOKENS_TAG = f"train/{METRIC_PREFIX}/top_tokens"
-_DEFAULT_FORKING_RATIO = 0.2
-
-
-@dataclass
-class EntropyStatsConfig:
-    """Settings of :class:`EntropyStatsCallback`.
-
-    Parameters:
-        quantiles (`tuple[float, ...]`, *optional*, defaults to `(0.1, 0.25, 0.5, 0.75, 0.9, 0.99)`):
-            Entropy quantiles to log as ``sampling_entropy/p10`` etc., each in (0, 1).
-        bins (`int`, *optional*, defaults to `100`):
-            Linear histogram bins over ``[0, log V]`` sent to the logging backends and the JSONL, in [1, 512].
-        top_tokens (`int`, *optional*, defaults to `20`):
-            Number of most frequent forking tokens to record per logging step, in [0, 1000].
-        forking_token_ratio (`float` or `None`, *optional*, defaults to `None`):
-            Fraction rho of highest-entropy tokens that count as forking tokens, in (0, 1]. `None` takes the trainer's
-            ``args.forking_token_ratio``, else TRL's ``args.top_entropy_quantile``, when below 1 (1 means the mask is
-            off), else 0.2 (the value of Wang et al., 2025).
-        forking_threshold (`float` or `None`, *optional*, defaults to `None`):
-            Fixed entropy threshold (nats, >= 0) for ``sampling_entropy/frac_above_forking_threshold``. `None`
-            freezes the ``1 - rho`` entropy quantile of the first logging step, so the fraction starts near rho and
-            falls as the policy's entropy collapses.
-        trend_window (`int`, *optional*, defaults to `10`):
-            Number of logging steps over which ``sampling_entropy/trend_slope`` (least-squares slope of the mean
-            entropy, nats per step) is fitted, in [2, 100000].
-        repetition_ngram (`int`, *optional*, defaults to `4`):
-            n of the n-grams in ``sampling_entropy/repetition_rate`` (repeated n-grams within a completion over all
-            n-grams), in [1, 64].
-        entropy_reward_key (`str` or `None`, *optional*, defaults to `None`):
-            Column of the trainer's logged rewards (or extra logged columns) that holds the entropy reward. `None`
-            picks the first name containing "entropy", "certainty" or "confidence".
-        accuracy_reward_key (`str` or `None`, *optional*, defaults to `None`):
-            Column that holds an accuracy-type reward. `None` picks the first name containing "accuracy" or "correct".
-            ``sampling_entropy/reward_correlation`` (Pearson) is logged when both columns exist.
-        vocab_size (`int` or `None`, *optional*, defaults to `None`):
-            Vocabulary size (>= 2); sets the histogram range ``[0, log V]`` and the token counter. `None` reads it
-            from the trainer's model config and tokenizer.
-        stats_file (`str`, *optional*, defaults to `"entropy_stats.jsonl"`):
-            JSONL file, relative to ``args.output_dir`` unless absolute.
-        plot_on_train_end (`bool`, *optional*, defaults to `True`):
-            Write PNG plots to ``output_dir/entropy_plots`` at the end of training (needs matplotlib).
-    """
-
-    quantiles: tuple[float, ...] = field(
-        default=(0.1, 0.25, 0.5, 0.75, 0.9, 0.99), metadata={"help": "Entropy quantiles to log, each in (0, 1)."}
-    )
-    bins: int = field(default=100, metadata={"help": "Linear histogram bins over [0, log V], in [1, 512]."})
-    top_tokens: int = field(default=20, metadata={"help": "Forking tokens to record per log, in [0, 1000]."})
-    forking_token_ratio: float | None = field(
-        default=None, metadata={"help": "Forking-token fraction rho in (0, 1]; None: from the trainer args or 0.2."}
-    )
-    forking_threshold: float | None = field(
-        default=None, metadata={"help": "Fixed forking threshold in nats (>= 0); None: first log's 1-rho quantile."}
-    )
-    trend_window: int = field(default=10, metadata={"help": "Logging steps in the entropy trend fit, [2, 100000]."})
-    repetition_ngram: int = field(default=4, metadata={"help": "n of the repetition-rate n-grams, in [1, 64]."})
-    entropy_reward_key: str | None = field(default=None, metadata={"help": "Logged column of the entropy reward."})
-    accuracy_reward_key: str | None = field(default=None, metadata={"help": "Logged column of the accuracy reward."})
-    vocab_size: int | None = field(default=None, metadata={"help": "Vocabulary size (>= 2); None: from the model."})
-    stats_file: str = field(default=STATS_FILE_NAME, metadata={"help": "JSONL file, relative to output_dir."})
-    plot_on_train_end: bool = field(default=True, metadata={"help": "Write PNG plots at the end of training."})
-
-    def __post_init__(self):
-        self.quantiles = tuple(float(q) for q in self.quantiles)
-        if not self.quantiles or not all(0.0 < q < 1.0 for q in self.quantiles):
-            raise ValueError(f"`quantiles` must be a non-empty sequence of values in (0, 1), got {self.quantiles}.")
-        _check_int("bins", self.bins, 1, 512)
-        _check_int("top_tokens", self.top_tokens, 0, 1000)
-        _check_int("trend_window", self.trend_window, 2, 100_000)
-        _check_int("repetition_ngram", self.repetition_ngram, 1, 64)
-        if self.forking_token_ratio is not None and not (0.0 < self.forking_token_ratio <= 1.0):
-            raise ValueError(f"`forking_token_ratio` must be in (0, 1], got {self.forking_token_ratio}.")
-        if self.forking_threshold is not None and not (
-            math.isfinite(self.forking_threshold) and self.forking_threshold >= 0
-        ):
-            raise ValueError(f"`forking_threshold` must be a finite number >= 0, got {self.forking_threshold}.")
-        if self.vocab_size is not None:
-            _check_int("vocab_size", self.vocab_size, 2, 2**40)
-        if not self.stats_file:
-            raise ValueError("`stats_file` must be a non-empty file name.")
-
-
-def _check_int(name: str, value: Any, low: int, high: int) -> None:
-    if not (isinstance(value, int) and not isinstance(value, bool) and low <= value <= high):
-        raise ValueError(f"`{name}` must be an integer in [{low}, {high}], got {value!r}.")
-
-
-# ---- pure helpers ---------------------------------------------------------------------------------------------------
-_HASH_PRIME_A, _HASH_BASE_A = 2_147_483_647, 1_000_003
-_HASH_PRIME_B, _HASH_BASE_B = 2_147_483_629, 911_382_323
-
-
-@torch.no_grad()
-def repeated_ngram_counts(token_ids: torch.Tensor, mask: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Repeated and total n-grams within each row of ``token_ids`` ``[B, T]``, summed over rows.
-
-    An n-gram counts when all its tokens are under ``mask``; it is repeated when the same n-gram already occurred
-    earlier in the same row, so ``repeated / total = 1 - distinct / total`` (the rep-n of Welleck et al., 2020).
-    Returns two 0-dim int64 tensors on the input device, without a host synchronisation. N-grams are compared
-    through two independent 31-bit polynomial hashes (collision probability about 2^-62 per pair).
-    """
-    if token_ids.dim() != 2 or mask.shape != token_ids.shape:
-        raise ValueError(
-            f"`token_ids` must be [B, T] and `mask` of the same shape, got {tuple(token_ids.shape)} and "
-            f"{tuple(mask.shape)}."
-        )
-    if not (isinstance(n, int) and n >= 1):
-        raise ValueError(f"`n` must be an integer >= 1, got {n!r}.")
-    zero = torch.zeros((), dtype=torch.int64, device=token_ids.device)
-    if token_ids.shape[1] < n or token_ids.numel() == 0:
-        return zero, zero.clone()
-    windows = token_ids.long().unfold(1, n, 1)  # [B, T - n + 1, n]
-    valid = mask.bool().unfold(1, n, 1).all(dim=-1)
-    hash_a = torch.zeros(windows.shape[:2], dtype=torch.int64, device=token_ids.device)
-    hash_b = torch.zeros_like(hash_a)
-    for j in range(n):
-        token = windows[..., j]
-        hash_a = (hash_a * _HASH_BASE_A + token % _HASH_PRIME_A) % _HASH_PRIME_A
-        hash_b = (hash_b * _HASH_BASE_B + token % _HASH_PRIME_B) % _HASH_PRIME_B
-    keys = torch.where(valid, hash_a * 2**31 + hash_b, torch.full_like(hash_a, -1))  # invalid n-grams sort first
-    ordered = keys.sort(dim=1).values
-    repeated = (ordered[:, 1:] == ordered[:, :-1]) & (ordered[:, 1:] >= 0)
-    return repeated.sum(), valid.sum()
-
-
-# ---- per-window state -----------------------------------------------------------------------------------------------
-class _EntropyWindow:
-    """Everything observed since the last logging step on one rank (device tensors until read)."""
-
-    def __init__(self, vocab_size: int, bins: int):
-        self.vocab_size = vocab_size
-        self.distribution = EntropyDistribution(math.log(vocab_size), bins=bins)
-        self.tokens = TokenEntropyCounter(vocab_size)
-        self.reset()
-
-    def reset(self) -> None:
-        self.distribution.reset()
-        self.tokens.reset()
-        self._counters: dict[str, torch.Tensor | int] = {
-            "repeated_ngrams": 0,
-            "total_ngrams": 0,
-            "completion_tokens": 0,
-            "completions": 0,
-        }
-
-    @torch.no_grad()
-    def observe(
-        self,
-        entropies: torch.Tensor,
-        mask: torch.Tensor,
-        token_ids: torch.Tensor | None,
-        forking_ratio: float,
-        ngram: int,
-    ) -> None:
-        entropies = entropies.detach()
-        mask = mask.bool()
-        valid = mask & torch.isfinite(entropies)
-        self.distribution.update(entropies, mask)
-        if token_ids is not None:
-            selected = high_entropy_mask(entropies, valid, forking_ratio)
-            self.tokens.update(token_ids, selected, torch.where(valid, entropies, torch.zeros_like(entropies)))
-            repeated, total = repeated_ngram_counts(token_ids, mask, ngram)
-            self._counters["repeated_ngrams"] = self._counters["repeated_ngrams"] + repeated
-            self._counters["total_ngrams"] = self._counters["total_ngrams"] + total
-        self._counters["completion_tokens"] = self._counters["completion_tokens"] + mask.sum()
-        self._counters["completions"] = self._counters["completions"] + mask.shape[0]
-
-    def state_dict(self) -> dict[str, Any]:
-        counters = {k: int(v) for k, v in self._counters.items()}
-        return {"distribution": self.distribution.state_dict(), "tokens": self.tokens.state_dict(), **counters}
-
-
-@torch.no_grad()
-def merge_window_states(states: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-    """Merge per-rank window states (each from one rank's ``state_dict()``) into host objects:
-    ``{"distribution": EntropyDistribution, "tokens": TokenEntropyCounter, "repeated_ngrams", "total_ngrams",
-    "completion_tokens", "completions"}``. The result does not depend on how the data was split across ranks."""
-    if not states:
-        raise ValueError("`states` must hold at least one window state.")
-    merged: dict[str, Any] = {
-        "distribution": merge_distributions([EntropyDistribution.from_state_dict(s["distribution"]) for s in states]),
-        "tokens": merge_token_counters([TokenEntropyCounter.from_state_dict(s["tokens"]) for s in states]),
-    }
-    for key in ("repeated_ngrams", "total_ngrams", "completion_tokens", "completions"):
-        merged[key] = sum(int(s[key]) for s in states)
-    return merged
-
-
-def _merged_to_state_dict(merged: Mapping[str, Any]) -> dict[str, Any]:
-    return {
-        "distribution": merged["distribution"].state_dict(),
-        "tokens": merged["tokens"].state_dict(),
-        **{k: merged[k] for k in ("repeated_ngrams", "total_ngrams", "completion_tokens", "completions")},
-    }
 
 
 def _quantile_name(q: float) -> str:

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, NoReturn
 
 # TRL's parser, the argument classes and torch are imported where a command needs them, so that `trl-entropy --help`
-# starts as fast as `trl --help` (tests/test_cli.py checks what it imports; benchmarks/bench_cli_help.py times it).
+# starts as fast as `trl --help` (tests/cli/test_cli.py checks what it imports; benchmarks/bench_cli_help.py times it).
 if TYPE_CHECKING:
     from trl import TrlParser
 
@@ -27,8 +27,9 @@ __all__ = ["main", "make_parser"]
 USAGE_ERROR = 2  # argparse's exit status for a bad command line; also for a bad config or data file
 RUN_ERROR = 1
 
-# Imported lazily, so that `trl-entropy --help` and commands that need little stay fast.
-_TRAINERS = {
+# The one trainer registry of the CLI: command -> (module, config class, trainer class), imported lazily so that
+# `trl-entropy --help` and commands that need little stay fast (cli/train.py builds the trainer from it too).
+TRAINERS = {
     "grpo": ("trl_entropy.trainers", "EntropyGRPOConfig", "EntropyGRPOTrainer"),
     "rloo": ("trl_entropy.trainers", "EntropyRLOOConfig", "EntropyRLOOTrainer"),
     "emft": ("trl_entropy.trainers.emft", "EMFTConfig", "EMFTTrainer"),
@@ -134,12 +135,12 @@ def make_parser(command: str, argv: Sequence[str] = ()) -> TrlParser:
     from ._parser import OneLineParser
 
     prog = f"trl-entropy {command}"
-    if command in _TRAINERS:
+    if command in TRAINERS:
         from trl import DatasetMixtureConfig
 
         from .arguments import EntropyModelConfig, TrainScriptArguments
 
-        module, config_name, _ = _TRAINERS[command]
+        module, config_name, _ = TRAINERS[command]
         config_class = _import(module, config_name)
         from .arguments import CollapseGuardArguments
 
@@ -212,7 +213,7 @@ def _parse_command(command: str, argv: Sequence[str]) -> tuple[tuple, list[str],
     )
     launcher = {}
     for origin, remaining in (("the command line", from_argv), ("the config file", from_config)):
-        launcher[origin], remaining = _split_launcher_options(remaining) if command in _TRAINERS else ([], remaining)
+        launcher[origin], remaining = _split_launcher_options(remaining) if command in TRAINERS else ([], remaining)
         unknown = [item for item in remaining if item.startswith("--")] or remaining
         if unknown:
             renamed = [f"{name} (now {_RENAMED[name]})" for name in unknown if name in _RENAMED]
@@ -300,7 +301,7 @@ def _fail(command: str, message: Any, status: int) -> NoReturn:
 def _output_folder(command: str, parsed: tuple) -> str:
     """Where ``command`` writes: the training config's or the arguments' ``output_dir``, else ``output_file``'s
     folder."""
-    arguments = parsed[1] if command in _TRAINERS else parsed[-1]
+    arguments = parsed[1] if command in TRAINERS else parsed[-1]
     folder = getattr(arguments, "output_dir", None)
     return folder or os.path.dirname(os.path.abspath(getattr(arguments, "output_file", None) or "."))
 
@@ -329,7 +330,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parsed, launch_from_config, launch_from_argv = _parse_command(command, rest)
         if (launch_from_config or launch_from_argv) and not _launched_by_accelerate():
             return _launch(command, rest, launch_from_config, launch_from_argv)
-        if command in _TRAINERS:
+        if command in TRAINERS:
             from .train import prepare_training
 
             job = prepare_training(command, *parsed)
@@ -346,7 +347,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         _fail(command, err, USAGE_ERROR)
 
     try:
-        if command in _TRAINERS or command == "diagnose":
+        if command in TRAINERS or command == "diagnose":
             job.run()
             return 0
         result = job.run() if job is not None else run(parsed[-1])

@@ -22,15 +22,11 @@ from trl import DatasetMixtureConfig
 
 from ..data_checks import check_checkpoint, check_data_file, check_model_inputs, check_training_dataset
 from .arguments import EntropyModelConfig, TrainScriptArguments
+from .main import TRAINERS
 
 __all__ = ["TrainingJob", "default_choices_line", "prepare_training", "reward_registry", "run_train"]
 
 _FILE_DATASETS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
-_TRAINERS = {
-    "grpo": ("trl_entropy.trainers", "EntropyGRPOTrainer"),
-    "rloo": ("trl_entropy.trainers", "EntropyRLOOTrainer"),
-    "emft": ("trl_entropy.trainers.emft", "EMFTTrainer"),
-}
 
 
 def reward_registry() -> dict[str, Callable]:
@@ -188,7 +184,7 @@ class TrainingJob:
 
         from ..hardware import precision_line
 
-        module, name = _TRAINERS[self.method]
+        module, _, name = TRAINERS[self.method]
         trainer = getattr(importlib.import_module(module), name)(**self.trainer_kwargs)
         trainer.accelerator.print(precision_line(self.training_args))
         # EntropyStatsCallback is the trainer's own (the config's `entropy_stats`, as from Python); the guard reads its
@@ -220,8 +216,8 @@ def prepare_training(
     model. Raises ``ValueError`` (one line: the option, what it accepts, the value) on anything wrong."""
     from trl import get_peft_config
 
-    if method not in _TRAINERS:
-        raise ValueError(f"`method` must be one of {sorted(_TRAINERS)}, got {method!r}.")
+    if method not in TRAINERS:
+        raise ValueError(f"`method` must be one of {sorted(TRAINERS)}, got {method!r}.")
     dataset_args = dataset_args or DatasetMixtureConfig()
     defaults_line = default_choices_line(method, script_args, model_args, dataset_args)
     if defaults_line and os.environ.get("RANK", "0") == "0":  # once per run, not once per process of a launch

@@ -238,7 +238,7 @@ def em_inf_logits(
           it on top (no other token's gradient is more negative). Adam, however, scales each coordinate by its own
           gradient history, so a near-tied token can overtake it; the overtaking token must start within Adam's
           largest possible travel, about ``lr * steps`` (in practice only ties closer than ~1e-3 flip; see
-          ``tests/test_inference.py``). The KL term pulls towards the original ordering. Greedy decoding after
+          ``tests/decoding/test_inference.py``). The KL term pulls towards the original ordering. Greedy decoding after
           EM-INF therefore picks the same token as without it except, occasionally, among near-tied tokens.
 
     Args:

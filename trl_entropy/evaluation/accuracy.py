@@ -366,7 +366,7 @@ def evaluate_ladder(
     the completions cut off at the one before, from their KV cache, and records entropies for the new tokens only.
 
     Each rung's result has the form of :func:`evaluate`'s at that budget. Greedy: the same completions, token for
-    token (``tests/test_evaluation.py``; see :class:`~trl_entropy.decoding.Decoder` on the last bits of the
+    token (``tests/evaluation/test_evaluation.py``; see :class:`~trl_entropy.decoding.Decoder` on the last bits of the
     arithmetic). Sampled: a draw from the same distribution as :func:`evaluate` at that budget from the start, not
     the same draw (the random stream is consumed in another order); the stopping rule reads each rung's own draw.
 

@@ -92,7 +92,8 @@ class EntropyGRPOTrainer(EntropyModelCardMixin, EntropyStatsMixin, EntropyTraine
     def get_high_entropy_mask(self, entropies: torch.Tensor, mask: torch.Tensor, threshold: float) -> torch.Tensor:
         """The forking-token mask, as float weights ``[B, T]`` (TRL's own method returns a bool mask).
 
-        The contract with TRL 1.16's caller (``GRPOTrainer._compute_loss``, tested in ``tests/test_dropin.py``): it
+        The contract with TRL 1.16's caller (``GRPOTrainer._compute_loss``, tested in
+        ``tests/trainers/test_dropin.py``): it
         calls this hook when ``self.top_entropy_quantile < 1``, which this trainer sets to ``forking_token_ratio``
         (the fraction of tokens kept, TRL's meaning of that attribute), multiplies the per-token loss by the result,
         and averages the entropy bonus over ``mask * result``. Weights instead of a bool mask carry the

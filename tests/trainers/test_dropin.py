@@ -407,7 +407,7 @@ def test_rloo_recipe_does_not_set_the_papers_kl_as_rloo_beta():
     """TRL's RLOO ``beta`` subtracts ``beta * sum_t (log pi_old - log pi_ref)`` from each reward (a summed log-ratio
     that grows with length), not the paper's per-token low_var_kl loss term: the recipe must not present 0.001 as
     the paper's setting for it."""
-    path = Path(__file__).parents[1] / "examples" / "em_rl_rloo.py"
+    path = Path(__file__).parents[2] / "examples" / "em_rl_rloo.py"
     spec = importlib.util.spec_from_file_location("em_rl_rloo_example", path)
     example = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(example)

@@ -224,7 +224,8 @@ def test_config_errors(tmp_path, kwargs, match):
 
 def test_trainer_errors(tmp_path):
     model, tokenizer, dataset = tiny_setup()
-    with pytest.raises(ValueError, match="No reward source provided"):  # TRL's own error (tests/test_dropin.py)
+    # TRL's own error (tests/trainers/test_dropin.py)
+    with pytest.raises(ValueError, match="No reward source provided"):
         EntropyGRPOTrainer(
             model,
             args=EntropyGRPOConfig(output_dir=str(tmp_path), **TINY_KWARGS),

@@ -71,7 +71,8 @@ def test_entropy_reward_matches_brute_force(tmp_path, variant, trainer_class, so
         assert g == pytest.approx(e, abs=1e-4)
 
 
-# The forking-token mask inside RLOO's sequence objective is tested against RLOOTrainer in tests/test_dropin.py.
+# The forking-token mask inside RLOO's sequence objective is tested against RLOOTrainer in
+# tests/trainers/test_dropin.py.
 
 
 def test_drop_in_identity_with_entropy_options_off(tmp_path):

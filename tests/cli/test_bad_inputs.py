@@ -29,7 +29,7 @@ import torch
 
 from trl_entropy.files import atomic_writer, disk_full_message, write_atomically
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 MISSING_MODEL = "/nonexistent/model-folder"
 MSG_FORMS = "a non-empty string or a list of messages"
 

@@ -20,7 +20,7 @@ from trl_entropy.cli import EntropyModelConfig, TrainScriptArguments, main, make
 from trl_entropy.testing import make_tiny_model_and_tokenizer
 
 COMMANDS = ("grpo", "rloo", "emft", "generate", "calibrate", "plot", "diagnose", "demo", "env")
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _help_text(capsys, argv):

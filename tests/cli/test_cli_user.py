@@ -418,7 +418,7 @@ def test_calibrate_keeps_the_measurements_and_says_what_to_change(tmp_path, caps
 # Docs: the commands they show parse; notebooks are linked; no machine path
 # ---------------------------------------------------------------------------------------------------------------------
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 DOC_FILES = sorted(
     [ROOT / "README.md", ROOT / "examples" / "README.md"]
     + list((ROOT / "docs").rglob("*.md"))

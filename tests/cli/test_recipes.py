@@ -21,7 +21,7 @@ from trl_entropy.cli import main
 from trl_entropy.cli.main import _accelerate_launch_args, _parse_command
 from trl_entropy.testing import make_tiny_model_and_tokenizer, tiny_prompts
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 RECIPES = sorted((ROOT / "recipes").glob("*/*/config_*.yaml"))
 TRAINING = ("grpo", "rloo", "emft")
 LAUNCHER_KEYS = ("accelerate_config", "num_processes")

@@ -23,7 +23,7 @@ from trainer_utils import TINY_KWARGS, RecordingReward, brute_force_rewards, tin
 from trl_entropy.testing import make_tiny_model_and_tokenizer
 from trl_entropy.trainers import EntropyGRPOConfig, EntropyGRPOTrainer, EntropyRLOOConfig, EntropyRLOOTrainer
 
-SCRIPTS = Path(__file__).resolve().parent / "dist_scripts"
+SCRIPTS = Path(__file__).resolve().parents[1] / "dist_scripts"
 TINY_KWARGS = {**TINY_KWARGS, "bf16": False}  # float32 passes: rewards comparable to a float64 reference at 1e-4
 
 needs_deepspeed = pytest.mark.skipif(

@@ -37,7 +37,7 @@ from trl_entropy.trainers._entropy import EntropyTrainerMixin
 from trl_entropy.trainers._model_card import EntropyModelCardMixin
 from trl_entropy.trainers._trl import GRPO_GENERATE_FIELDS, check_trl_version, generate_fields
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def length_reward(completion_ids, **kwargs):
