@@ -357,9 +357,9 @@ class EntropyStatsCallback(TrainerCallback):
         if not (state.is_world_process_zero and self.config.plot_on_train_end and os.path.isfile(path)):
             return
         try:
-            from .plots import PlotArguments, run_plot
+            from .plots import write_plots
 
-            run_plot(PlotArguments(stats_file=path, output_dir=os.path.join(args.output_dir, "entropy_plots")))
+            write_plots(path, os.path.join(args.output_dir, "entropy_plots"))
         except ImportError as err:
             logger.info("Entropy plots skipped: %s", err)
         except Exception:  # a plotting problem must not fail a finished training run, but is reported

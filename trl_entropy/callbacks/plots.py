@@ -22,6 +22,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "load_checked_stats",
+    "write_plots",
     "load_entropy_stats",
     "plot_collapse_signals",
     "plot_histograms",
@@ -374,3 +375,30 @@ def plot_diagnosis(result: dict[str, Any], path: str | Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=110)
     return path
+
+
+def write_plots(
+    stats_file: str | Path,
+    output_dir: str | Path,
+    steps: Sequence[int] | None = None,
+    max_histograms: int = 5,
+    log_y: bool = False,
+    dpi: int = 120,
+) -> list[Path]:
+    """Write the four PNG figures of an ``entropy_stats.jsonl`` to ``output_dir`` and return their paths (what
+    ``trl-entropy plot`` and :class:`~trl_entropy.callbacks.EntropyStatsCallback` at the end of training write)."""
+    records = load_checked_stats(stats_file)
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    figures = {
+        "entropy_quantiles.png": plot_quantile_bands(records, log_y=log_y),
+        "entropy_histograms.png": plot_histograms(records, steps, max_histograms),
+        "entropy_signals.png": plot_collapse_signals(records),
+        "entropy_top_tokens.png": plot_top_tokens(records),
+    }
+    paths = []
+    for name, figure in figures.items():
+        path = output_dir / name
+        figure.savefig(path, dpi=dpi)
+        paths.append(path)
+    return paths
