@@ -16,7 +16,7 @@ import torch
 
 from ..ops import high_entropy_mask
 from ..rewards import entropy_token_reward, entropy_trajectory_reward, self_certainty_reward
-from ._signals import CompletionSignalsMixin
+from ._signal_hooks import CompletionSignalsMixin
 from ._stats import EntropyStatsArguments
 
 ENTROPY_REWARDS = ("none", "token", "trajectory", "self_certainty")
@@ -268,7 +268,7 @@ class EntropyTrainerMixin(CompletionSignalsMixin):
     through :func:`entropy_settings`, so a plain TRL config runs TRL's trainer unchanged. The mixin overrides
     only ``__init__`` (appends the entropy reward, one of :mod:`trl_entropy.rewards`' functions) and
     ``_calculate_rewards`` (an unscorable entropy reward makes the whole row unscorable); the per-token signals
-    that reward reads come from :class:`~trl_entropy.trainers._signals.CompletionSignalsMixin`, like those of
+    that reward reads come from :class:`~trl_entropy.trainers._signal_hooks.CompletionSignalsMixin`, like those of
     any user reward function that declares them.
     """
 

@@ -20,7 +20,7 @@ from trl.models.utils import disable_gradient_checkpointing
 
 from ._entropy import validate_sampling_fields
 from ._model_card import EntropyModelCardMixin
-from ._signals import CompletionSignalsMixin
+from ._signal_hooks import CompletionSignalsMixin
 from ._stats import EntropyStatsArguments, EntropyStatsMixin
 from ._trl import GRPO_GENERATE_FIELDS, SUPPORTED_TRL, multimodal_forward_names, no_reward
 
