@@ -58,10 +58,11 @@ class DemoArguments:
         prompt_style (`str`, *optional*, defaults to `"open"`):
             Prompt of the arithmetic task: `"open"` (the question alone: the study's regime where EM-RL helps) or
             `"short"` (two worked examples first: the regime where it does not; see the report's study line).
-        num_eval_problems (`int`, *optional*, defaults to `96`):
-            Held-out problems (disjoint from the training prompts), >= 1. Below
-            :data:`trl_entropy.diagnose.MIN_VERDICT_PROMPTS` (93: where an accuracy's 95% interval is within +-10
-            points, the gap the verdict acts on) the report gives the numbers and no verdict.
+        num_eval_problems (`int`, *optional*, defaults to `64`):
+            Held-out problems (disjoint from the training prompts), >= 1; the arithmetic task's test split holds 67
+            distinct ones. Below :data:`trl_entropy.diagnose.MIN_VERDICT_PROMPTS` (93: where an accuracy's 95%
+            interval is within +-10 points, the gap the verdict acts on) the report gives the numbers and "too few
+            samples for a verdict" instead of a verdict.
         num_samples (`int`, *optional*, defaults to `4`):
             Samples per held-out problem at `temperature` (majority@k, pass@k), >= 2.
         eval_max_new_tokens (`int`, *optional*, defaults to `256`):
@@ -116,7 +117,7 @@ class DemoArguments:
         default="open",
         metadata={"help": "Arithmetic prompt: 'open' (the study's regime where EM-RL helps) or 'short'."},
     )
-    num_eval_problems: int = field(default=96, metadata={"help": "Held-out problems, >= 1."})
+    num_eval_problems: int = field(default=64, metadata={"help": "Held-out problems, >= 1 (arithmetic: <= 67)."})
     num_samples: int = field(default=4, metadata={"help": "Samples per held-out problem, >= 2."})
     eval_max_new_tokens: int = field(default=256, metadata={"help": "Evaluation token budget, >= 1."})
     num_train_prompts: int = field(default=512, metadata={"help": "Unlabelled training prompts, >= 1."})
@@ -194,6 +195,11 @@ def _load_problems(args: DemoArguments):
                 rows.append(row)
             if len(rows) == args.num_eval_problems:
                 break
+        if len(rows) < args.num_eval_problems:  # no silent shrinking: the report's n is the one asked for
+            raise ValueError(
+                f"`num_eval_problems` must be at most {len(rows)}, the distinct held-out problems of the arithmetic "
+                f"task's test split, got {args.num_eval_problems}."
+            )
         held_out = Dataset.from_list(rows)
     else:
         held_out = load_task(args.task, n=args.num_eval_problems, split="test")
@@ -509,6 +515,7 @@ def run_demo(args: DemoArguments) -> dict[str, Any]:
     from transformers import set_seed
 
     from . import trainers  # noqa: F401  (an unsupported TRL is refused here, before the first evaluation)
+    from .hardware import cpu_has_native_bf16, cpu_name, machine_record, training_dtype
     from .models import load_model
     from .plots import plot_diagnosis
 
@@ -518,8 +525,8 @@ def run_demo(args: DemoArguments) -> dict[str, Any]:
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     set_seed(args.seed)
+    held_out, train_prompts = _load_problems(args)  # before the model loads: a bad setting costs nothing
     model, tokenizer = load_model(args.model_name_or_path)
-    held_out, train_prompts = _load_problems(args)
 
     print("What to expect on this model and task:", flush=True)
     before = _diagnose(model, tokenizer, held_out, args, "before")
@@ -559,7 +566,11 @@ def run_demo(args: DemoArguments) -> dict[str, Any]:
             "cpu_s": time.process_time() - start_cpu,
             "num_threads": torch.get_num_threads(),
             "peak_memory_gb": _peak_memory_gb(),
-            "machine": f"{platform.machine()}, {os.cpu_count()} logical CPUs",
+            "machine": (
+                f"{cpu_name()}, {'native' if cpu_has_native_bf16() else 'no native'} bf16, "
+                f"{os.cpu_count()} logical CPUs; trained in {training_dtype(trainer.args)}"
+            ),
+            "hardware": machine_record(trainer.args),
         },
         "training_log": [entry for entry in trainer.state.log_history if "loss" in entry],
     }
