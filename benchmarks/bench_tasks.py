@@ -23,6 +23,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import RESULTS_DIR, print_table, write_results  # noqa: E402
 
+EXAMPLES_PATH = RESULTS_DIR / "bench_tasks" / "examples.json"
+
 from trl_entropy.evaluation import evaluate  # noqa: E402
 from trl_entropy.evaluation.tasks import TASKS, build_task  # noqa: E402
 from trl_entropy.models import load_model  # noqa: E402
@@ -42,7 +44,11 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     path = RESULTS_DIR / "bench_tasks.json"
-    previous = json.loads(path.read_text())["rows"] if path.is_file() else []
+    saved = json.loads(path.read_text())["rows"] if path.is_file() else []
+    examples = json.loads(EXAMPLES_PATH.read_text()) if EXAMPLES_PATH.is_file() else {}
+    previous = [
+        {**r, "examples": examples.get(f"{r['model']} / {r['task']} / {r['prompt_style']}", [])} for r in saved
+    ]
     rows = []
     for model_name in args.models:
         start = time.perf_counter()
@@ -86,8 +92,14 @@ def main() -> None:
         {
             "protocol": "greedy, one completion per held-out problem, trl_entropy.evaluation.evaluate, "
             f"{args.threads} torch thread(s), float32",
-            "rows": merged,
+            "rows": [{k: v for k, v in r.items() if k != "examples"} for r in merged],
         },
+    )
+    # The first answers of each setting, beside the results (their texts hold numbers that are no measurement).
+    EXAMPLES_PATH.parent.mkdir(parents=True, exist_ok=True)
+    EXAMPLES_PATH.write_text(
+        json.dumps({f"{r['model']} / {r['task']} / {r['prompt_style']}": r["examples"] for r in merged}, indent=1)
+        + "\n"
     )
     print_table(
         [

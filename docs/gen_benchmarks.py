@@ -34,7 +34,17 @@ RESULTS_DIR = ROOT / "benchmarks" / "results"
 SCRIPTS_DIR = ROOT / "benchmarks"
 OUTPUT = ROOT / "docs" / "benchmarks.md"
 
-SETTINGS_KEYS = ("settings", "config", "configuration", "machine", "environment", "args", "arguments", "setup")
+SETTINGS_KEYS = (
+    "settings",
+    "config",
+    "configuration",
+    "machine",
+    "hardware",
+    "environment",
+    "args",
+    "arguments",
+    "setup",
+)
 PRIMARY_KEYS = ("table", "summary", "results", "ratios", "headline")
 RAW_KEYS = ("runs", "raw", "samples", "timings", "trials", "per_repeat", "history", "examples")
 _SPHINX_ROLE = re.compile(r":(?:py:)?(?:class|func|meth|mod|attr|data|obj):`~?([^`]+)`")
@@ -50,7 +60,9 @@ How they were measured:
 
 - **Machine**: a shared development box with **2 CPU cores** and no GPU, so absolute times are those of a small CPU
   machine, and noisy. Benchmarks that train or generate use the embedded SmolLM2-135M-Instruct (134.5M parameters,
-  vocabulary 49,152) in float32, unless their settings say otherwise.
+  vocabulary 49,152). Newer JSON files record the CPU model, whether it has native bf16, the torch threads and the
+  training dtype (`hardware` / `machine`); the study (`bench_label_free`) trained under TRL's bf16 default, the
+  step-time benchmarks in float32, unless their settings say otherwise.
 - **Ratios are measured side by side in one run**: the variants being compared are interleaved (step by step, or run
   by run in fresh subprocesses), so that a change in the machine's load affects both sides alike. Unless its name
   says otherwise, a ratio is the candidate's figure divided by the baseline's: below 1 is cheaper.

@@ -15,7 +15,6 @@ from dataclasses import dataclass, field
 import torch
 from trl import TrlParser
 
-from trl_entropy.callbacks import EntropyStatsCallback
 from trl_entropy.evaluation.tasks import ArithmeticTask
 from trl_entropy.hardware import default_bf16
 from trl_entropy.models import load_model
@@ -54,8 +53,8 @@ def main(argv=None):
 
     model, tokenizer = load_model(example_args.model_name_or_path)
     prompts = ArithmeticTask().dataset(example_args.num_prompts, split="train").select_columns(["prompt"])
+    # The trainer attaches EntropyStatsCallback itself (entropy quantiles, JSONL and PNG plots in output_dir).
     trainer = EntropyGRPOTrainer(model=model, args=training_args, train_dataset=prompts, processing_class=tokenizer)
-    trainer.add_callback(EntropyStatsCallback(trainer))  # entropy quantiles + PNG plots in output_dir
     trainer.train()
 
     logs = [entry for entry in trainer.state.log_history if "entropy" in entry]

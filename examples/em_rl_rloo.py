@@ -19,7 +19,6 @@ from dataclasses import dataclass, field
 import torch
 from trl import TrlParser
 
-from trl_entropy.callbacks import EntropyStatsCallback
 from trl_entropy.evaluation.tasks import ArithmeticTask
 from trl_entropy.hardware import default_bf16
 from trl_entropy.models import load_model
@@ -58,7 +57,6 @@ def main(argv=None):
     model, tokenizer = load_model(example_args.model_name_or_path)
     prompts = ArithmeticTask().dataset(example_args.num_prompts, split="train").select_columns(["prompt"])
     trainer = EntropyRLOOTrainer(model=model, args=training_args, train_dataset=prompts, processing_class=tokenizer)
-    trainer.add_callback(EntropyStatsCallback(trainer))
     trainer.train()
 
     rewards = [

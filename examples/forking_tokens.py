@@ -15,7 +15,6 @@ from dataclasses import dataclass, field
 import torch
 from trl import TrlParser
 
-from trl_entropy.callbacks import EntropyStatsCallback
 from trl_entropy.evaluation.tasks import ArithmeticTask, accuracy_reward
 from trl_entropy.hardware import default_bf16
 from trl_entropy.models import load_model
@@ -63,7 +62,6 @@ def main(argv=None):
         train_dataset=problems,
         processing_class=tokenizer,
     )
-    trainer.add_callback(EntropyStatsCallback(trainer))
     trainer.train()
 
     logs = [entry for entry in trainer.state.log_history if "forking/selected_fraction" in entry]

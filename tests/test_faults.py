@@ -397,7 +397,8 @@ def test_every_completion_truncated_and_masked(tmp_path, trainer_class, config_c
 def test_prompts_longer_than_the_context(tmp_path):
     """TRL 1.16 has no prompt truncation. With rotary positions (Llama, Qwen, the models this package targets) a prompt
     past ``max_position_embeddings`` still runs, and the entropy reward is the exact entropy of what the model
-    computed; the context length is the user's to enforce on the dataset (documented in docs/distributed.md)."""
+    computed; from Python the context length is the user's to enforce on the dataset, as in TRL (the CLI refuses such a
+    prompt before loading: tests/test_bad_inputs.py; documented in docs/distributed.md)."""
     model, tokenizer = make_tiny_model_and_tokenizer(seed=0)
     model.config.max_position_embeddings = 16
     long_prompts = [" ".join(["what is"] + [str(i % 40) for i in range(24)] + ["?"]) for _ in range(2)]

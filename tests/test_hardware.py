@@ -88,3 +88,32 @@ def test_cli_trains_in_float32_without_native_bf16_and_bf16_with_it():
     here = _probe()
     assert here["bf16"] is here["torch_native"]
     assert _probe("--bf16", "false")["bf16"] is False
+
+
+_WARN_PROBE = """
+import logging, sys
+from types import SimpleNamespace
+logging.basicConfig(level=logging.WARNING, stream=sys.stdout, format="%(name)s: %(message)s")
+from trl_entropy.hardware import warn_if_slow_bf16
+print(warn_if_slow_bf16(SimpleNamespace(use_cpu=True, bf16=True)), warn_if_slow_bf16(SimpleNamespace(use_cpu=True,
+      bf16=False)))
+"""
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the warning concerns CPU training")
+@pytest.mark.parametrize("emulated", [True, False])
+def test_bf16_on_a_cpu_without_native_bf16_warns_once(emulated):
+    result = subprocess.run(
+        [sys.executable, "-c", _WARN_PROBE],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "CUDA_VISIBLE_DEVICES": "", **(AVX2_ONLY if emulated else {})},
+        timeout=120,
+        check=True,
+    )
+    lines = result.stdout.strip().splitlines()
+    native = cpu_has_native_bf16() and not emulated
+    assert lines[-1] == ("False False" if native else "True False")
+    warnings = [line for line in lines if "without native bf16" in line]
+    assert len(warnings) == (0 if native else 1)
+    assert all("bf16=False" in line for line in warnings)

@@ -305,3 +305,19 @@ def test_demo_quick_mode_writes_a_report(tmp_path):
     assert [entry["step"] for entry in saved["training_log"]] == [1, 2]
     assert all("rewards/entropy_token/mean" in entry for entry in saved["training_log"])
     assert results["timing"]["num_threads"] == 1
+
+
+def test_demo_refuses_more_held_out_problems_than_the_split_holds(tmp_path):
+    from trl_entropy.cli.demo import _load_problems
+    from trl_entropy.evaluation.tasks import ArithmeticTask
+
+    # The distinct test-split questions of the open arithmetic task, counted independently of the demo's loop.
+    task = ArithmeticTask(prompt_style="open")
+    train_questions = set(task.dataset(512, split="train", seed=0)["question"])
+    held_out_questions = set(task.dataset(400, split="test", seed=0)["question"]) - train_questions
+    args = DemoArguments(output_dir=str(tmp_path), num_eval_problems=len(held_out_questions))
+    held_out, _ = _load_problems(args)
+    assert len(held_out) == len(held_out_questions) == len(set(held_out["question"]))
+    too_many = DemoArguments(output_dir=str(tmp_path), num_eval_problems=len(held_out_questions) + 1)
+    with pytest.raises(ValueError, match=rf"`num_eval_problems` must be at most {len(held_out_questions)}"):
+        _load_problems(too_many)

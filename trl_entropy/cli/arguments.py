@@ -549,11 +549,11 @@ class DemoArguments:
         prompt_style (`str`, *optional*, defaults to `"open"`):
             Prompt of the arithmetic task: `"open"` (the question alone: the study's regime where EM-RL helps) or
             `"short"` (two worked examples first: the regime where it does not; see the report's study line).
-        num_eval_problems (`int`, *optional*, defaults to `96`):
-            Held-out problems (disjoint from the training prompts), >= 1. Below
-            :data:`trl_entropy.evaluation.diagnose.MIN_VERDICT_PROMPTS` (93: where an accuracy's 95% interval is
-            within +-10
-            points, the gap the verdict acts on) the report gives the numbers and no verdict.
+        num_eval_problems (`int`, *optional*, defaults to `64`):
+            Held-out problems (disjoint from the training prompts), >= 1; the arithmetic task's test split holds 67
+            distinct ones. Below :data:`trl_entropy.evaluation.diagnose.MIN_VERDICT_PROMPTS` (93: where an
+            accuracy's 95% interval is within +-10 points, the gap the verdict acts on) the report gives the numbers
+            and "too few samples for a verdict" instead of a verdict.
         num_samples (`int`, *optional*, defaults to `4`):
             Samples per held-out problem at `temperature` (majority@k, pass@k), >= 2.
         eval_max_new_tokens (`int`, *optional*, defaults to `256`):
@@ -609,7 +609,7 @@ class DemoArguments:
         default="open",
         metadata={"help": "Arithmetic prompt: 'open' (the study's regime where EM-RL helps) or 'short'."},
     )
-    num_eval_problems: int = field(default=96, metadata={"help": "Held-out problems, >= 1."})
+    num_eval_problems: int = field(default=64, metadata={"help": "Held-out problems, >= 1 (arithmetic: <= 67)."})
     num_samples: int = field(default=4, metadata={"help": "Samples per held-out problem, >= 2."})
     eval_max_new_tokens: int = field(default=256, metadata={"help": "Evaluation token budget, >= 1."})
     num_train_prompts: int = field(default=512, metadata={"help": "Unlabelled training prompts, >= 1."})

@@ -60,6 +60,11 @@ def _load_problems(args: DemoArguments):
                 rows.append(row)
             if len(rows) == args.num_eval_problems:
                 break
+        if len(rows) < args.num_eval_problems:  # no silent shrinking: the report's n is the one asked for
+            raise ValueError(
+                f"`num_eval_problems` must be at most {len(rows)}, the distinct held-out problems of the arithmetic "
+                f"task's test split, got {args.num_eval_problems}."
+            )
         held_out = Dataset.from_list(rows)
     else:
         held_out = load_task(args.task, n=args.num_eval_problems, split="test")
@@ -377,6 +382,7 @@ def run_demo(args: DemoArguments) -> dict[str, Any]:
 
     from .. import trainers  # noqa: F401  (an unsupported TRL is refused here, before the first evaluation)
     from ..callbacks.plots import plot_diagnosis
+    from ..hardware import cpu_has_native_bf16, cpu_name, machine_record, training_dtype
     from ..models import load_model
 
     start_wall, start_cpu = time.perf_counter(), time.process_time()
@@ -385,8 +391,8 @@ def run_demo(args: DemoArguments) -> dict[str, Any]:
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     set_seed(args.seed)
+    held_out, train_prompts = _load_problems(args)  # before the model loads: a bad setting costs nothing
     model, tokenizer = load_model(args.model_name_or_path)
-    held_out, train_prompts = _load_problems(args)
 
     print("What to expect on this model and task:", flush=True)
     before = _diagnose(model, tokenizer, held_out, args, "before")
@@ -426,7 +432,11 @@ def run_demo(args: DemoArguments) -> dict[str, Any]:
             "cpu_s": time.process_time() - start_cpu,
             "num_threads": torch.get_num_threads(),
             "peak_memory_gb": _peak_memory_gb(),
-            "machine": f"{platform.machine()}, {os.cpu_count()} logical CPUs",
+            "machine": (
+                f"{cpu_name()}, {'native' if cpu_has_native_bf16() else 'no native'} bf16, "
+                f"{os.cpu_count()} logical CPUs; trained in {training_dtype(trainer.args)}"
+            ),
+            "hardware": machine_record(trainer.args),
         },
         "training_log": [entry for entry in trainer.state.log_history if "loss" in entry],
     }

@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from ..hardware import warn_if_slow_bf16
 from ..ops import high_entropy_mask
 from ..rewards import entropy_token_reward, entropy_trajectory_reward, self_certainty_reward
 from ._signal_hooks import CompletionSignalsMixin
@@ -294,6 +295,7 @@ class EntropyTrainerMixin(CompletionSignalsMixin):
         if args is None:
             model_name = model if isinstance(model, str) else model.config._name_or_path
             args = self._config_class(f"{str(model_name).split('/')[-1]}-{self._trl_name}")
+        warn_if_slow_bf16(args)
         settings = entropy_fields(args)
         if settings.entropy_reward == "none":
             # Every entropy option off: TRL's constructor as is, with its own checks and errors.

@@ -18,6 +18,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase, TrainerCallba
 from trl import GRPOConfig, GRPOTrainer
 from trl.models.utils import disable_gradient_checkpointing
 
+from ..hardware import warn_if_slow_bf16
 from ._entropy import validate_sampling_fields
 from ._model_card import EntropyModelCardMixin
 from ._signal_hooks import CompletionSignalsMixin
@@ -250,6 +251,7 @@ class EMFTTrainer(EntropyModelCardMixin, EntropyStatsMixin, CompletionSignalsMix
             args = EMFTConfig(f"{name.rstrip('/').split('/')[-1]}-EMFT")
         elif not isinstance(args, EMFTConfig):
             raise TypeError(f"`args` must be an EMFTConfig, got {type(args).__name__}.")
+        warn_if_slow_bf16(args)
         super().__init__(
             model=model,
             reward_funcs=[no_reward],
