@@ -25,3 +25,15 @@ def default_model_path():
     from trl_entropy.models import default_model_path
 
     return str(default_model_path())
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory):
+    """A tiny random Llama and its tokenizer saved in a folder, for commands that load a model by path."""
+    from trl_entropy.testing import make_tiny_model_and_tokenizer
+
+    path = tmp_path_factory.mktemp("tiny-model")
+    model, tokenizer = make_tiny_model_and_tokenizer(seed=0)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)

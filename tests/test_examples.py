@@ -8,22 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from trl_entropy.testing import make_tiny_model_and_tokenizer
-
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 TRAINING_FLAGS = ["--max_steps", "1", "--num_prompts", "8", "--per_device_train_batch_size", "4"]
 TRAINING_FLAGS += ["--max_completion_length", "8"]
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny-model")
-    model, tokenizer = make_tiny_model_and_tokenizer(seed=0)
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return str(path)
 
 
 def _run_script(name, argv, monkeypatch):

@@ -17,7 +17,6 @@ from safetensors.torch import load_file
 
 import trl_entropy.cli.arguments as cli_arguments
 from trl_entropy.cli import EntropyModelConfig, TrainScriptArguments, main, make_parser
-from trl_entropy.testing import make_tiny_model_and_tokenizer
 
 COMMANDS = ("grpo", "rloo", "emft", "generate", "calibrate", "plot", "diagnose", "demo", "env")
 ROOT = Path(__file__).resolve().parents[2]
@@ -45,15 +44,6 @@ COMMAND_ARGUMENTS = {
 def _dataclass_types(command, argv=()):
     """The dataclasses a command's parser was built from (read back from the parser itself)."""
     return make_parser(command, argv).dataclass_types
-
-
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny-model")
-    model, tokenizer = make_tiny_model_and_tokenizer(seed=0)
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return str(path)
 
 
 def test_top_level_help_lists_every_command(capsys):

@@ -22,15 +22,6 @@ MISSING_MODEL = "/nonexistent/model-folder"
 
 
 @pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny-model")
-    model, tokenizer = make_tiny_model_and_tokenizer(seed=0)
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return str(path)
-
-
-@pytest.fixture(scope="module")
 def tiny_reward_model_dir(tmp_path_factory):
     """A tiny sequence-classification reward model, loaded by TRL from a folder as `reward_model_name_or_path`."""
     from transformers import LlamaForSequenceClassification

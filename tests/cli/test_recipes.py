@@ -19,7 +19,7 @@ import yaml
 
 from trl_entropy.cli import main
 from trl_entropy.cli.main import _accelerate_launch_args, _parse_command
-from trl_entropy.testing import make_tiny_model_and_tokenizer, tiny_prompts
+from trl_entropy.testing import tiny_prompts
 
 ROOT = Path(__file__).resolve().parents[2]
 RECIPES = sorted((ROOT / "recipes").glob("*/*/config_*.yaml"))
@@ -47,15 +47,6 @@ def _values(parsed) -> dict:
         for field in fields(obj):
             values.setdefault(field.name, getattr(obj, field.name))
     return values
-
-
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny-model")
-    model, tokenizer = make_tiny_model_and_tokenizer(seed=0)
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return str(path)
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ import pytest
 from datasets import load_dataset
 
 from trl_entropy.cli import main
-from trl_entropy.testing import make_tiny_model_and_tokenizer, tiny_prompts
+from trl_entropy.testing import tiny_prompts
 
 pytest.importorskip("tensorboard")
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: E402
@@ -45,15 +45,6 @@ EXPECTED_SCALARS = {
     "emft": {"train/entropy", "train/sampling_entropy/mean", "train/sampling_entropy/p90",
              "train/emft/entropy_before"},
 }  # fmt: skip
-
-
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny-model")
-    model, tokenizer = make_tiny_model_and_tokenizer(seed=0)
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return str(path)
 
 
 @pytest.fixture(scope="module")
