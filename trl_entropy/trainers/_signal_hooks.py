@@ -53,16 +53,22 @@ class _PolicyPass:
 
 
 @dataclass
-class _SignalPlan:
-    """What the current generation batch computes, and from where (``"generation"``, or ``"scoring"``: after
-    generation, from TRL's pass when it makes one, else from one of ours)."""
+class _BatchPlan:
+    """Everything the hooks of one generation batch share, from ``_generate_and_score_completions`` to the rewards:
+    the only state this mixin keeps across TRL's hooks, and only while the batch is being built.
+
+    ``source`` is where the signals come from: ``"generation"`` (the decoding logits), ``"scoring"`` (after
+    generation, from TRL's pass of the policy when it makes one, else from one forward of ours), or None when nothing
+    asks for them. ``watch_policy_pass``: TRL's first no-grad pass of the policy in this batch is still to come and is
+    to be read (for the signals, or for a loss that needs its log-probs)."""
 
     names: tuple[str, ...]
-    source: str
+    source: str | None
+    watch_policy_pass: bool = False
     generation_values: dict[str, list[torch.Tensor]] | None = None
     completions: tuple[list[list[int]], list[list[int]], list[torch.Tensor]] | None = None  # prompts, ids, mask
     policy_pass: _PolicyPass | None = None
-    published: bool = False
+    signals: CompletionSignals | None = None  # once published
 
 
 class CompletionSignalsMixin(SignalSource):
@@ -74,8 +80,7 @@ class CompletionSignalsMixin(SignalSource):
     """
 
     _generate_fields: tuple[str, ...] = ()  # the layout of TRL's `_generate` result, set by each trainer
-    _watch_policy_pass: bool = False
-    _signal_plan: _SignalPlan | None = None
+    _batch: _BatchPlan | None = None  # set while a generation batch is built
 
     # ---- who asks for what ---------------------------------------------------------------------------------------
     def _signal_observers(self) -> list:
@@ -136,27 +141,26 @@ class CompletionSignalsMixin(SignalSource):
 
     def _generate_and_score_completions(self, inputs):
         source = self._entropy_source()
-        self._signal_plan = _SignalPlan(self._requested_signals(), source) if source is not None else None
-        self._signals = None
-        self._watch_policy_pass = source == "scoring" or self._needs_old_per_token_logps()
+        self._batch = _BatchPlan(
+            names=tuple(self._requested_signals() or ()) if source is not None else (),
+            source=source,
+            watch_policy_pass=source == "scoring" or self._needs_old_per_token_logps(),
+        )
         try:
             output = super()._generate_and_score_completions(inputs)
         finally:
-            self._watch_policy_pass = False
-            self._signal_plan = None
-            self._signals = None
+            self._batch = None
         return self._add_to_scored_batch(output)
 
     def _publish_signals(self, signals: CompletionSignals) -> None:
         """Keep the batch's signals for the rewards and hand them to every observer, on every rank."""
-        self._signals = signals
-        if self._signal_plan is not None:
-            self._signal_plan.published = True
+        if self._batch is not None:
+            self._batch.signals = signals
         for observer in self._signal_observers():
             observer.on_signals(signals, self)
 
     def _generate_single_turn(self, *args, **kwargs):
-        plan = self._signal_plan
+        plan = self._batch
         if plan is None or plan.source != "generation" or not plan.names:
             return super()._generate_single_turn(*args, **kwargs)
         with GenerationEntropyRecorder(self._causal_lm(), self.temperature, plan.names) as recorder:
@@ -177,8 +181,8 @@ class CompletionSignalsMixin(SignalSource):
 
     def _generate(self, prompts: list):
         result = super()._generate(prompts)
-        plan = self._signal_plan
-        if plan is None:
+        plan = self._batch
+        if plan is None or plan.source is None:
             return result
         fields = generate_fields(result, self._generate_fields, self._generate_owner())
         # TRL's `tool_mask`: 0 on tool results and on a rollout_func's environment tokens (RLOO has no tools).
@@ -202,13 +206,13 @@ class CompletionSignalsMixin(SignalSource):
         return scores_the_policy(self, model)
 
     def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, *args, **kwargs):
-        if not self._watch_policy_pass or torch.is_grad_enabled() or not self._scores_the_policy(model):
+        plan = self._batch
+        if plan is None or not plan.watch_policy_pass or torch.is_grad_enabled() or not self._scores_the_policy(model):
             return super()._get_per_token_logps_and_entropies(
                 model, input_ids, attention_mask, logits_to_keep, *args, **kwargs
             )
-        self._watch_policy_pass = False  # the first pass of the policy in the batch
-        plan = self._signal_plan
-        reads = plan is not None and plan.source == "scoring" and plan.completions is not None
+        plan.watch_policy_pass = False  # the first pass of the policy in the batch
+        reads = plan.source == "scoring" and plan.completions is not None
         wanted_entropy = kwargs.get("compute_entropy", False)
         if reads and "token_entropy" in plan.names:
             kwargs["compute_entropy"] = True
@@ -224,8 +228,8 @@ class CompletionSignalsMixin(SignalSource):
     def _complete_signals(self, inputs: list[dict]) -> None:
         """Publish the batch's signals when they come after generation (``"scoring"``): from TRL's policy pass when it
         made one, else from one forward. Called before the rewards."""
-        plan = self._signal_plan
-        if plan is None or plan.published or plan.completions is None:
+        plan = self._batch
+        if plan is None or plan.source is None or plan.signals is not None or plan.completions is None:
             return
         prompt_ids, completion_ids, token_mask = plan.completions
         names = plan.names
@@ -333,7 +337,7 @@ class CompletionSignalsMixin(SignalSource):
     # ---- the rewards ---------------------------------------------------------------------------------------------
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
         self._complete_signals(inputs)
-        signals = getattr(self, "_signals", None)
+        signals = self._batch.signals if self._batch is not None else None
         asked = self._reward_signal_names() if signals is not None else set()
         if asked:
             missing = sorted(asked - set(signals.available()))
