@@ -199,16 +199,16 @@ def validate_sampling_fields(config: Any) -> None:
 _ENTROPY_OFF = EntropyMethodsArguments()
 
 
-def entropy_fields(args: Any) -> EntropyMethodsArguments:
+def config_entropy_options(args: Any) -> EntropyMethodsArguments:
     """``args`` when it carries the entropy fields, else their defaults (every entropy option off), so a plain
     ``GRPOConfig``/``RLOOConfig`` gets TRL's own behaviour."""
     return args if isinstance(args, EntropyMethodsArguments) else _ENTROPY_OFF
 
 
-def entropy_settings(trainer: Any) -> EntropyMethodsArguments:
-    """The entropy fields a trainer runs with (:func:`entropy_fields` of its ``args``; the defaults also for an
+def trainer_entropy_options(trainer: Any) -> EntropyMethodsArguments:
+    """The entropy fields a trainer runs with (:func:`config_entropy_options` of its ``args``; the defaults also for an
     object built without ``__init__``, as TRL's own unit tests build them)."""
-    return entropy_fields(getattr(trainer, "args", None))
+    return config_entropy_options(getattr(trainer, "args", None))
 
 
 def forking_normalization_weights(
@@ -266,7 +266,7 @@ class EntropyTrainerMixin(CompletionSignalsMixin):
     """Adds the entropy reward and the forking-token mask to a TRL online trainer (GRPO or RLOO).
 
     Subclasses set ``_config_class`` and implement nothing else for the reward. The entropy fields are read
-    through :func:`entropy_settings`, so a plain TRL config runs TRL's trainer unchanged. The mixin overrides
+    through :func:`trainer_entropy_options`, so a plain TRL config runs TRL's trainer unchanged. The mixin overrides
     only ``__init__`` (appends the entropy reward, one of :mod:`trl_entropy.rewards`' functions) and
     ``_calculate_rewards`` (an unscorable entropy reward makes the whole row unscorable); the per-token signals
     that reward reads come from :class:`~trl_entropy.trainers._signal_hooks.CompletionSignalsMixin`, like those of
@@ -296,7 +296,7 @@ class EntropyTrainerMixin(CompletionSignalsMixin):
             model_name = model if isinstance(model, str) else model.config._name_or_path
             args = self._config_class(f"{str(model_name).split('/')[-1]}-{self._trl_name}")
         warn_if_slow_bf16(args)
-        settings = entropy_fields(args)
+        settings = config_entropy_options(args)
         if settings.entropy_reward == "none":
             # Every entropy option off: TRL's constructor as is, with its own checks and errors.
             super().__init__(model, reward_funcs, args, *pos_args, **kwargs)
@@ -374,7 +374,7 @@ class EntropyTrainerMixin(CompletionSignalsMixin):
         """``(selected [B, T] bool, n_valid, n_selected)``: the forking tokens of this micro-batch (exact top-k, over
         all ranks for ``forking_token_scope="global"``), with the counts the selection was made over. Logs
         ``forking/selected_fraction`` and ``forking/min_selected_entropy``."""
-        settings = entropy_settings(self)
+        settings = trainer_entropy_options(self)
         valid = mask.bool()
         if settings.forking_token_scope == "local" or self.accelerator.num_processes == 1:
             selected = high_entropy_mask(
@@ -405,7 +405,7 @@ class EntropyTrainerMixin(CompletionSignalsMixin):
         weights = forking_normalization_weights(
             selected,
             mask,
-            entropy_settings(self).forking_token_normalization,
+            trainer_entropy_options(self).forking_token_normalization,
             self._forking_aggregation(),
             n_valid,
             n_selected,
@@ -422,7 +422,7 @@ class EntropyTrainerMixin(CompletionSignalsMixin):
         gathered = self.accelerator.gather(padded).view(self.accelerator.num_processes, -1)
         width = gathered.size(1)
         gathered_mask = torch.arange(width, device=gathered.device).unsqueeze(0) < counts.unsqueeze(1)
-        settings = entropy_settings(self)
+        settings = trainer_entropy_options(self)
         if int(counts.sum()) == 0:
             return torch.zeros_like(valid), 0, 0
         selected_all = high_entropy_mask(
@@ -445,8 +445,8 @@ __all__ = [
     "EntropyMethodsArguments",
     "EntropyReward",
     "EntropyTrainerMixin",
-    "entropy_fields",
-    "entropy_settings",
+    "config_entropy_options",
+    "trainer_entropy_options",
     "forking_normalization_weights",
     "require_number",
     "validate_sampling_fields",

@@ -88,9 +88,9 @@ class EntropyStatsMixin:
     def _entropy_methods_on(self) -> bool:
         """Whether the trainer runs an entropy method (what ``entropy_stats=None`` switches the callback on for): the
         entropy reward or the forking-token mask of GRPO / RLOO; EM-FT overrides it."""
-        from ._entropy import entropy_fields
+        from ._entropy import config_entropy_options
 
-        settings = entropy_fields(self.args)
+        settings = config_entropy_options(self.args)
         return settings.entropy_reward != "none" or settings.forking_tokens_enabled
 
     def _wants_entropy_stats(self) -> bool:

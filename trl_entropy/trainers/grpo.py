@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 from trl import GRPOConfig, GRPOTrainer
 
-from ._entropy import EntropyMethodsArguments, EntropyTrainerMixin, entropy_settings
+from ._entropy import EntropyMethodsArguments, EntropyTrainerMixin, trainer_entropy_options
 from ._model_card import EntropyModelCardMixin
 from ._stats import EntropyStatsMixin
 from ._trl import GRPO_GENERATE_FIELDS, LOSS_AGGREGATION, SUPPORTED_TRL
@@ -81,7 +81,7 @@ class EntropyGRPOTrainer(EntropyModelCardMixin, EntropyStatsMixin, EntropyTraine
 
     def __init__(self, model, reward_funcs=None, args: EntropyGRPOConfig | None = None, *pos_args, **kwargs):
         super().__init__(model, reward_funcs, args, *pos_args, **kwargs)
-        if entropy_settings(self).forking_tokens_enabled:
+        if trainer_entropy_options(self).forking_tokens_enabled:
             # GRPO calls `get_high_entropy_mask` only when this is < 1; the exact selection is ours (below).
             self.top_entropy_quantile = self.args.forking_token_ratio
 
@@ -101,6 +101,7 @@ class EntropyGRPOTrainer(EntropyModelCardMixin, EntropyStatsMixin, EntropyTraine
         unselected token, 1 (``"all"``) or the loss type's renormaliser (``"selected"``) on a selected one.
         ``threshold`` (TRL's quantile) is not used: the selection is the exact top-``ceil(rho n)``.
         """
-        if not entropy_settings(self).forking_tokens_enabled:  # TRL's own `top_entropy_quantile` (or a bare object)
+        # Mask off: TRL's own `top_entropy_quantile` (also for an object built without __init__).
+        if not trainer_entropy_options(self).forking_tokens_enabled:
             return super().get_high_entropy_mask(entropies, mask, threshold)
         return self.forking_token_weights(entropies, mask)

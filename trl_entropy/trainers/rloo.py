@@ -8,7 +8,7 @@ import torch
 import trl
 from trl import RLOOConfig, RLOOTrainer
 
-from ._entropy import FORKING_NORMALIZATIONS, EntropyMethodsArguments, EntropyTrainerMixin, entropy_settings
+from ._entropy import FORKING_NORMALIZATIONS, EntropyMethodsArguments, EntropyTrainerMixin, trainer_entropy_options
 from ._model_card import EntropyModelCardMixin
 from ._stats import EntropyStatsMixin
 from ._trl import RLOO_GENERATE_FIELDS, SUPPORTED_TRL
@@ -76,13 +76,13 @@ class EntropyRLOOTrainer(EntropyModelCardMixin, EntropyStatsMixin, EntropyTraine
     _forking_loss_batch: dict | None = None  # the micro-batch whose loss pass is running, while the mask is on
 
     def _needs_old_per_token_logps(self) -> bool:
-        return entropy_settings(self).forking_tokens_enabled
+        return trainer_entropy_options(self).forking_tokens_enabled
 
     def _on_policy_pass(self, logps: torch.Tensor) -> None:
-        self._old_per_token_logps = logps if entropy_settings(self).forking_tokens_enabled else None
+        self._old_per_token_logps = logps if trainer_entropy_options(self).forking_tokens_enabled else None
 
     def _add_to_scored_batch(self, output: dict) -> dict:
-        if entropy_settings(self).forking_tokens_enabled:
+        if trainer_entropy_options(self).forking_tokens_enabled:
             observed, self._old_per_token_logps = self._old_per_token_logps, None
             # The per-token values must be those RLOO summed into its `old_logps`: check it, bit for bit.
             summed = None if observed is None else (observed * output["completion_mask"]).sum(1)
@@ -96,7 +96,7 @@ class EntropyRLOOTrainer(EntropyModelCardMixin, EntropyStatsMixin, EntropyTraine
         return output
 
     def _compute_loss(self, model, inputs):
-        if not entropy_settings(self).forking_tokens_enabled:
+        if not trainer_entropy_options(self).forking_tokens_enabled:
             return super()._compute_loss(model, inputs)
         self._forking_loss_batch = inputs
         try:
