@@ -453,3 +453,19 @@ def test_the_demo_defaults_line_names_exactly_the_defaults_in_use(tmp_path, argv
     assert ("--model_name_or_path smollm2, the default" in line) == ("smollm2" in names)
     assert ("--dataset_name arithmetic, the default" in line) == ("arithmetic" in names)
     assert ("both options" in line) == (len(names) == 2)
+
+
+def test_reward_registry_offers_the_label_free_rewards_by_name():
+    import torch
+
+    from trl_entropy.cli.train import reward_registry
+
+    registry = reward_registry()
+    entropy = [torch.tensor([1.0, 3.0]), torch.tensor([0.5, 0.5, 2.0])]
+    mask = [torch.tensor([True, True]), torch.tensor([True, True, False])]
+    # Minus the mean entropy over the tokens the mask keeps, worked out by hand.
+    assert registry["entropy_token_reward"](["a", "b"], token_entropy=entropy, token_mask=mask) == [-2.0, -0.5]
+    # One group of four: the answer 12 has the majority (the number each completion ends with).
+    texts = ["so 7 + 5 = 12", "It is 12.", "7 + 5 = 13", "twelve"]
+    assert registry["majority_vote_reward"](texts, prompts=["q"] * 4) == [1.0, 1.0, 0.0, 0.0]
+    assert registry["answer_accuracy"] is registry["accuracy"]

@@ -30,8 +30,12 @@ _FILE_DATASETS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": 
 
 
 def reward_registry() -> dict[str, Callable]:
-    """Reward names ``--reward_funcs`` accepts: TRL's own (those of ``trl grpo``, with its settings) and
-    ``accuracy`` (:func:`trl_entropy.evaluation.tasks.accuracy_reward`, grading the ``answer`` column)."""
+    """Reward names ``--reward_funcs`` accepts: TRL's own (those of ``trl grpo``, with its settings;
+    ``accuracy_reward`` reads a ``solution`` column), ``answer_accuracy`` (the built-in tasks' grader of the
+    ``answer`` column, :func:`trl_entropy.evaluation.tasks.accuracy_reward`; ``accuracy`` is its earlier name), and
+    this package's label-free rewards (:mod:`trl_entropy.rewards`): ``entropy_token_reward``,
+    ``entropy_trajectory_reward``, ``self_certainty_reward`` and ``majority_vote_reward`` (TTRL-style, on the number
+    each completion ends with)."""
     from trl.rewards import (
         accuracy_reward,
         get_soft_overlong_punishment,
@@ -40,13 +44,20 @@ def reward_registry() -> dict[str, Callable]:
     )
 
     from ..evaluation.tasks import accuracy_reward as answer_accuracy_reward
+    from ..evaluation.tasks import extract_answer
+    from ..rewards import entropy_token_reward, entropy_trajectory_reward, majority_vote_reward, self_certainty_reward
 
     return {
+        "answer_accuracy": answer_accuracy_reward,
         "accuracy": answer_accuracy_reward,
         "accuracy_reward": accuracy_reward,
         "reasoning_accuracy_reward": reasoning_accuracy_reward,
         "think_format_reward": think_format_reward,
         "get_soft_overlong_punishment": get_soft_overlong_punishment(max_completion_len=1280, soft_punish_cache=256),
+        "entropy_token_reward": entropy_token_reward,
+        "entropy_trajectory_reward": entropy_trajectory_reward,
+        "self_certainty_reward": self_certainty_reward,
+        "majority_vote_reward": majority_vote_reward(extract_answer),
     }
 
 
