@@ -412,6 +412,9 @@ def test_rloo_recipe_does_not_set_the_papers_kl_as_rloo_beta():
     example = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(example)
     assert example.DEFAULTS["beta"] == 0.0
-    assert "--beta 0.001" not in example.__doc__
-    recipe = re.search(r"``EntropyRLOOConfig\((.*?)\)``", EntropyRLOOConfig.__doc__, re.S).group(1)
-    assert [float(v) for v in re.findall(r"beta=([0-9.e-]+)", recipe)] == [0.0]
+    # The shipped RLOO recipe (tests/cli/test_recipes.py trains it for a step with these values).
+    import yaml
+
+    recipe = Path(__file__).parents[2] / "recipes" / "Qwen2.5-Math-7B" / "rloo" / "config_em_rl_token.yaml"
+    values = yaml.safe_load(recipe.read_text())
+    assert values["beta"] == 0.0 and values["entropy_reward"] == "token"

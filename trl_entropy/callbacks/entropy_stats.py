@@ -497,9 +497,11 @@ class EntropyStatsCallback(TrainerCallback):
         """Send the histogram to every reporting callback of the trainer that can take one."""
         counts, edges = distribution.histogram()
         moments = distribution.moments()
+        # transformers' own reporting callbacks, by class (each loads lazily and needs nothing installed to import).
+        from transformers.integrations import TensorBoardCallback, TrackioCallback, WandbCallback
+
         for reporter in getattr(getattr(self.trainer, "callback_handler", None), "callbacks", []):
-            name = type(reporter).__name__
-            if name == "TensorBoardCallback" and getattr(reporter, "tb_writer", None) is not None:
+            if isinstance(reporter, TensorBoardCallback) and reporter.tb_writer is not None:
                 writer = reporter.tb_writer
                 writer.add_histogram_raw(
                     _HISTOGRAM_TAG,
@@ -514,20 +516,23 @@ class EntropyStatsCallback(TrainerCallback):
                 )
                 if record.get("top_tokens"):
                     writer.add_text(_TOP_TOKENS_TAG, _top_tokens_markdown(record["top_tokens"]), step)
-            elif name == "WandbCallback" and getattr(reporter, "_initialized", False):
+            elif isinstance(reporter, WandbCallback):
                 try:
                     import wandb
                 except ImportError:
                     continue
-                if wandb.run is not None:
+                if wandb.run is not None:  # the run WandbCallback started (public state of wandb itself)
                     wandb.log({_HISTOGRAM_TAG: wandb.Histogram(np_histogram=(counts, edges))}, commit=False)
-            elif name == "TrackioCallback" and getattr(reporter, "_initialized", False):
+            elif isinstance(reporter, TrackioCallback):
                 try:
                     import trackio
                 except ImportError:
                     continue
                 if hasattr(trackio, "Histogram"):
-                    trackio.log({_HISTOGRAM_TAG: trackio.Histogram(np_histogram=(counts, edges))})
+                    try:
+                        trackio.log({_HISTOGRAM_TAG: trackio.Histogram(np_histogram=(counts, edges))})
+                    except RuntimeError:  # no run started yet (trackio refuses a log before `init`)
+                        continue
 
 
 def _top_tokens_markdown(rows: Sequence[Mapping[str, Any]]) -> str:
