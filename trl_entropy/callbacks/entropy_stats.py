@@ -4,11 +4,10 @@
 ``EMFTTrainer``, which attach one themselves when an entropy method is on: their config's ``entropy_stats``). It reads
 the per-token entropies of each generation batch, at the sampling temperature, that the trainer already has (see
 below), and reports, aggregated over all ranks: mean, std and quantiles of the token entropy, the fraction of tokens
-above the forking
-threshold (Wang et al., 2025, arXiv 2506.01939), the most frequent forking tokens, a histogram for every logging
-backend that has one, and collapse signals (entropy trend, n-gram repetition, completion length, correlation between
-an entropy reward and an accuracy reward; Agarwal et al., 2025, arXiv 2505.15134, report entropy collapse and
-repetition as the failure modes of confidence rewards).
+above the forking threshold (Wang et al., 2025, arXiv 2506.01939), the most frequent forking tokens, a histogram for
+every logging backend that has one, and collapse signals (entropy trend, n-gram repetition, completion length,
+correlation between an entropy reward and an accuracy reward; Agarwal et al., 2025, arXiv 2505.15134, report entropy
+collapse and repetition as the failure modes of confidence rewards).
 
 Names. Every scalar is ``sampling_entropy/<name>`` (:data:`METRIC_PREFIX`): the entropy of the distribution each
 completion token was sampled from, once per generation batch. TRL's own ``entropy`` is a different measurement, the
