@@ -158,6 +158,25 @@ def _check_budget(max_new_tokens: int, batch_size: int) -> None:
         raise ValueError(f"`batch_size` must be an integer >= 1, got {batch_size!r}.")
 
 
+def _evaluation_decoder(
+    model, tokenizer, prompts, prefixes, settings: dict, batch_size, seed, progress, desc, segment_tokens
+) -> Decoder:
+    """The one :class:`~trl_entropy.decoding.Decoder` of this module's entry points, with :func:`_sampling`'s
+    settings."""
+    return Decoder(
+        model,
+        tokenizer,
+        prompts,
+        prefixes,
+        batch_size=batch_size,
+        seed=seed,
+        progress=progress,
+        desc=desc,
+        segment_tokens=segment_tokens,
+        **settings,
+    )
+
+
 def generate_completions(
     model,
     tokenizer,
@@ -202,16 +221,8 @@ def generate_completions(
     """
     _check_budget(max_new_tokens, batch_size)
     settings, _ = _sampling(do_sample, temperature, entropy_temperature)
-    decoder = Decoder(
-        model,
-        tokenizer,
-        prompts,
-        batch_size=batch_size,
-        seed=seed,
-        progress=progress,
-        desc=desc,
-        segment_tokens=segment_tokens,
-        **settings,
+    decoder = _evaluation_decoder(
+        model, tokenizer, prompts, None, settings, batch_size, seed, progress, desc, segment_tokens
     )
     return decoder.extend_to(max_new_tokens)
 
@@ -247,17 +258,18 @@ def continue_completions(
         raise ValueError(f"`completions` must have one entry per prompt, got {len(completions)} for {len(prompts)}.")
     settings, _ = _sampling(do_sample, temperature, entropy_temperature)
     cut = [i for i, c in enumerate(completions) if c.truncated and c.num_tokens < max_new_tokens]
-    decoder = Decoder(
+    prefixes = [completions[i].token_ids for i in cut]
+    decoder = _evaluation_decoder(
         model,
         tokenizer,
         [prompts[i] for i in cut],
-        [completions[i].token_ids for i in cut],
-        batch_size=batch_size,
-        seed=seed,
-        progress=progress,
-        desc=desc,
-        segment_tokens=segment_tokens,
-        **settings,
+        prefixes,
+        settings,
+        batch_size,
+        seed,
+        progress,
+        desc,
+        segment_tokens,
     )
     out = list(completions)
     for i, extended in zip(cut, decoder.extend_to(max_new_tokens)):
@@ -388,15 +400,8 @@ def evaluate_ladder(
     prompts, answers = _columns(problems)
     settings, entropy_temperature = _sampling(do_sample, temperature, entropy_temperature)
     desc = desc or _default_desc(do_sample, temperature)
-    decoder = Decoder(
-        model,
-        tokenizer,
-        prompts,
-        batch_size=batch_size,
-        seed=seed,
-        progress=progress,
-        segment_tokens=segment_tokens,
-        **settings,
+    decoder = _evaluation_decoder(
+        model, tokenizer, prompts, None, settings, batch_size, seed, progress, desc, segment_tokens
     )
     results = []
     for budget in budgets:
