@@ -39,7 +39,7 @@ DEFAULTS = {
     "save_strategy": "no",
     "report_to": "none",
     "use_cpu": not torch.cuda.is_available(),  # TRL defaults to bf16, which needs an accelerator
-    "bf16": default_bf16(),  # on a CPU, bf16 only where it is native: elsewhere float32 runs ~10x faster
+    "bf16": default_bf16(),  # on a CPU, bf16 only where it is native: elsewhere float32 runs several times faster
 }
 
 

@@ -1,10 +1,10 @@
 """What this machine computes fast: the CPU's name, whether it has native bfloat16, and the training dtype to use.
 
 TRL's configs default to ``bf16=True``. With ``use_cpu=True`` the Trainer then autocasts to bfloat16 on the CPU, which
-is fast where the CPU has native bf16 (AVX-512 BF16 or AMX) and ~10x slower where it has not (an AVX2-only AMD EPYC:
-torch falls back to a reference GEMM; measured in ``benchmarks/bench_dtype.py``). :func:`default_bf16` is the choice
-the command line, the demo, the benchmarks and the examples make: TRL's default on an accelerator, native bf16 on a
-CPU that has it, float32 on one that has not. An explicit ``--bf16 true`` / ``bf16=True`` still forces bf16.
+is fast where the CPU has native bf16 (AVX-512 BF16 or AMX) and several times slower where it has not (an AVX2-only
+AMD EPYC: torch falls back to a reference GEMM; measured in ``benchmarks/bench_dtype.py``). :func:`default_bf16` is
+the choice the command line, the demo, the benchmarks and the examples make: TRL's default on an accelerator, native
+bf16 on a CPU that has it, float32 on one that has not. An explicit ``--bf16 true`` / ``bf16=True`` still forces bf16.
 """
 
 from __future__ import annotations
@@ -83,7 +83,7 @@ def precision_line(args: Any) -> str:
     if not getattr(args, "use_cpu", False) and has_accelerator():
         return f"Training on the accelerator in {dtype}."
     native = cpu_has_native_bf16()
-    reason = "it has native bf16" if native else "it has no native bf16 (bf16 autocast would run ~10x slower)"
+    reason = "it has native bf16" if native else "it has no native bf16 (bf16 autocast would run several times slower)"
     default = "bfloat16" if native else "float32"
     if dtype == default:
         tail = "; `--bf16 false` forces float32" if native else "; `--bf16 true` forces bf16"
@@ -117,7 +117,8 @@ def warn_if_slow_bf16(args: Any) -> bool:
     if not (on_cpu and getattr(args, "bf16", False)) or cpu_has_native_bf16():
         return False
     logger.warning(
-        "Training in bf16 on a CPU without native bf16 (%s): each step runs ~5-10x slower than in float32. Set "
+        "Training in bf16 on a CPU without native bf16 (%s): each step runs several times slower than in float32 "
+        "(4.4x in benchmarks/bench_dtype.py). Set "
         "`bf16=False` (or `bf16=trl_entropy.hardware.default_bf16()`), unless bf16 numerics are the point.",
         cpu_name(),
     )
