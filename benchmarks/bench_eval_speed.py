@@ -140,8 +140,8 @@ def main() -> None:
     for key in ("diagnose_prompts", "diagnose_tokens"):
         if getattr(args, key) is not None:
             size[key] = getattr(args, key)
-    held_out_pairs, pool = study.problem_split("open")
-    problems = study.problems("open", held_out_pairs[: size["problems"]])
+    held_out, pool = study.problem_split("open")
+    problems = held_out[: size["problems"]]
     model, tokenizer = load_default_model()
     model.eval()
     study_runs, rows = {}, []
@@ -179,7 +179,7 @@ def main() -> None:
             "greedy_tokens_equal": study_runs["greedy"]["all_same_tokens"],
         }
     if args.only != "study":
-        diagnose_rows = study.problems("open", pool[: size["diagnose_prompts"]])
+        diagnose_rows = pool[: size["diagnose_prompts"]]
         runs = {}
         for name, segment in (("old", None), ("new", 32)):
             runs[name] = run_diagnose(model, tokenizer, diagnose_rows, size["diagnose_tokens"], segment)

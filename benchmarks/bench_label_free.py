@@ -1,8 +1,13 @@
-"""Where label-free training helps: one controlled study on the embedded SmolLM2-135M-Instruct, two prompt regimes.
+"""Where label-free training helps: one controlled study, first on the embedded SmolLM2-135M-Instruct in two prompt
+regimes, then on eight settings (task x prompt style x model).
 
-The task is "What is a + b?" (1 <= a, b <= 20) in two regimes of ``ArithmeticTask``: ``open`` (the question alone; the
-model explains at length and its greedy answer is right far more often than its sample) and ``short`` (two worked
-examples before the question; answers are one short equation). Every method and regime runs under one protocol:
+The study's task is "What is a + b?" (1 <= a, b <= 20) in two regimes of ``ArithmeticTask``: ``open`` (the question
+alone; the model explains at length and its greedy answer is right far more often than its sample) and ``short`` (two
+worked examples before the question; answers are one short equation). :data:`SETTINGS` adds six more regimes, each
+with no training and EM-RL token over 2 seeds (3 where two disagree), on which ``bench_diagnose.py`` validates
+``trl-entropy diagnose``: two-digit operands (open and short), subtraction (open and short) and two-step word problems
+(short) on SmolLM2, and "a + b" (short) on Gemma 3 270M (``load_model("gemma3-270m")``). Every
+method and regime runs under one protocol:
 
 - training: 30 optimizer steps, each on 8 sampled completions at T=1 (2 prompts x 4 completions; EM-FT, which TRL
   1.16 samples at least twice per prompt, 4 prompts x 2), at most 32 tokens, learning rate 2e-5, no KL term
@@ -19,7 +24,11 @@ examples before the question; answers are one short equation). Every method and 
   where at most 5% of that model's answers are cut off. Each row reports its budget, truncation rate and mean length.
 - methods, 3 seeds in both regimes: no training, EM-RL token (GRPO), supervised GRPO (accuracy reward, the labelled
   ceiling), majority vote (TTRL-style, :func:`trl_entropy.rewards.majority_vote_reward`); 3 seeds, open regime: EM-RL
-  trajectory; 1 seed, open regime: EM-FT, EM-RL token (RLOO), forking 0.2 + EM-RL token, self-certainty, RENT.
+  trajectory; 1 seed, open regime: EM-FT, EM-RL token (RLOO), forking 0.2 + EM-RL token, self-certainty, RENT;
+  3 seeds, short regime: forking 0.2 + supervised GRPO (the 80/20 claim as Wang et al. state it: RL with the accuracy
+  reward, the gradient on the top-20% entropy tokens, against supervised GRPO on all tokens).
+- training dtype: bf16 autocast (TRL's default) for every arm, on CPUs with native bf16; each run records its dtype
+  and CPU.
 - per row: mean +- std over seeds, each seed's 95% Wilson interval, and the paired comparison with no training at
   the same seed (same problems, same sampling seed): the change, its 95% paired bootstrap interval and the exact
   McNemar p-value.
@@ -58,11 +67,25 @@ from trl_entropy.hardware import machine_record  # noqa: E402
 
 NAME = "bench_label_free"
 RUNS_DIR = RESULTS_DIR / NAME
-REGIMES = ("open", "short", "open_2digit")
-# regime -> (ArithmeticTask prompt_style, smallest operand, largest operand). "open_2digit" is a task variant (1 seed
-# of no training and EM-RL token) that checks `trl-entropy diagnose`'s rule on a setting its thresholds were not set
-# on.
-REGIME_TASKS = {"open": ("open", 1, 20), "short": ("short", 1, 20), "open_2digit": ("open", 10, 49)}
+# regime -> (task of trl_entropy.evaluation.tasks.TASKS, prompt style, model of trl_entropy.models.load_model). The
+# first three are the committed study's; "open_2digit" and the rest are the settings `trl-entropy diagnose`'s rule is
+# validated on (benchmarks/bench_diagnose.py): other tasks, and the second offline model.
+SETTINGS = {
+    "open": ("arithmetic", "open", "smollm2"),
+    "short": ("arithmetic", "short", "smollm2"),
+    "open_2digit": ("arithmetic_2digit", "open", "smollm2"),
+    "short_2digit": ("arithmetic_2digit", "short", "smollm2"),
+    "short_subtraction": ("subtraction", "short", "smollm2"),
+    "short_word_problems": ("word_problems", "short", "smollm2"),
+    "open_subtraction": ("subtraction", "open", "smollm2"),
+    # Gemma 3 270M's 262k-token vocabulary makes a training step ~5x SmolLM2's here (~50 s on 1 of 2 busy cores):
+    # one setting of it is what the CPU budget allowed.
+    "gemma_short": ("arithmetic", "short", "gemma3-270m"),
+}
+REGIMES = tuple(SETTINGS)
+TRAIN_POOL_SIZE = 272
+"""Distinct problems a non-arithmetic regime's training prompts are drawn from (as many as "a + b" with 1..20 leaves
+after the 128 held out; an arithmetic regime's pool is every operand pair not held out)."""
 PROTOCOL = {
     "model": "SmolLM2-135M-Instruct (embedded)",
     "task": "ArithmeticTask, 'What is a + b?', 1 <= a, b <= 20",
@@ -94,6 +117,7 @@ LABELS = {
     "emft": "EM-FT",
     "em_rl_token_rloo": "EM-RL token (RLOO)",
     "forking_0.2": "forking 0.2 + EM-RL token",
+    "forking_0.2_supervised": "forking 0.2 + supervised GRPO (accuracy reward)",
     "self_certainty": "self-certainty (Intuitor)",
     "rent": "RENT (entropy + format penalty)",
 }
@@ -106,14 +130,17 @@ PLAN = {
     },
     ("open", "em_rl_trajectory"): 3,
     **{("open", m): 1 for m in ("emft", "em_rl_token_rloo", "forking_0.2", "self_certainty", "rent")},
-    ("open_2digit", "none"): 1,
-    ("open_2digit", "em_rl_token"): 1,
+    **{(regime, method): 2 for regime in REGIMES[2:] for method in ("none", "em_rl_token")},
+    # a third seed where the first two seeds' effects disagree (bench_diagnose.py's `needs_third_seed`)
+    **{("open_2digit", method): 3 for method in ("none", "em_rl_token")},
+    # the 80/20 claim as its paper states it: the top-20% entropy tokens of RL with the accuracy reward
+    ("short", "forking_0.2_supervised"): 3,
 }
 
 
 def eval_budgets(regime: str) -> list[int]:
     """The evaluation budget ladder of a regime (a task variant takes its prompt style's)."""
-    return PROTOCOL["eval_budgets"][REGIME_TASKS[regime][0]]
+    return PROTOCOL["eval_budgets"][SETTINGS[regime][1]]
 
 
 def parse_args() -> argparse.Namespace:
@@ -130,24 +157,44 @@ def parse_args() -> argparse.Namespace:
 # ---- problems -------------------------------------------------------------------------------------------------------
 
 
-def problem_split(regime: str = "open") -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
-    """``(held_out, train_pool)``: the regime's operand pairs (400 for 1..20) in a fixed shuffle, the first 128 held
-    out."""
-    _, low, high = REGIME_TASKS[regime]
-    pairs = [(a, b) for a in range(low, high + 1) for b in range(low, high + 1)]
-    random.Random(2026).shuffle(pairs)
-    return pairs[: PROTOCOL["n_eval"]], pairs[PROTOCOL["n_eval"] :]
+def problem_split(regime: str = "open") -> tuple[list[dict], list[dict]]:
+    """``(held_out, train_pool)`` problem rows of a regime, disjoint. An arithmetic task enumerates its operand pairs
+    (400 for "a + b" with 1..20) in a fixed shuffle, holds out the first 128 and pools the rest (the committed study's
+    split); another
+    task holds out the first 128 distinct questions of its ``test`` split and draws the pool's from ``train``."""
+    from trl_entropy.evaluation.tasks import ArithmeticTask, build_task
+
+    name, style, _ = SETTINGS[regime]
+    task = build_task(name, prompt_style=style)
+    n_eval = PROTOCOL["n_eval"]
+    if isinstance(task, ArithmeticTask):
+        triples = [
+            (a, op, b)
+            for op in task.operations
+            for a in range(task.low, task.high + 1)
+            for b in range(task.low, task.high + 1)
+        ]
+        random.Random(2026).shuffle(triples)
+        rows = [task.problem(*triple) for triple in triples]
+        return rows[:n_eval], rows[n_eval:]
+    held_out = _distinct(task.dataset(20 * n_eval, split="test", seed=0), n_eval)
+    pool = _distinct(task.dataset(20 * TRAIN_POOL_SIZE, split="train", seed=0), TRAIN_POOL_SIZE)
+    return held_out, pool
 
 
-def problems(regime: str, pairs: list[tuple[int, int]]) -> list[dict]:
-    from trl_entropy.evaluation.tasks import ArithmeticTask
+def _distinct(rows, n: int) -> list[dict]:
+    out, seen = [], set()
+    for row in rows:
+        if row["question"] not in seen:
+            seen.add(row["question"])
+            out.append(row)
+    if len(out) < n:
+        raise ValueError(f"only {len(out)} distinct questions, {n} needed")
+    return out[:n]
 
-    style, low, high = REGIME_TASKS[regime]
-    task = ArithmeticTask(low=low, high=high, prompt_style=style)
-    return [task.problem(a, "+", b) for a, b in pairs]
 
-
-def train_pairs(seed: int, regime: str = "open") -> list[tuple[int, int]]:
+def train_rows(seed: int, regime: str = "open") -> list[dict]:
+    """The ``steps x prompts_per_step`` training problems of a seed, drawn from the regime's pool."""
     _, pool = problem_split(regime)
     return random.Random(seed).sample(pool, PROTOCOL["steps"] * PROTOCOL["prompts_per_step"])
 
@@ -267,6 +314,10 @@ def make_trainer(method: str, seed: int, model, tokenizer, train_rows: list[dict
         return GRPOTrainer(
             reward_funcs=reward, args=GRPOConfig(**group, **common), train_dataset=prompts_only, **kwargs
         )
+    if method == "forking_0.2_supervised":
+        # Wang et al.'s setting: RL with the verifiable (accuracy) reward, the gradient on the top-20% entropy tokens
+        config = EntropyGRPOConfig(entropy_stats=False, forking_token_ratio=0.2, **group, **common)
+        return EntropyGRPOTrainer(reward_funcs=accuracy_reward, args=config, train_dataset=labelled, **kwargs)
     if method == "supervised":
         return GRPOTrainer(
             reward_funcs=accuracy_reward, args=GRPOConfig(**group, **common), train_dataset=labelled, **kwargs
@@ -316,17 +367,16 @@ def run_one(regime: str, method: str, seed: int) -> dict:
     import torch
     from transformers import set_seed
 
-    from trl_entropy.models import load_default_model
+    from trl_entropy.models import load_model
 
     key = f"{regime}/{method}/{seed}"
     start_wall, start_cpu = time.perf_counter(), time.process_time()
-    held_out_pairs, _ = problem_split(regime)
-    held_out = problems(regime, held_out_pairs)
+    held_out, _ = problem_split(regime)
     set_seed(seed)
-    model, tokenizer = load_default_model()
+    model, tokenizer = load_model(SETTINGS[regime][2])
     log, progress, train_s = [], Progress(key), 0.0
     if method != "none":
-        rows = problems(regime, train_pairs(seed, regime))
+        rows = train_rows(seed, regime)
         with tempfile.TemporaryDirectory() as output_dir:
             trainer = make_trainer(method, seed, model, tokenizer, rows, output_dir, [progress])
             train_start = time.perf_counter()
@@ -361,6 +411,7 @@ def run_one(regime: str, method: str, seed: int) -> dict:
         "wall_s": time.perf_counter() - start_wall,
         "cpu_s": time.process_time() - start_cpu,
         "torch_threads": torch.get_num_threads(),
+        "setting": dict(zip(("task", "prompt_style", "model"), SETTINGS[regime])),
         "training_dtype": "bfloat16" if TRAINING_BF16 else "float32",
         "hardware": machine_record(),
         "training_log": log,
@@ -524,25 +575,38 @@ def paired_against(runs: dict, regime: str, method: str, reference: str, mode: s
 # (method, what it is compared with, the paper's claim)
 CLAIMS = [
     ("em_rl_token", "none", "EM-RL token: minus the token entropy as the only reward raises accuracy (2505.15134)"),
+    (
+        "em_rl_token",
+        "supervised",
+        "EM-RL token without labels is comparable to GRPO with the accuracy reward (2505.15134, its headline)",
+    ),
     ("em_rl_trajectory", "none", "EM-RL trajectory: the sequence log-probability as the only reward (2505.15134)"),
     ("em_rl_token_rloo", "none", "EM-RL token with RLOO's baseline, the paper's advantage (2505.15134)"),
     ("emft", "none", "EM-FT: minimising the entropy of the model's own samples raises accuracy (2505.15134)"),
     (
+        "forking_0.2_supervised",
+        "supervised",
+        "80/20: RL with the accuracy reward on the top-20% entropy tokens matches or beats all tokens (2506.01939)",
+    ),
+    (
         "forking_0.2",
         "em_rl_token",
-        "80/20: the gradient on the top-20% entropy tokens matches or beats all tokens (2506.01939)",
+        "(not the paper's setting: the 80/20 mask on EM-RL token's entropy reward instead of the accuracy reward)",
     ),
     ("self_certainty", "none", "Intuitor: self-certainty as the only reward raises accuracy (2505.19590)"),
     ("rent", "none", "RENT: entropy reward (with a format penalty) raises accuracy (2505.22660)"),
     ("majority_vote", "none", "TTRL: the majority answer as the label raises accuracy (2504.16084)"),
     ("supervised", "none", "(the labelled ceiling, not a paper's claim: GRPO with the accuracy reward)"),
 ]
+NOT_A_CLAIM = {("supervised", "none"), ("forking_0.2", "em_rl_token")}
+"""Rows of :data:`CLAIMS` that are reference points, not a paper's claim: no "reproduces" verdict."""
 
 
 def claims(runs: dict, summary: dict) -> list[dict]:
-    """Each paper's claim in each regime where the study ran its method: the mean paired change (greedy, sampled),
-    seeds up / down, and whether it reproduces ("helped" against no training; for the 80/20 claim, "matches or
-    beats": not "hurt" against EM-RL token on all tokens). Comparisons with no training are the summary's."""
+    """Each paper's claim in each regime where the study ran its method and its comparison: the mean paired change
+    (greedy, sampled), seeds up / down, and whether it reproduces ("helped" against no training; against another
+    method, "matches or beats" / "comparable": not "hurt" against it, same problems and sampling seed). Comparisons
+    with no training are the summary's."""
     rows = {(row["regime"], row["method"]): row for row in summary["rows"]}
     out = []
     for method, reference, claim in CLAIMS:
@@ -569,7 +633,7 @@ def claims(runs: dict, summary: dict) -> list[dict]:
                     "greedy": greedy,
                     "sampled": sampled,
                     "effect": result,
-                    "reproduces": None if method == "supervised" else reproduces,
+                    "reproduces": None if (method, reference) in NOT_A_CLAIM else reproduces,
                 }
             )
     return out
@@ -678,9 +742,13 @@ def plot(summary: dict, path: Path) -> Path | None:
         from matplotlib.figure import Figure
     except ImportError:
         return None
-    figure = Figure(figsize=(16, 4.8))
-    axes = figure.subplots(1, len(REGIMES), sharey=True)
-    for ax, regime in zip(axes, REGIMES):
+    regimes = [r for r in REGIMES if any(row["regime"] == r for row in summary["rows"])]
+    columns = math.ceil(len(regimes) / 2)
+    figure = Figure(figsize=(4 * columns, 9.6))
+    axes = list(figure.subplots(2, columns, sharey=True, squeeze=False).flat)
+    for ax in axes[len(regimes) :]:
+        ax.set_axis_off()
+    for ax, regime in zip(axes, regimes):
         rows = [r for r in summary["rows"] if r["regime"] == regime]
         for offset, mode, colour in ((-0.18, "greedy", "tab:blue"), (0.18, "sampled", "tab:orange")):
             for i, row in enumerate(rows):
@@ -693,13 +761,14 @@ def plot(summary: dict, path: Path) -> Path | None:
             ax.axhline(base["sampled"]["accuracy"]["mean"], color="tab:orange", linestyle=":", linewidth=1)
         ax.set_xticks(range(len(rows)))
         ax.set_xticklabels([f"{r['label']} ({len(r['seeds'])})" for r in rows], rotation=30, ha="right", fontsize=7)
-        ax.set_title(f"prompt regime '{regime}'", fontsize=9)
+        ax.set_title(f"{regime}: {' / '.join(SETTINGS[regime])}", fontsize=9)
         ax.set_ylim(0, 1)
-    axes[0].set_ylabel(f"held-out accuracy (n = {PROTOCOL['n_eval']})")
+    for ax in axes[::columns]:
+        ax.set_ylabel(f"held-out accuracy (n = {PROTOCOL['n_eval']})")
     axes[0].legend(fontsize=8, loc="upper left")
     p = PROTOCOL
     figure.suptitle(
-        f"SmolLM2-135M-Instruct, a + b: {p['steps']} steps x {p['completions_per_step']} completions, lr "
+        f"task / prompt style / model: {p['steps']} steps x {p['completions_per_step']} completions, lr "
         f"{p['learning_rate']:g}; budget: the first of a ladder where >= 95% of a model's answers finish, else its "
         "largest (bars: mean over seeds; dots: seeds; "
         "dotted: no training)",
@@ -730,7 +799,7 @@ def step_time_child(spec: str) -> None:
     model, tokenizer = load_default_model()
     progress = Progress(f"threads={threads or 'default'}")
     with tempfile.TemporaryDirectory() as output_dir:
-        rows = problems("open", train_pairs(1))
+        rows = train_rows(1)
         trainer = make_trainer("em_rl_token", 1, model, tokenizer, rows, output_dir, [progress])
         trainer.args.max_steps = STEP_TIME_STEPS
         trainer.train()

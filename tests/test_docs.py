@@ -222,3 +222,23 @@ def test_readme_study_tables_are_the_ones_generated_from_the_study_json():
     )
     assert study.claims_markdown(data["claims"]) in readme
     assert f"{data['total_cpu_hours']:.1f} CPU-hours" in readme
+
+
+def test_diagnose_docs_and_shipped_validation_are_generated_from_bench_diagnose_json():
+    """docs/diagnose.md's tables and conclusion, and the sentence `trl-entropy diagnose` prints beside its verdict
+    (`trl_entropy/diagnose_validation.json`), are `bench_diagnose.py`'s output for the committed JSON."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        spec = importlib.util.spec_from_file_location("bench_diagnose", ROOT / "benchmarks" / "bench_diagnose.py")
+        bench = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(bench)
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    data = json.loads((ROOT / "benchmarks" / "results" / "bench_diagnose.json").read_text(encoding="utf-8"))
+    docs = (ROOT / "docs" / "diagnose.md").read_text(encoding="utf-8")
+    assert bench.markdown(data) in docs, "run `python benchmarks/bench_diagnose.py --summarize-only --write-docs`"
+    shipped = json.loads((ROOT / "trl_entropy" / "diagnose_validation.json").read_text(encoding="utf-8"))
+    assert shipped == bench.package_validation(data)
+    from trl_entropy.evaluation.diagnose import validation_statement
+
+    assert validation_statement() == shipped["statement"]

@@ -232,3 +232,9 @@ def test_diagnose_command_writes_json_and_png(tmp_path, capsys):
     assert (tmp_path / "out" / "diagnosis.png").stat().st_size > 0
     printed = capsys.readouterr().out
     assert "Verdict:" in printed and "Rule:" in printed
+    # How far the verdict can be trusted: the shipped leave-one-setting-out result, printed beside it.
+    from trl_entropy.evaluation.diagnose import validation_statement
+
+    statement = validation_statement()
+    assert statement and result["verdict"]["validation"] == statement
+    assert f"Validation: {statement}" in printed

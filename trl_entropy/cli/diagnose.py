@@ -169,4 +169,6 @@ def render_summary(result: dict[str, Any]) -> str:
     else:
         lines.append(f"Verdict: none: {verdict['reason']}.")
     lines.append(f"Rule: {verdict['rule']}.")
+    if verdict.get("validation"):
+        lines.append(f"Validation: {verdict['validation']}")
     return "\n".join(lines)

@@ -19,10 +19,12 @@ diagnose`` passes the built-in task's); no command line and no task here.
 
 from __future__ import annotations
 
+import json
 import math
 import statistics
 from collections import Counter
 from collections.abc import Callable, Hashable, Sequence
+from importlib import resources
 from typing import Any
 
 from ..stats import auroc, auroc_interval, cohens_d, majority_at_k, mann_whitney_p, pass_at_k, wilson_interval
@@ -32,10 +34,12 @@ __all__ = [
     "MIN_VERDICT_PROMPTS",
     "RULE",
     "TOO_FEW_SAMPLES",
+    "VALIDATION_FILE",
     "confidence_separation",
     "diagnose",
     "label_free_agreement",
     "min_prompts_for_effect",
+    "validation_statement",
     "verdict",
 ]
 
@@ -78,6 +82,20 @@ MIN_VERDICT_PROMPTS = min_prompts_for_effect(MODE_GAP_HELPS)
 (:data:`MODE_GAP_HELPS`, the gap the rule needs); at 64 prompts it is +-11.9 points, at 8 +-28 points. Below it
 :func:`verdict` with ``min_prompts`` gives the numbers and :data:`TOO_FEW_SAMPLES`."""
 TOO_FEW_SAMPLES = "too few samples for a verdict"
+
+VALIDATION_FILE = "diagnose_validation.json"
+"""The rule's out-of-sample validation shipped with the package (written by ``benchmarks/bench_diagnose.py``): how
+many held-out settings it agreed on, with its interval, and whether that beats chance."""
+
+
+def validation_statement() -> str | None:
+    """One sentence on how far the verdict can be trusted: the rule's leave-one-setting-out agreement on the settings
+    of ``benchmarks/bench_diagnose.py`` (None when the package ships no validation)."""
+    try:
+        text = resources.files("trl_entropy").joinpath(VALIDATION_FILE).read_text(encoding="utf-8")
+    except (FileNotFoundError, ModuleNotFoundError):
+        return None
+    return json.loads(text)["statement"]
 
 
 def _mean(values: Sequence[float]) -> float:
@@ -137,7 +155,8 @@ def label_free_agreement(answers: Sequence[Sequence[Hashable | None]]) -> dict[s
 
 
 def verdict(metrics: dict[str, Any], min_prompts: int | None = None) -> dict[str, Any]:
-    """The prediction of :data:`RULE` from :func:`diagnose`'s metrics: ``{"verdict", "rule", "numbers", "reason"}``.
+    """The prediction of :data:`RULE` from :func:`diagnose`'s metrics: ``{"verdict", "rule", "numbers", "reason",
+    "validation"}`` (``validation``: :func:`validation_statement`).
     Without answers there is no verdict (the label-free quantities alone do not tell a confident right answer from a
     confident wrong one), and it says so. With ``min_prompts`` (e.g. :data:`MIN_VERDICT_PROMPTS`), fewer measured
     prompts (``metrics["settings"]["num_prompts"]``) give the numbers and :data:`TOO_FEW_SAMPLES` instead of a
@@ -163,7 +182,13 @@ def verdict(metrics: dict[str, Any], min_prompts: int | None = None) -> dict[str
             f"verdict needs at least {min_prompts}, where an accuracy's 95% interval is within "
             f"+-{MODE_GAP_HELPS:.0%}, the gap the rule acts on"
         )
-        return {"verdict": TOO_FEW_SAMPLES, "rule": RULE, "numbers": numbers, "reason": reason}
+        return {
+            "verdict": TOO_FEW_SAMPLES,
+            "rule": RULE,
+            "numbers": numbers,
+            "reason": reason,
+            "validation": validation_statement(),
+        }
     if not math.isfinite(area):
         label, reason = "uncertain", "confidence separation not measurable (too few correct or incorrect samples)"
     elif gap >= MODE_GAP_HELPS and area >= CONFIDENCE_AUROC and low > 0.5:
@@ -183,7 +208,7 @@ def verdict(metrics: dict[str, Any], min_prompts: int | None = None) -> dict[str
     else:
         label = "uncertain"
         reason = f"gap {gap:+.1%}, AUROC {area:.2f} [{low:.2f}, {high:.2f}]: between the rule's thresholds"
-    return {"verdict": label, "rule": RULE, "numbers": numbers, "reason": reason}
+    return {"verdict": label, "rule": RULE, "numbers": numbers, "reason": reason, "validation": validation_statement()}
 
 
 def _decoding_summary(completions: Sequence[Completion], correct: Sequence[bool] | None, parsed: Sequence) -> dict:
