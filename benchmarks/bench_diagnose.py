@@ -7,7 +7,8 @@ SmolLM2-135M-Instruct, and "a + b" on Gemma 3 270M). For each one, on the untrai
 - **static** quantities: :func:`trl_entropy.evaluation.diagnose.diagnose` with its defaults (64 prompts of the
   setting's training pool, 1 greedy + 4 samples at T=1, 256 tokens): greedy minus sampled accuracy and the AUROC of
   minus sequence entropy for correctness, and today's verdict (its fixed thresholds);
-- a **probe**, in the spirit of Model Collapse Step (arXiv 2603.08660): 8 steps of EM-RL token under the study's
+- a **probe** (:func:`trl_entropy.trainers.probe.training_probe`), in the spirit of Model Collapse Step (arXiv
+  2603.08660): 8 steps of EM-RL token under the study's
   protocol (2 prompts x 4 completions, lr 2e-5, 32 tokens) on 16 other pool prompts, and the change of greedy and
   sampled accuracy (mean of the two) on 32 further pool prompts at the setting's first evaluation budget: the held-out
   trend of a short label-free training run, and what it costs.
@@ -33,9 +34,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
-import tempfile
 import time
 import traceback
 from pathlib import Path
@@ -107,56 +106,46 @@ def diagnose_setting(regime: str, num_prompts: int, threads: int) -> dict:
 
 
 def probe_setting(regime: str, threads: int) -> dict:
-    """The probe of :data:`PROBE` on the untrained model of ``regime``: accuracies before and after, their change."""
+    """The probe of :data:`PROBE` (:func:`trl_entropy.trainers.probe.training_probe`) on the untrained model of
+    ``regime``: accuracies before and after, their change."""
     from transformers import set_seed
 
-    from trl_entropy.evaluation import evaluate
     from trl_entropy.models import load_model
+    from trl_entropy.trainers.probe import training_probe
 
     _, pool = study.problem_split(regime)
     start = PROBE["pool_offset"]
     train = pool[start : start + PROBE["train_prompts"]]
     held_out = pool[start + PROBE["train_prompts"] : start + PROBE["train_prompts"] + PROBE["held_out_prompts"]]
-    budget = study.eval_budgets(regime)[0]
     set_seed(PROBE["seed"])
     model, tokenizer = load_model(study.SETTINGS[regime][2])
-    began = time.perf_counter()
-
-    def accuracies() -> dict:
-        model.eval()
-        out = {}
-        for mode, do_sample in (("greedy", False), ("sampled", True)):
-            result = evaluate(
-                model,
-                tokenizer,
-                held_out,
-                max_new_tokens=budget,
-                do_sample=do_sample,
-                temperature=study.PROTOCOL["temperature"],
-                seed=1000 + PROBE["seed"] if do_sample else None,
-                batch_size=study.PROTOCOL["eval_batch_size"],
-                progress=False,
-            )
-            out[mode] = {"accuracy": result.accuracy, "truncation_rate": result.truncation_rate}
-        return out
-
-    before = accuracies()
+    p = study.PROTOCOL
     progress = study.Progress(f"{regime}/probe")
-    with tempfile.TemporaryDirectory() as output_dir:
-        trainer = study.make_trainer(PROBE["method"], PROBE["seed"], model, tokenizer, train, output_dir, [progress])
-        trainer.args.max_steps = PROBE["steps"]
-        trainer.train()
-    model = trainer.model
-    after = accuracies()
-    changes = {mode: after[mode]["accuracy"] - before[mode]["accuracy"] for mode in ("greedy", "sampled")}
+    result = training_probe(
+        model,
+        tokenizer,
+        [row["prompt"] for row in train],
+        held_out,
+        steps=PROBE["steps"],
+        prompts_per_step=p["prompts_per_step"],
+        num_generations=p["num_generations"],
+        learning_rate=p["learning_rate"],
+        max_completion_length=p["train_max_tokens"],
+        eval_max_new_tokens=study.eval_budgets(regime)[0],
+        temperature=p["temperature"],
+        seed=PROBE["seed"],
+        bf16=study.TRAINING_BF16,
+        batch_size=p["eval_batch_size"],
+        callbacks=[progress],
+    )
     return {
         "probe": PROBE,
-        "budget": budget,
-        "before": before,
-        "after": after,
-        "changes": changes,
-        "probe_trend": statistics.fmean(changes.values()),
-        "seconds": time.perf_counter() - began,
+        "budget": result["settings"]["eval_max_new_tokens"],
+        "before": result["before"],
+        "after": result["after"],
+        "changes": result["changes"],
+        "probe_trend": result["trend"],
+        "seconds": result["seconds"],
         "step_times": progress.step_times,
         "torch_threads": threads,
     }

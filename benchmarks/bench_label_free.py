@@ -121,6 +121,8 @@ LABELS = {
     "self_certainty": "self-certainty (Intuitor)",
     "rent": "RENT (entropy + format penalty)",
 }
+THIRD_SEED = ("open_2digit", "short_2digit", "short_subtraction")
+"""Settings whose first two seeds of EM-RL token disagree (one helped or mixed, the other hurt): they get a third."""
 # (regime, method) -> number of seeds
 PLAN = {
     **{
@@ -132,7 +134,7 @@ PLAN = {
     **{("open", m): 1 for m in ("emft", "em_rl_token_rloo", "forking_0.2", "self_certainty", "rent")},
     **{(regime, method): 2 for regime in REGIMES[2:] for method in ("none", "em_rl_token")},
     # a third seed where the first two seeds' effects disagree (bench_diagnose.py's `needs_third_seed`)
-    **{("open_2digit", method): 3 for method in ("none", "em_rl_token")},
+    **{(regime, method): 3 for regime in THIRD_SEED for method in ("none", "em_rl_token")},
     # the 80/20 claim as its paper states it: the top-20% entropy tokens of RL with the accuracy reward
     ("short", "forking_0.2_supervised"): 3,
 }
