@@ -322,10 +322,11 @@ def package_validation(payload: dict) -> dict | None:
         low, high = result["exact_ci95"]
         return f"{result['agreements']} of {n} (95% CI {low:.0%}-{high:.0%})"
 
+    fixed = payload["fixed_rule"]["not set on"]
     statement = (
-        f"out of sample, on {n} settings ({len(tasks)} tasks, {len(models)} models: docs/diagnose.md), a rule of "
-        f"this kind with its thresholds chosen on the other settings agreed with EM-RL's measured outcome on "
-        f"{share(static)}"
+        f"out of sample, on {n} settings ({len(tasks)} tasks, {len(models)} models: docs/diagnose.md), this verdict's "
+        f"fixed thresholds agreed with EM-RL's measured outcome on {fixed['agreements']} of the {fixed['n']} settings "
+        f"they were not set on, and the same rule with its thresholds chosen on the other settings on {share(static)}"
     )
     if best is not static:
         statement += f"; with a short training probe ({best['rule']}) on {share(best)}"
