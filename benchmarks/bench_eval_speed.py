@@ -22,7 +22,8 @@ summaries are recorded side by side. Targets (2 cores, alone): study evaluation 
     python benchmarks/bench_eval_speed.py --quick --threads 1   # 16 problems, ladder 32 -> 64 -> 128, 8 prompts
     python benchmarks/bench_eval_speed.py --only diagnose --diagnose-prompts 16   # one part, smaller
 
-A quick or partial run writes ``bench_eval_speed_partial.json``; only the full run writes ``bench_eval_speed.json``.
+A quick or partial run (``--quick``, ``--only``) writes ``bench_eval_speed_partial.json``; only the full run writes
+``bench_eval_speed.json``.
 """
 
 from __future__ import annotations
