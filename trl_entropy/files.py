@@ -1,4 +1,5 @@
-"""Crash-safe files: JSON lines appended in one write, files replaced atomically, JSON without NaN.
+"""Crash-safe files: JSON lines appended in one write, files replaced atomically, JSON without NaN; and the JSON files
+shipped inside the package.
 
 Shared by the callbacks (statistics, collapse guard), the calibration and the ``generate`` command, so that every file
 the package writes survives an interrupted run the same way."""
@@ -13,6 +14,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Iterator, Mapping
+from importlib import resources
 from typing import IO, Any
 
 import numpy as np
@@ -23,6 +25,7 @@ __all__ = [
     "atomic_writer",
     "disk_full_message",
     "json_safe",
+    "package_json",
     "truncate_jsonl",
     "write_atomically",
 ]
@@ -148,3 +151,13 @@ def truncate_jsonl(path: str | os.PathLike, max_step: int) -> int:
             kept.append(raw + b"\n")
     write_atomically(path, b"".join(kept))
     return len(kept)
+
+
+def package_json(name: str) -> Any | None:
+    """The JSON file ``name`` shipped inside the ``trl_entropy`` package (package data written by a benchmark), parsed;
+    None when the installed package does not ship it."""
+    try:
+        text = resources.files("trl_entropy").joinpath(name).read_text(encoding="utf-8")
+    except (FileNotFoundError, ModuleNotFoundError):
+        return None
+    return json.loads(text)

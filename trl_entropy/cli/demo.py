@@ -24,13 +24,12 @@ import os
 import platform
 import time
 from dataclasses import asdict
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ..files import write_atomically
+from ..files import package_json, write_atomically
 from ..stats import mcnemar_exact_p, paired_bootstrap_interval
 from .arguments import DemoArguments
 
@@ -166,11 +165,7 @@ def _peak_memory_gb() -> float | None:
 def study_reference() -> dict[str, Any] | None:
     """The study's summary shipped with the package (None when absent): per regime and method, the mean and standard
     deviation over seeds of greedy and sampled accuracy, with the protocol."""
-    try:
-        text = resources.files("trl_entropy").joinpath(STUDY_FILE).read_text(encoding="utf-8")
-    except (FileNotFoundError, ModuleNotFoundError):
-        return None
-    return json.loads(text)
+    return package_json(STUDY_FILE)
 
 
 def paired_changes(before: dict[str, Any], after: dict[str, Any], seed: int = 0) -> dict[str, Any]:

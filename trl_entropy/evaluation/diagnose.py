@@ -19,14 +19,13 @@ diagnose`` passes the built-in task's); no command line and no task here.
 
 from __future__ import annotations
 
-import json
 import math
 import statistics
 from collections import Counter
 from collections.abc import Callable, Hashable, Sequence
-from importlib import resources
 from typing import Any
 
+from ..files import package_json
 from ..stats import auroc, auroc_interval, cohens_d, majority_at_k, mann_whitney_p, pass_at_k, wilson_interval
 from .accuracy import Completion, generate_completions
 
@@ -91,11 +90,8 @@ many held-out settings it agreed on, with its interval, and whether that beats c
 def validation_statement() -> str | None:
     """One sentence on how far the verdict can be trusted: the rule's leave-one-setting-out agreement on the settings
     of ``benchmarks/bench_diagnose.py`` (None when the package ships no validation)."""
-    try:
-        text = resources.files("trl_entropy").joinpath(VALIDATION_FILE).read_text(encoding="utf-8")
-    except (FileNotFoundError, ModuleNotFoundError):
-        return None
-    return json.loads(text)["statement"]
+    validation = package_json(VALIDATION_FILE)
+    return None if validation is None else validation["statement"]
 
 
 def _mean(values: Sequence[float]) -> float:
